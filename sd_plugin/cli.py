@@ -1,0 +1,41 @@
+"""`sd-plugin` command line: each subcommand lives in the module that owns the concept.
+
+    sd-plugin stats CORPUS.jsonl [...]        corpus statistics (sd_plugin.stats)
+    sd-plugin eval-stats SCORED.jsonl [...]   evaluation metrics per model stage (sd_plugin.stats)
+    sd-plugin mix ROUND1.jsonl ROUND2.jsonl   diversity-preserving round-2 mixer (sd_plugin.mixer)
+    sd-plugin merge --base B --adapter A ...  merge a LoRA adapter to bf16, optional Hub push (sd_plugin.merge)
+    sd-plugin plan CONFIG.yml [...]           peak-memory planner (sd_plugin.planner)
+    sd-plugin collect-revisions ...           SD-Zero revision data collection (sd_plugin.revisions)
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function taking argv); modules are imported only when their command runs.
+COMMANDS = {
+    "stats": ("sd_plugin.stats", "stats_main"),
+    "eval-stats": ("sd_plugin.stats", "eval_stats_main"),
+    "mix": ("sd_plugin.mixer", "main"),
+    "merge": ("sd_plugin.merge", "main"),
+    "plan": ("sd_plugin.planner", "main"),
+    "collect-revisions": ("sd_plugin.revisions", "main"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"sd-plugin: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, function_name = COMMANDS[argv[0]]
+    function = getattr(importlib.import_module(module_name), function_name)
+    return int(function(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Per-token divergences between a student and a teacher, and their chunked form from hidden states.
+
+Notation (per completion position t): s = log_softmax(student_logits / T), q = log_softmax(teacher_logits / T).
+
+- alpha = 0: forward KL(teacher || student) = sum_v e^q (q - s)   (the SDFT paper's results)
+- alpha = 1: reverse KL(student || teacher) = sum_v e^s (s - q)
+- otherwise generalized JSD with mixture m = log((1 - alpha) e^s + alpha e^q):
+  (1 - alpha) KL(student || m) + alpha KL(teacher || m)
+
+Supports ("modes"): "full" vocabulary; "topk" (K indices from the student's or the teacher's logits, both
+distributions renormalized over them, or kept unnormalized plus one tail bucket holding the rest of the
+mass); "sampled" (only the sampled token's log-probs: the REINFORCE-style reverse-KL estimator
+stopgrad(s_y - q_y) * s_y, valid for alpha = 1 only).
+
+`divergence` is the readable reference on logits. `chunked_distillation_loss` computes the same weighted
+sum from final hidden states chunk by chunk: each chunk's logits exist only while that chunk is processed,
+and its gradients (with respect to the hidden states and the lm_head weight) are computed right there, so
+no [tokens, vocab] tensor ever exists for the whole sequence and the lm_head is multiplied four times per
+chunk (student, teacher, two gradient products), as with materialized logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("full", "topk", "sampled")
+SUPPORTS = ("student", "teacher")
+REDUCTIONS = ("token", "sequence")
+
+
+@dataclass(frozen=True)
+class DivergenceOptions:
+    """The options shared by `divergence` and `chunked_distillation_loss` (validated on construction)."""
+
+    alpha: float = 0.0
+    mode: str = "full"
+    topk: int | None = None
+    support: str = "student"
+    add_tail: bool = False
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.alpha}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.support not in SUPPORTS:
+            raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.mode == "topk" and (self.topk is None or self.topk < 1):
+            raise ValueError(f"mode='topk' needs topk >= 1, got {self.topk}")
+        if self.mode == "sampled" and self.alpha != 1.0:
+            raise ValueError(
+                f"mode='sampled' estimates the reverse KL only: it needs alpha=1.0, got alpha={self.alpha}"
+            )
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if self.mode == "topk" and self.topk > vocab_size:
+            raise ValueError(f"topk={self.topk} is larger than the vocabulary ({vocab_size} tokens)")
+
+
+def alpha_divergence(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """D_alpha summed over the last dimension; both inputs are log-probabilities over the same support."""
+    if alpha == 0.0:
+        return (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
+    if alpha == 1.0:
+        return (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
+    mixture = torch.logaddexp(student_logprobs + math.log(1.0 - alpha), teacher_logprobs + math.log(alpha))
+    kl_student = (student_logprobs.exp() * (student_logprobs - mixture)).sum(-1)
+    kl_teacher = (teacher_logprobs.exp() * (teacher_logprobs - mixture)).sum(-1)
+    return (1.0 - alpha) * kl_student + alpha * kl_teacher
+
+
+def with_tail_bucket(logprobs: torch.Tensor) -> torch.Tensor:
+    """Append log(1 - sum(exp(logprobs))) so a top-K support keeps the whole probability mass."""
+    captured = torch.logsumexp(logprobs, dim=-1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([logprobs, torch.log(-torch.expm1(captured))], dim=-1)
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    # Softmax statistics in bf16 lose several digits; float64 inputs (tests) stay float64.
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _token_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    options: DivergenceOptions,
+    sampled_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token divergence plus the sampled tokens' student and teacher log-probs (None without ids)."""
+    student_logprobs = torch.log_softmax(_at_least_fp32(student_logits) / options.temperature, dim=-1)
+    student_token = teacher_token = None
+    if sampled_ids is not None:
+        student_token = student_logprobs.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
+    if teacher_logits is None:
+        return torch.zeros_like(student_logprobs[..., 0]), student_token, None
+    teacher_logprobs = torch.log_softmax(_at_least_fp32(teacher_logits) / options.temperature, dim=-1)
+    if sampled_ids is not None:
+        teacher_token = teacher_logprobs.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
+
+    if options.mode == "full":
+        per_token = alpha_divergence(student_logprobs, teacher_logprobs, options.alpha)
+    elif options.mode == "topk":
+        source = student_logits if options.support == "student" else teacher_logits
+        index = source.detach().topk(options.topk, dim=-1).indices
+        student_k = student_logprobs.gather(-1, index)
+        teacher_k = teacher_logprobs.gather(-1, index)
+        if options.add_tail:
+            student_k, teacher_k = with_tail_bucket(student_k), with_tail_bucket(teacher_k)
+        else:
+            student_k = student_k - torch.logsumexp(student_k, dim=-1, keepdim=True)
+            teacher_k = teacher_k - torch.logsumexp(teacher_k, dim=-1, keepdim=True)
+        per_token = alpha_divergence(student_k, teacher_k, options.alpha)
+    else:  # sampled
+        if sampled_ids is None:
+            raise ValueError("mode='sampled' needs sampled_ids (the completion token ids)")
+        per_token = (student_token - teacher_token).detach() * student_token
+    return per_token, student_token, teacher_token
+
+
+def divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    alpha: float,
+    mode: str = "full",
+    topk: int | None = None,
+    support: str = "student",
+    add_tail: bool = False,
+    temperature: float = 1.0,
+    sampled_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token divergence D_alpha(student || teacher) on logits of shape [..., V]; returns [...].
+
+    Args:
+        alpha: 0 forward KL, 1 reverse KL, in between generalized JSD.
+        mode: "full", "topk" or "sampled" (see the module docstring).
+        topk: size of the top-K support (mode "topk").
+        support: whose top-K indices are used, "student" (TRL, SDPO) or "teacher" (Tinker, SD-Zero).
+        add_tail: keep the mass outside the top-K as one extra bucket instead of renormalizing.
+        temperature: both logits are divided by it before the softmax.
+        sampled_ids: the completion token ids [...], needed for mode "sampled".
+    """
+    options = DivergenceOptions(alpha, mode, topk, support, add_tail, temperature)
+    options.check_vocab(student_logits.shape[-1])
+    return _token_terms(student_logits, teacher_logits, options, sampled_ids)[0]
+
+
+def loss_token_weights(mask: torch.Tensor, *, reduction: str = "token", skip_first: int = 0) -> torch.Tensor:
+    """Weights w so that sum(w * per_token_loss) is the requested reduction of the loss over `mask`.
+
+    mask: [B, T] (1 = completion token in the loss). The first `skip_first` valid tokens of each row are
+    dropped (SDFT masks 3 to suppress "Based on the example..." openings).
+    reduction: "token" = mean over every valid token of the batch; "sequence" = mean per sequence, then
+    mean over the sequences that have at least one valid token.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    mask = mask.float()
+    if skip_first > 0:
+        mask = mask * (mask.cumsum(-1) > skip_first).float()
+    if reduction == "token":
+        return mask / mask.sum().clamp(min=1.0)
+    per_sequence = mask.sum(-1, keepdim=True)
+    sequences = (per_sequence > 0).sum().clamp(min=1)
+    return mask / per_sequence.clamp(min=1.0) / sequences
+
+
+def importance_weights(student_token_logprobs: torch.Tensor, old_token_logprobs: torch.Tensor, clip: float) -> torch.Tensor:
+    """min(exp(s_y - s_old_y), clip), detached: corrects for rollouts sampled by an older policy or engine."""
+    log_ratio = (student_token_logprobs - old_token_logprobs).detach().clamp(-20.0, 20.0)
+    return log_ratio.exp().clamp(max=clip)
+
+
+@dataclass
+class DistillationOutput:
+    """Result of `chunked_distillation_loss`: the scalar loss and detached per-token diagnostics."""
+
+    loss: torch.Tensor
+    per_token_divergence: torch.Tensor
+    student_token_logprobs: torch.Tensor | None
+    teacher_token_logprobs: torch.Tensor | None
+
+
+def _chunk_loss(
+    student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+    token_weights, sampled_ids, old_logprobs, ce_mask, options, is_clip,
+):
+    student_logits = F.linear(student_hidden, weight, bias)
+    teacher_logits = None
+    if teacher_hidden is not None:
+        with torch.no_grad():
+            teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+    per_token, student_token, teacher_token = _token_terms(student_logits, teacher_logits, options, sampled_ids)
+    if old_logprobs is not None:
+        per_token = per_token * importance_weights(student_token, old_logprobs, is_clip)
+    if ce_mask is not None:
+        # Rows trained off-policy (lambda_on_policy < 1, SFT phases): next-token cross-entropy instead.
+        per_token = torch.where(ce_mask, -student_token, per_token)
+    return (per_token * token_weights).sum(), per_token, student_token, teacher_token
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+                token_weights, sampled_ids, old_logprobs, ce_mask, options, is_clip, chunk_size):
+        need_hidden_grad = ctx.needs_input_grad[0]
+        need_weight_grad = ctx.needs_input_grad[1]
+        need_bias_grad = bias is not None and ctx.needs_input_grad[2]
+        grad_hidden = torch.zeros_like(student_hidden) if need_hidden_grad else None
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=accumulate) if need_weight_grad else None
+        grad_bias = torch.zeros_like(bias, dtype=accumulate) if need_bias_grad else None
+        total = torch.zeros((), dtype=torch.promote_types(student_hidden.dtype, torch.float32),
+                            device=student_hidden.device)
+        per_token_parts, student_parts, teacher_parts = [], [], []
+
+        def pick(tensor, rows):
+            return None if tensor is None else tensor[rows]
+
+        for start in range(0, student_hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            hidden = student_hidden[rows].detach().requires_grad_(need_hidden_grad)
+            chunk_weight = weight.detach().requires_grad_(need_weight_grad)
+            chunk_bias = None if bias is None else bias.detach().requires_grad_(need_bias_grad)
+            with torch.enable_grad():
+                loss, per_token, student_token, teacher_token = _chunk_loss(
+                    hidden, chunk_weight, chunk_bias, pick(teacher_hidden, rows), teacher_weight, teacher_bias,
+                    token_weights[rows], pick(sampled_ids, rows), pick(old_logprobs, rows), pick(ce_mask, rows),
+                    options, is_clip,
+                )
+                wanted = [t for t, need in ((hidden, need_hidden_grad), (chunk_weight, need_weight_grad),
+                                            (chunk_bias, need_bias_grad)) if need]
+                grads = list(torch.autograd.grad(loss, wanted)) if wanted and loss.requires_grad else []
+            if grads and need_hidden_grad:
+                grad_hidden[rows] = grads.pop(0)
+            if grads and need_weight_grad:
+                grad_weight += grads.pop(0)
+            if grads and need_bias_grad:
+                grad_bias += grads.pop(0)
+            total += loss.detach()
+            per_token_parts.append(per_token.detach())
+            if student_token is not None:
+                student_parts.append(student_token.detach())
+            if teacher_token is not None:
+                teacher_parts.append(teacher_token.detach())
+
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype = weight.dtype
+        per_token_all = torch.cat(per_token_parts)
+        student_all = torch.cat(student_parts) if student_parts else torch.empty(0)
+        teacher_all = torch.cat(teacher_parts) if teacher_parts else torch.empty(0)
+        ctx.mark_non_differentiable(per_token_all, student_all, teacher_all)
+        return total, per_token_all, student_all, teacher_all
+
+    @staticmethod
+    def backward(ctx, grad_total, *unused):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_total
+        grad_hidden = None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype)
+        grad_weight = None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype)
+        grad_bias = None if grad_bias is None else grad_bias * scale
+        return grad_hidden, grad_weight, grad_bias, *([None] * 10)
+
+
+def chunked_distillation_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    lm_head_weight: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    alpha: float = 0.0,
+    mode: str = "full",
+    topk: int | None = None,
+    support: str = "student",
+    add_tail: bool = False,
+    temperature: float = 1.0,
+    sampled_ids: torch.Tensor | None = None,
+    reduction: str = "token",
+    skip_first: int = 0,
+    old_logprobs: torch.Tensor | None = None,
+    importance_sampling_clip: float = 2.0,
+    ce_mask: torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    teacher_lm_head_weight: torch.Tensor | None = None,
+    teacher_lm_head_bias: torch.Tensor | None = None,
+) -> DistillationOutput:
+    """The reduced distillation loss computed from final hidden states, `chunk_size` tokens at a time.
+
+    student_hidden / teacher_hidden: [B, T, H] hidden states at the positions that predict the completion
+    tokens (teacher_hidden is used without gradient; None means cross-entropy only). mask: [B, T].
+    sampled_ids: [B, T] completion token ids (mode "sampled", cross-entropy rows, importance sampling and
+    the logged log-prob gap need them). old_logprobs: [B, T] log-probs of the sampling policy; when given,
+    each token's loss is multiplied by min(exp(s_y - old_y), importance_sampling_clip). ce_mask: [B, T] bool,
+    tokens that get next-token cross-entropy (-s_y) instead of the divergence. Other options as in
+    `divergence`; reduction and skip_first as in `loss_token_weights`.
+
+    Equals (weights * divergence(student_hidden @ W.T, teacher_hidden @ W_t.T, ...)).sum() in value and
+    gradient; only the tokens with a non-zero weight are projected.
+    """
+    options = DivergenceOptions(alpha, mode, topk, support, add_tail, temperature)
+    options.check_vocab(lm_head_weight.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    needs_ids = mode == "sampled" or old_logprobs is not None or ce_mask is not None
+    if needs_ids and sampled_ids is None:
+        raise ValueError("sampled_ids are needed for mode='sampled', old_logprobs and ce_mask")
+
+    weights = loss_token_weights(mask, reduction=reduction, skip_first=skip_first)
+    selected = weights.reshape(-1) != 0
+    hidden_size = student_hidden.shape[-1]
+
+    def flat(tensor):
+        return None if tensor is None else tensor.reshape(-1, *tensor.shape[2:])[selected]
+
+    if teacher_lm_head_weight is None:
+        teacher_lm_head_weight, teacher_lm_head_bias = lm_head_weight, lm_head_bias
+    teacher_flat = None
+    if teacher_hidden is not None:
+        teacher_flat = teacher_hidden.detach().reshape(-1, hidden_size)[selected]
+    total, per_token, student_token, teacher_token = _ChunkedDistillation.apply(
+        student_hidden.reshape(-1, hidden_size)[selected],
+        lm_head_weight,
+        lm_head_bias,
+        teacher_flat,
+        teacher_lm_head_weight.detach(),
+        None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach(),
+        flat(weights),
+        flat(sampled_ids),
+        flat(old_logprobs),
+        flat(ce_mask),
+        options,
+        importance_sampling_clip,
+        chunk_size,
+    )
+    return DistillationOutput(
+        loss=total,
+        per_token_divergence=per_token,
+        student_token_logprobs=student_token if student_token.numel() else None,
+        teacher_token_logprobs=teacher_token if teacher_token.numel() else None,
+    )

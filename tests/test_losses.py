@@ -1,0 +1,242 @@
+"""Divergences against a naive float64 implementation written here, and against TRL's helpers."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from sd_plugin.losses import chunked_distillation_loss, divergence, loss_token_weights
+
+
+# ---------------------------------------------------------------- naive reference (loops over positions)
+def naive_per_token(student_logits, teacher_logits, *, alpha, mode="full", topk=None, support="student",
+                    add_tail=False, temperature=1.0, sampled_ids=None):
+    student_logits = student_logits.double() / temperature
+    teacher_logits = teacher_logits.double() / temperature
+    flat_s = student_logits.reshape(-1, student_logits.shape[-1])
+    flat_t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    ids = None if sampled_ids is None else sampled_ids.reshape(-1)
+    out = []
+    for row in range(flat_s.shape[0]):
+        p_s = torch.softmax(flat_s[row], -1)
+        p_t = torch.softmax(flat_t[row], -1)
+        if mode == "sampled":
+            log_s, log_t = p_s[ids[row]].log(), p_t[ids[row]].log()
+            out.append((log_s - log_t).detach() * log_s)
+            continue
+        if mode == "topk":
+            source = flat_s[row] if support == "student" else flat_t[row]
+            index = torch.argsort(source.detach(), descending=True)[:topk]
+            if add_tail:
+                p_s = torch.cat([p_s[index], (1 - p_s[index].sum()).reshape(1)])
+                p_t = torch.cat([p_t[index], (1 - p_t[index].sum()).reshape(1)])
+            else:
+                p_s = p_s[index] / p_s[index].sum()
+                p_t = p_t[index] / p_t[index].sum()
+        kl = lambda p, r: (p * (p.log() - r.log())).sum()  # noqa: E731
+        if alpha == 0:
+            out.append(kl(p_t, p_s))
+        elif alpha == 1:
+            out.append(kl(p_s, p_t))
+        else:
+            m = (1 - alpha) * p_s + alpha * p_t
+            out.append((1 - alpha) * kl(p_s, m) + alpha * kl(p_t, m))
+    return torch.stack(out).reshape(student_logits.shape[:-1])
+
+
+def naive_reduced(per_token, mask, reduction, skip_first=0):
+    mask = mask.double().clone()
+    for b in range(mask.shape[0]):
+        seen = 0
+        for t in range(mask.shape[1]):
+            if mask[b, t]:
+                seen += 1
+                if seen <= skip_first:
+                    mask[b, t] = 0
+    if reduction == "token":
+        return (per_token * mask).sum() / mask.sum()
+    rows = [(per_token[b] * mask[b]).sum() / mask[b].sum() for b in range(mask.shape[0]) if mask[b].sum() > 0]
+    return torch.stack(rows).mean()
+
+
+CASES = [
+    dict(alpha=0.0, mode="full"),
+    dict(alpha=1.0, mode="full"),
+    dict(alpha=0.5, mode="full"),
+    dict(alpha=0.3, mode="full", temperature=0.7),
+    dict(alpha=0.0, mode="topk", topk=5, support="student"),
+    dict(alpha=1.0, mode="topk", topk=5, support="teacher"),
+    dict(alpha=0.5, mode="topk", topk=7, support="student", add_tail=True),
+    dict(alpha=0.5, mode="topk", topk=7, support="teacher", add_tail=True),
+    dict(alpha=1.0, mode="sampled"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_divergence_matches_naive_value_and_gradient(case):
+    torch.manual_seed(0)
+    student = torch.randn(2, 5, 40, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 5, 40, dtype=torch.float64)
+    ids = torch.randint(0, 40, (2, 5))
+    ours = divergence(student, teacher, sampled_ids=ids, **case)
+    ref_student = student.detach().clone().requires_grad_(True)
+    ref = naive_per_token(ref_student, teacher, sampled_ids=ids, **case)
+    torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-8)
+    ours.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(student.grad, ref_student.grad, atol=1e-10, rtol=1e-8)
+
+
+def test_divergences_are_nonnegative_and_zero_when_equal():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50)
+    for case in CASES[:-1]:
+        assert divergence(logits, logits, **case).abs().max() < 1e-5
+        assert (divergence(logits, torch.randn(3, 50), **case) > -1e-6).all()
+
+
+@pytest.mark.parametrize("reduction,skip_first", [("token", 0), ("sequence", 0), ("token", 3), ("sequence", 2)])
+def test_token_weights_match_naive_reduction(reduction, skip_first):
+    torch.manual_seed(2)
+    per_token = torch.rand(3, 9, dtype=torch.float64)
+    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [0, 0, 1, 1, 1, 1, 0, 0, 0]])
+    weights = loss_token_weights(mask, reduction=reduction, skip_first=skip_first).double()
+    torch.testing.assert_close((weights * per_token).sum(), naive_reduced(per_token, mask, reduction, skip_first))
+
+
+CHUNK_CASES = [
+    dict(alpha=0.0, mode="full", reduction="token"),
+    dict(alpha=1.0, mode="full", reduction="sequence", skip_first=3),
+    dict(alpha=0.5, mode="topk", topk=6, support="student", add_tail=True),
+    dict(alpha=0.5, mode="topk", topk=6, support="teacher", temperature=1.3),
+    dict(alpha=1.0, mode="sampled"),
+]
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_chunked_matches_naive_loss_and_gradients(case, chunk_size):
+    torch.manual_seed(3)
+    batch, length, hidden, vocab = 2, 11, 16, 50
+    student_hidden = torch.randn(batch, length, hidden, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(batch, length, hidden, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(batch, length)
+    mask[1, 8:] = 0
+    ids = torch.randint(0, vocab, (batch, length))
+    reduction = case.pop("reduction", "token")
+    skip_first = case.pop("skip_first", 0)
+
+    out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, chunk_size=chunk_size,
+                                    sampled_ids=ids, reduction=reduction, skip_first=skip_first, **case)
+    out.loss.backward()
+
+    ref_hidden = student_hidden.detach().clone().requires_grad_(True)
+    ref_weight = weight.detach().clone().requires_grad_(True)
+    per_token = naive_per_token(ref_hidden @ ref_weight.T, teacher_hidden @ ref_weight.detach().T,
+                                sampled_ids=ids, **case)
+    ref = naive_reduced(per_token, mask, reduction, skip_first)
+    ref.backward()
+    torch.testing.assert_close(out.loss.double(), ref, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(student_hidden.grad, ref_hidden.grad, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(weight.grad, ref_weight.grad, atol=1e-9, rtol=1e-7)
+
+
+def test_chunked_importance_clip_and_cross_entropy_rows():
+    torch.manual_seed(4)
+    student_hidden = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(2, 6, 8, dtype=torch.float64)
+    weight = torch.randn(30, 8, dtype=torch.float64)
+    ids = torch.randint(0, 30, (2, 6))
+    mask = torch.ones(2, 6)
+    old = torch.randn(2, 6, dtype=torch.float64) - 3
+    ce_mask = torch.zeros(2, 6, dtype=torch.bool)
+    ce_mask[1] = True
+    out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, chunk_size=5, alpha=0.0,
+                                    sampled_ids=ids, old_logprobs=old, importance_sampling_clip=2.0,
+                                    ce_mask=ce_mask)
+    out.loss.backward()
+
+    ref_hidden = student_hidden.detach().clone().requires_grad_(True)
+    logits = ref_hidden @ weight.T
+    student_logprobs = torch.log_softmax(logits, -1)
+    sampled = student_logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    ratio = torch.exp(sampled.detach() - old).clamp(max=2.0)
+    per_token = naive_per_token(logits, teacher_hidden @ weight.T, alpha=0.0) * ratio
+    per_token = torch.where(ce_mask, -sampled, per_token)
+    ref = per_token.mean()
+    ref.backward()
+    torch.testing.assert_close(out.loss.double(), ref)
+    torch.testing.assert_close(student_hidden.grad, ref_hidden.grad)
+
+
+def test_chunked_full_vocab_at_long_length_matches_naive():
+    """T=2048, V=32000 as in the issue: fp32 chunked vs a float64 materialized reference."""
+    torch.manual_seed(5)
+    length, hidden, vocab = 2048, 32, 32000
+    student_hidden = torch.randn(1, length, hidden, requires_grad=True)
+    teacher_hidden = torch.randn(1, length, hidden)
+    weight = (torch.randn(vocab, hidden) * 0.1).requires_grad_(True)
+    mask = torch.ones(1, length)
+    out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, chunk_size=256, alpha=0.5)
+    out.loss.backward()
+
+    ref_hidden = student_hidden.detach().double().requires_grad_(True)
+    ref_weight = weight.detach().double().requires_grad_(True)
+    s = torch.log_softmax(ref_hidden @ ref_weight.T, -1)
+    q = torch.log_softmax(teacher_hidden.double() @ ref_weight.detach().T, -1)
+    m = torch.logaddexp(s + math.log(0.5), q + math.log(0.5))
+    ref = (0.5 * (s.exp() * (s - m)).sum(-1) + 0.5 * (q.exp() * (q - m)).sum(-1)).mean()
+    ref.backward()
+    torch.testing.assert_close(out.loss.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(student_hidden.grad.double(), ref_hidden.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weight.grad.double(), ref_weight.grad, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- TRL's own helpers where definitions overlap
+@pytest.mark.parametrize("alpha,topk,add_tail", list(itertools.product([0.0, 0.5, 1.0], [None, 4], [False, True])))
+def test_matches_trl_sdft_helpers(alpha, topk, add_tail):
+    loss_utils = pytest.importorskip("trl.experimental.sdft.loss_utils")
+    torch.manual_seed(6)
+    student = torch.randn(2, 3, 25)
+    teacher = torch.randn(2, 3, 25)
+    if topk is None:
+        if add_tail:
+            pytest.skip("the tail bucket only exists for top-K")
+        trl = loss_utils.compute_full_logit_self_distillation_loss(student, teacher, distillation_alpha=alpha)
+        ours = divergence(student, teacher, alpha=alpha)
+    else:
+        trl = loss_utils.compute_topk_self_distillation_loss(
+            student, teacher, distillation_topk=topk, distillation_alpha=alpha, distillation_add_tail=add_tail)
+        ours = divergence(student, teacher, alpha=alpha, mode="topk", topk=topk, add_tail=add_tail)
+    torch.testing.assert_close(ours, trl, atol=1e-5, rtol=1e-5)
+
+
+def test_matches_trl_sampled_token_helper():
+    loss_utils = pytest.importorskip("trl.experimental.sdft.loss_utils")
+    torch.manual_seed(7)
+    student = torch.randn(2, 3, 25, requires_grad=True)
+    teacher = torch.randn(2, 3, 25)
+    ids = torch.randint(0, 25, (2, 3))
+    trl = loss_utils.compute_sampled_token_self_distillation_loss(student, teacher, ids, distillation_alpha=1.0)
+    ours = divergence(student, teacher, alpha=1.0, mode="sampled", sampled_ids=ids)
+    torch.testing.assert_close(ours, trl)
+    (trl_grad,) = torch.autograd.grad(trl.sum(), student)
+    (our_grad,) = torch.autograd.grad(ours.sum(), student)
+    torch.testing.assert_close(our_grad, trl_grad)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(alpha=1.5), "alpha"),
+        (dict(alpha=0.5, mode="sampled"), "alpha=1.0"),
+        (dict(alpha=0.0, mode="topk", topk=99), "larger than the vocabulary"),
+        (dict(alpha=0.0, mode="topk"), "topk"),
+        (dict(alpha=0.0, mode="nope"), "mode"),
+    ],
+)
+def test_bad_options_are_rejected_with_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        divergence(torch.randn(2, 10), torch.randn(2, 10), sampled_ids=torch.zeros(2, dtype=torch.long), **kwargs)
