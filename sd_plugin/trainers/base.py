@@ -1,0 +1,348 @@
+"""One self-distillation step, shared by SDFT, SDPO and SD-Zero.
+
+    batch of prompts -> rollouts (student samples y) -> teacher prompts (method-specific)
+    -> teacher forward on teacher prompt + y (no grad) -> student forward on prompt + y
+    -> chunked divergence from hidden states -> backward -> teacher update (EMA / sync)
+
+A method subclass overrides `teacher_prompts` (and, for SDPO, `make_rollouts`); everything else is here.
+Both forwards return hidden states at the completion positions only: the prompt never gets an lm_head
+projection and no [tokens, vocab] tensor exists for the whole sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field, fields
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from sd_plugin.losses import DivergenceOptions, chunked_distillation_loss
+from sd_plugin.rollout import Rollouts, SamplingOptions, generate_rollouts
+from sd_plugin.teacher import Teacher
+
+LOG = logging.getLogger("sd_plugin")
+TEACHER_STATE_FILE = "sd_teacher_state.pt"
+PROMPT_COLUMNS = ("input_ids", "attention_mask", "teacher_input_ids", "demonstration_ids")
+
+
+@dataclass
+class SelfDistillationOptions:
+    """Options every self-distillation method shares (defaults: the SDFT paper unless noted)."""
+
+    max_prompt_length: int = field(default=4096, metadata={"help": "Student prompt cap (tokens); longer rows are rejected, never cut."})
+    max_teacher_prompt_length: int = field(default=57344, metadata={"help": "Teacher prompt cap (tokens)."})
+    max_completion_length: int = field(default=256, metadata={"help": "Rollout cap (max new tokens)."})
+    num_generations: int = field(default=1, metadata={"help": "Rollouts per prompt."})
+    rollout_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
+    rollout_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts."})
+    rollout_top_k: int | None = field(default=None, metadata={"help": "Top-k sampling of rollouts (None: off)."})
+    distillation_alpha: float = field(default=0.0, metadata={"help": "0 forward KL (SDFT paper), 1 reverse KL, else generalized JSD."})
+    distillation_mode: str = field(default="full", metadata={"help": "full | topk | sampled."})
+    distillation_topk: int | None = field(default=None, metadata={"help": "K for distillation_mode=topk."})
+    distillation_support: str = field(default="student", metadata={"help": "Whose top-K: student | teacher."})
+    distillation_add_tail: bool = field(default=False, metadata={"help": "Top-K plus one tail bucket instead of renormalizing."})
+    distillation_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of both distributions in the loss."})
+    loss_reduction: str = field(default="sequence", metadata={"help": "sequence (per-sequence mean, then batch mean; SDFT/TRL) | token."})
+    num_loss_tokens_to_skip: int = field(default=3, metadata={"help": "First completion tokens left out of the loss."})
+    importance_sampling_clip: float = field(default=2.0, metadata={"help": "Cap of the importance weight when rollouts come from another policy."})
+    loss_chunk_size: int = field(default=512, metadata={"help": "Completion tokens per lm_head chunk in the loss."})
+    teacher: str = field(default="base", metadata={"help": "base | ema | live."})
+    teacher_ema_rate: float = field(default=0.01, metadata={"help": "EMA rate a in phi <- (1-a) phi + a theta."})
+    teacher_sync_steps: int = field(default=0, metadata={"help": "Copy the student into the teacher every N steps (0: never)."})
+    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (reported, written to invalid_rows_file) instead of failing."})
+    invalid_rows_file: str | None = field(default=None, metadata={"help": "Where skipped rows go (default: output_dir/invalid_rows.jsonl)."})
+
+    def check(self) -> None:
+        """Reject contradictory options before any training step (messages name the key)."""
+        DivergenceOptions(self.distillation_alpha, self.distillation_mode, self.distillation_topk,
+                          self.distillation_support, self.distillation_add_tail, self.distillation_temperature)
+        if self.loss_reduction not in ("sequence", "token"):
+            raise ValueError(f"loss_reduction must be 'sequence' or 'token', got {self.loss_reduction!r}")
+        if self.teacher not in ("base", "ema", "live"):
+            raise ValueError(f"teacher must be base, ema or live, got {self.teacher!r}")
+        for key in ("max_prompt_length", "max_teacher_prompt_length", "max_completion_length", "num_generations", "loss_chunk_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_teacher_prompt_length < self.max_prompt_length:
+            raise ValueError(
+                f"max_teacher_prompt_length ({self.max_teacher_prompt_length}) is below max_prompt_length "
+                f"({self.max_prompt_length}): the teacher prompt contains the student prompt"
+            )
+        if not 0.0 < self.teacher_ema_rate <= 1.0:
+            raise ValueError(f"teacher_ema_rate must be in (0, 1], got {self.teacher_ema_rate}")
+
+
+def options_from_args(args, options_cls):
+    """The method's options from training arguments: own fields (standalone) or `sd_options` (Axolotl)."""
+    if getattr(args, "sd_options", None) is not None:
+        options = options_cls(**args.sd_options)
+    else:
+        options = options_cls(**{f.name: getattr(args, f.name) for f in fields(options_cls)})
+    options.check()
+    return options
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+class SelfDistillationCollator:
+    """Pads the prompt columns on the left (for generation) and keeps other list columns as lists.
+
+    Called as `cls(tokenizer, **kwargs)` by Axolotl too; rows carry `input_ids` (student prompt) and
+    whatever the method needs (`teacher_input_ids`, `demonstration_ids`, task fields for verifiers).
+    """
+
+    def __init__(self, tokenizer=None, pad_token_id: int | None = None, **unused):
+        self.pad_token_id = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = {}
+        batch["input_ids"], batch["attention_mask"] = left_pad([list(r["input_ids"]) for r in rows], self.pad_token_id)
+        for key in rows[0]:
+            if key not in ("input_ids", "attention_mask", "labels", "position_ids", "length"):
+                batch[key] = [r[key] for r in rows]
+        return batch
+
+
+@dataclass
+class StepBatch:
+    """Everything one loss computation needs, built by `make_rollouts` and `teacher_prompts`."""
+
+    prompt_ids: torch.Tensor          # [N, P] left-padded student prompts
+    prompt_mask: torch.Tensor
+    rollouts: Rollouts                # completions y (shared by student and teacher)
+    ce_rows: torch.Tensor             # [N] bool: rows trained with cross-entropy on y instead of distillation
+    teacher_prompts: list[list[int] | None] = field(default_factory=list)  # None: no teacher signal for that row
+
+
+class _TeacherUpdate(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        self.trainer.teacher.step(model, state.global_step)
+
+
+class SelfDistillationTrainer(Trainer):
+    """Base trainer; subclasses set `options_class` and implement `teacher_prompts` / `prepare_dataset`."""
+
+    options_class = SelfDistillationOptions
+
+    def __init__(self, model=None, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
+                 data_collator=None, callbacks=None, peft_config=None, **kwargs):
+        if isinstance(model, str):
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+        if processing_class is None:
+            from transformers import AutoTokenizer
+
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if processing_class.pad_token_id is None:
+            processing_class.pad_token = processing_class.eos_token
+        processing_class.padding_side = "left"
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        self.options = options_from_args(args, self.options_class)
+        # The batch has no labels and the loss is a mean per micro-batch: let Trainer divide by accumulation.
+        args.remove_unused_columns = False
+        self.tokenizer_for_sd = processing_class
+        if train_dataset is not None:
+            train_dataset = self.prepare_dataset(train_dataset, processing_class, args, "train")
+        if eval_dataset is not None:
+            eval_dataset = self.prepare_dataset(eval_dataset, processing_class, args, "eval")
+        if data_collator is None or type(data_collator).__name__ == "DataCollatorForSeq2Seq":
+            data_collator = SelfDistillationCollator(processing_class)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, data_collator=data_collator, callbacks=callbacks, **kwargs)
+        self.model_accepts_loss_kwargs = False
+        self.check_against_model()
+        self.teacher = Teacher(self.model, self.options.teacher, self.options.teacher_ema_rate, self.options.teacher_sync_steps)
+        self.add_callback(_TeacherUpdate(self))
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        eos = processing_class.eos_token_id
+        extra_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        extra_eos = extra_eos if isinstance(extra_eos, list) else [extra_eos]
+        self.eos_token_ids = sorted({e for e in [eos, *extra_eos] if e is not None})
+
+    # ------------------------------------------------------------------ hooks for the methods
+    def prepare_dataset(self, dataset, tokenizer, args, split):
+        """Turn raw records into rows with `input_ids` (+ method columns); rows already prepared pass."""
+        return dataset
+
+    def make_rollouts(self, model, inputs) -> StepBatch:
+        """Sample completions for every prompt of the batch (subclasses may add off-policy rows)."""
+        prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
+        rollouts = self.sample(model, prompt_ids, prompt_mask)
+        index = rollouts.prompt_index
+        return StepBatch(prompt_ids[index], prompt_mask[index], rollouts,
+                         torch.zeros(len(index), dtype=torch.bool, device=prompt_ids.device))
+
+    def teacher_prompts(self, inputs, batch: StepBatch) -> list[list[int] | None]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the step
+    def sampling_options(self) -> SamplingOptions:
+        o = self.options
+        return SamplingOptions(o.max_completion_length, o.rollout_temperature, o.rollout_top_p, o.rollout_top_k, o.num_generations)
+
+    def sample(self, model, prompt_ids, prompt_mask) -> Rollouts:
+        unwrapped = self.accelerator.unwrap_model(model)
+        return generate_rollouts(unwrapped, prompt_ids, prompt_mask, self.sampling_options(),
+                                 self.eos_token_ids, self.processing_class.pad_token_id)
+
+    def check_against_model(self) -> None:
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        DivergenceOptions(self.options.distillation_alpha, self.options.distillation_mode, self.options.distillation_topk,
+                          self.options.distillation_support).check_vocab(vocab)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        batch = self.make_rollouts(model, inputs)
+        batch.teacher_prompts = self.teacher_prompts(inputs, batch)
+        rollouts = batch.rollouts
+        device = batch.prompt_ids.device
+        has_teacher = torch.tensor([p is not None for p in batch.teacher_prompts], device=device)
+        loss_mask = rollouts.completion_mask * (has_teacher | batch.ce_rows).unsqueeze(-1)
+
+        student_hidden = completion_hidden_states(self.accelerator.unwrap_model(model), model, batch.prompt_ids,
+                                                  batch.prompt_mask, rollouts.completion_ids, rollouts.completion_mask)
+        teacher_hidden, teacher_head = None, None
+        distilled = has_teacher & ~batch.ce_rows
+        if distilled.any():
+            teacher_ids, teacher_mask = left_pad([p if p is not None else [] for p in batch.teacher_prompts],
+                                                 self.processing_class.pad_token_id)
+            teacher_ids, teacher_mask = teacher_ids.to(device), teacher_mask.to(device)
+            with torch.no_grad(), self.teacher.scoring(self.accelerator.unwrap_model(model)) as teacher_model:
+                teacher_hidden = completion_hidden_states(teacher_model, teacher_model, teacher_ids, teacher_mask,
+                                                          rollouts.completion_ids, rollouts.completion_mask)
+                teacher_head = teacher_model.get_output_embeddings()
+            self._metrics[mode]["teacher_prompt_length"].append(teacher_mask[distilled].sum(-1).float().mean().item())
+
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        o = self.options
+        ce_mask = batch.ce_rows.unsqueeze(-1).expand_as(loss_mask)
+        out = chunked_distillation_loss(
+            student_hidden, teacher_hidden, head.weight, loss_mask,
+            chunk_size=o.loss_chunk_size, alpha=o.distillation_alpha, mode=o.distillation_mode, topk=o.distillation_topk,
+            support=o.distillation_support, add_tail=o.distillation_add_tail, temperature=o.distillation_temperature,
+            sampled_ids=rollouts.completion_ids, reduction=o.loss_reduction, skip_first=o.num_loss_tokens_to_skip,
+            old_logprobs=rollouts.old_logprobs, importance_sampling_clip=o.importance_sampling_clip,
+            ce_mask=ce_mask if batch.ce_rows.any() else None, lm_head_bias=head.bias,
+            teacher_lm_head_weight=None if teacher_head is None else teacher_head.weight,
+            teacher_lm_head_bias=None if teacher_head is None else teacher_head.bias,
+        )
+        loss = out.loss + self.extra_loss(model, batch, out, mode)
+        self.record_step_metrics(mode, batch, out, loss_mask, ce_mask)
+        return (loss, None) if return_outputs else loss
+
+    def extra_loss(self, model, batch: StepBatch, out, mode: str) -> torch.Tensor:
+        """A method's additional loss term (SDPO's GRPO term); zero by default."""
+        return torch.zeros((), device=out.loss.device)
+
+    def record_step_metrics(self, mode, batch: StepBatch, out, loss_mask, ce_mask) -> None:
+        metrics = self._metrics[mode]
+        rollouts = batch.rollouts
+        on_policy = ~batch.ce_rows
+        metrics["distillation_loss"].append(out.loss.item())
+        lengths = rollouts.completion_mask.sum(-1).float()
+        if on_policy.any():
+            metrics["completion_length"].append(lengths[on_policy].mean().item())
+            metrics["completion_truncated_fraction"].append(rollouts.truncated[on_policy].float().mean().item())
+        metrics["on_policy_fraction"].append(on_policy.float().mean().item())
+        # Diagnostics come back for the tokens in the loss, in row-major order.
+        in_loss = loss_mask.bool() & (loss_mask.cumsum(-1) > self.options.num_loss_tokens_to_skip)
+        ce_tokens = ce_mask[in_loss]
+        per_token = out.per_token_divergence
+        if (~ce_tokens).any():
+            metrics["kl"].append(per_token[~ce_tokens].mean().item())
+            if out.teacher_token_logprobs is not None:
+                gap = (out.teacher_token_logprobs - out.student_token_logprobs)[~ce_tokens]
+                metrics["teacher_student_logprob_gap"].append(gap.mean().item())
+        if ce_tokens.any():
+            metrics["ce_loss"].append(per_token[ce_tokens].mean().item())
+
+    # ------------------------------------------------------------------ plumbing
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = list(PROMPT_COLUMNS)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        averaged = {key: sum(v) / len(v) for key, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            averaged = {f"eval_{key}": value for key, value in averaged.items()}
+        super().log({**logs, **averaged}, start_time)
+        self._metrics[mode].clear()
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        state = self.teacher.state_dict()
+        if state and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            torch.save(state, os.path.join(folder, TEACHER_STATE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, TEACHER_STATE_FILE)
+        if os.path.exists(path):
+            self.teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        elif self.teacher.state_dict():
+            LOG.warning("checkpoint %s has no %s: the %s teacher restarts from the base weights",
+                        resume_from_checkpoint, TEACHER_STATE_FILE, self.options.teacher)
+
+
+def completion_hidden_states(unwrapped, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """Final hidden states at the positions that predict each completion token: [N, C, H].
+
+    Runs the model's own forward (so DDP / FSDP / DeepSpeed wrappers see the call) with an empty
+    `logits_to_keep`, and takes the decoder's output through a forward hook: no logits are computed.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    # Left padding: positions count real tokens only, so padded and unpadded prompts see the same rotary phases.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    captured = {}
+
+    def grab(module, args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    hook = unwrapped.get_decoder().register_forward_hook(grab)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+              logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
+    finally:
+        hook.remove()
+    start = prompt_ids.shape[1] - 1
+    return captured["hidden"][:, start: start + completion_ids.shape[1]]
