@@ -1,0 +1,218 @@
+"""SDFTTrainer on tiny local models: it trains, the teacher sees what it should, bad input fails early."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from sd_plugin import SDFTConfig, SDFTTrainer
+from sd_plugin.rollout import Rollouts
+from sd_plugin.testing import build_model
+from sd_plugin.trainers import base as base_module
+
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+QWEN35_LORA = dict(LORA, target_modules=["q_proj", "v_proj", "in_proj_qkv", "in_proj_z", "out_proj"])
+
+
+def make_args(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2, logging_steps=1,
+                    max_completion_length=12, report_to="none", save_strategy="no", learning_rate=5e-3,
+                    use_cpu=True, seed=0)
+    settings.update(overrides)
+    return SDFTConfig(**settings)
+
+
+def rows(quickstart_rows, n=4):
+    return Dataset.from_list([{"prompt": r["prompt"], "demonstration": r["demonstration"]} for r in quickstart_rows[:n]])
+
+
+def trainable_snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    "kind,teacher,use_lora",
+    [("qwen3", "base", True), ("qwen3", "ema", True), ("qwen3", "base", False), ("qwen3", "ema", False),
+     ("qwen3_5", "base", True)],
+)
+def test_trains_and_moves_parameters(tmp_path, tokenizer, quickstart_rows, kind, teacher, use_lora):
+    model = build_model(kind, tokenizer)
+    lora = LoraConfig(**(QWEN35_LORA if kind == "qwen3_5" else LORA)) if use_lora else None
+    trainer = SDFTTrainer(model=model, args=make_args(tmp_path, teacher=teacher), train_dataset=rows(quickstart_rows),
+                          processing_class=tokenizer, peft_config=lora)
+    before = trainable_snapshot(trainer.model)
+    result = trainer.train()
+    after = trainable_snapshot(trainer.model)
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    moved = [n for n in before if not torch.equal(before[n], after[n])]
+    assert moved, "no trainable parameter moved"
+    if use_lora:
+        assert all("lora_" in n for n in before)
+    logged = trainer.state.log_history[0]
+    for key in ("distillation_loss", "kl", "completion_length", "teacher_prompt_length", "teacher_student_logprob_gap"):
+        assert key in logged
+
+
+def test_student_and_teacher_score_the_same_ids_at_a_tokenization_boundary(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+    """A completion whose text would re-tokenize differently is scored token for token as sampled."""
+    merged = tokenizer("answer", add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.convert_tokens_to_ids(ch) for ch in "answer"]
+    assert len(merged) < len(pieces), "the boundary case needs a merge"
+    assert tokenizer(tokenizer.decode(pieces), add_special_tokens=False)["input_ids"] == merged
+    completion = pieces + [tokenizer.eos_token_id]
+
+    def fake_sample(self, model, prompt_ids, prompt_mask):
+        n = prompt_ids.shape[0]
+        ids = torch.tensor([completion] * n)
+        return Rollouts(ids, torch.ones_like(ids), torch.arange(n), torch.zeros(n, dtype=torch.bool))
+
+    seen = []
+    real = base_module.completion_hidden_states
+
+    def spy(unwrapped, model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        seen.append((prompt_ids.clone(), prompt_mask.clone(), completion_ids.clone()))
+        return real(unwrapped, model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+    monkeypatch.setattr(SDFTTrainer, "sample", fake_sample)
+    monkeypatch.setattr(base_module, "completion_hidden_states", spy)
+    trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, max_steps=1),
+                          train_dataset=rows(quickstart_rows, 2), processing_class=tokenizer,
+                          peft_config=LoraConfig(**LORA))
+    trainer.train()
+    (student_prompt, student_mask, student_completion), (teacher_prompt, teacher_mask, teacher_completion) = seen
+    assert student_completion.tolist() == [completion] * 2
+    assert teacher_completion.tolist() == [completion] * 2
+
+    demonstration = quickstart_rows[0]["demonstration"]
+    student_text = tokenizer.decode(student_prompt[0][student_mask[0].bool()])
+    teacher_text = tokenizer.decode(teacher_prompt[0][teacher_mask[0].bool()])
+    question = quickstart_rows[0]["prompt"][-1]["content"]
+    assert question in student_text and question in teacher_text
+    assert demonstration in teacher_text
+    assert demonstration not in student_text and "This is an example" not in student_text
+
+
+def test_left_padded_hidden_states_equal_unpadded_forward(tokenizer):
+    model = build_model("qwen3", tokenizer).eval()
+    short, long = [5, 6, 7], [8, 9, 10, 11, 12, 13]
+    completion = torch.tensor([[20, 21, 22], [20, 21, 22]])
+    prompt_ids, prompt_mask = base_module.left_pad([short, long], tokenizer.pad_token_id)
+    with torch.no_grad():
+        batched = base_module.completion_hidden_states(model, model, prompt_ids, prompt_mask, completion, torch.ones_like(completion))
+        alone = model.model(torch.tensor([short + [20, 21, 22]])).last_hidden_state[:, len(short) - 1: len(short) + 2]
+    torch.testing.assert_close(batched[0:1], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_ema_teacher_is_ema_of_the_effective_update(tmp_path, tokenizer, quickstart_rows):
+    from sd_plugin.teacher import lora_delta, lora_layers
+
+    rate = 0.3
+    trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, teacher="ema", teacher_ema_rate=rate, max_steps=3),
+                          train_dataset=rows(quickstart_rows), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    expected = {name: torch.zeros_like(lora_delta(m)) for name, m in lora_layers(trainer.model).items()}
+
+    class Record(base_module.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            for name, module in lora_layers(trainer.model).items():
+                expected[name] = (1 - rate) * expected[name] + rate * lora_delta(module)
+
+    trainer.callback_handler.callbacks.insert(0, Record())
+    trainer.train()
+    for name, delta in trainer.teacher.deltas.items():
+        torch.testing.assert_close(delta, expected[name])
+        assert delta.abs().sum() > 0
+    # The EMA of the factors would be a different (wrong) teacher.
+    module = next(iter(lora_layers(trainer.model).values()))
+    assert module.lora_B["default"].weight.abs().sum() > 0
+
+
+def test_ema_teacher_state_is_saved_and_restored(tmp_path, tokenizer, quickstart_rows):
+    args = make_args(tmp_path, teacher="ema", teacher_ema_rate=0.5, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=args, train_dataset=rows(quickstart_rows),
+                          processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    trainer.train()
+    saved = copy.deepcopy(trainer.teacher.deltas)
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert (checkpoint / base_module.TEACHER_STATE_FILE).exists()
+    fresh = SDFTTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, teacher="ema", teacher_ema_rate=0.5, max_steps=2),
+                        train_dataset=rows(quickstart_rows), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    fresh.train(resume_from_checkpoint=str(checkpoint))
+    for name, delta in saved.items():
+        torch.testing.assert_close(fresh.teacher.deltas[name], delta)
+
+
+def test_full_finetuning_teacher_is_an_in_memory_frozen_copy(tmp_path, tokenizer, quickstart_rows):
+    model = build_model("qwen3", tokenizer)
+    initial = copy.deepcopy(model.state_dict())
+    trainer = SDFTTrainer(model=model, args=make_args(tmp_path, teacher="base"), train_dataset=rows(quickstart_rows), processing_class=tokenizer)
+    trainer.train()
+    assert trainer.teacher.copy is not model
+    for name, tensor in trainer.teacher.copy.state_dict().items():
+        torch.testing.assert_close(tensor, initial[name])
+    assert not any(p.requires_grad for p in trainer.teacher.copy.parameters())
+
+
+def test_lambda_on_policy_zero_is_cross_entropy_on_the_demonstration(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("off-policy rows must not sample")
+
+    monkeypatch.setattr(SDFTTrainer, "sample", no_sampling)
+    trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, lambda_on_policy=0.0, num_loss_tokens_to_skip=0),
+                          train_dataset=rows(quickstart_rows), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["on_policy_fraction"] == 0.0 and "ce_loss" in logged and "kl" not in logged
+
+
+def test_teacher_prompt_cut_keeps_the_question_and_counts_tokens(tmp_path, tokenizer, quickstart_rows):
+    row = dict(prompt="What is 2 + 2? Answer briefly.", demonstration="four " * 400 + "THE END")
+    trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, max_teacher_prompt_length=200, max_prompt_length=100, max_steps=1),
+                          train_dataset=Dataset.from_list([row, row]), processing_class=tokenizer)
+    prepared = trainer.train_dataset[0]
+    teacher_text = tokenizer.decode(prepared["teacher_input_ids"])
+    assert len(prepared["teacher_input_ids"]) <= 200
+    assert "What is 2 + 2? Answer briefly." in teacher_text and "THE END" in teacher_text
+    assert prepared["teacher_truncated_tokens"] > 0
+    trainer.train()
+    assert trainer.state.log_history[0]["teacher_truncated_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    "overrides,data,match",
+    [
+        ({}, [{"question": "q", "demonstration": "d"}], "row 0: missing column 'prompt'"),
+        ({}, [{"prompt": "q", "demonstration": "ok"}, {"prompt": "q", "demonstration": "  "}], "row 1: the demonstration is empty"),
+        ({"distillation_mode": "topk", "distillation_topk": 5000}, None, "topk=5000 is larger than the vocabulary"),
+        ({"teacher_truncation": "error", "max_teacher_prompt_length": 230, "max_prompt_length": 230}, None, "row 0: the teacher prompt has"),
+        ({"max_prompt_length": 10, "max_teacher_prompt_length": 100}, None, "row 0: the student prompt has"),
+    ],
+)
+def test_bad_input_fails_before_training_naming_row_or_key(tmp_path, tokenizer, quickstart_rows, overrides, data, match):
+    dataset = Dataset.from_list(data) if data else rows(quickstart_rows, 2)
+    with pytest.raises(ValueError, match=match):
+        SDFTTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, **overrides), train_dataset=dataset,
+                    processing_class=tokenizer)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [({"distillation_alpha": 1.5}, "alpha must be in"), ({"distillation_mode": "sampled", "distillation_alpha": 0.5}, "alpha=1.0"),
+     ({"max_teacher_prompt_length": 10, "max_prompt_length": 100}, "max_teacher_prompt_length"),
+     ({"teacher": "frozen"}, "teacher must be")],
+)
+def test_bad_options_fail_in_the_config(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_args(tmp_path, **overrides)
+
+
+def test_skip_invalid_reports_and_keeps_the_bad_rows(tmp_path, tokenizer, quickstart_rows):
+    data = Dataset.from_list([{"prompt": "q", "demonstration": "fine"}, {"prompt": "", "demonstration": "x"}, {"prompt": "q2", "demonstration": "ok"}])
+    trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, skip_invalid=True), train_dataset=data,
+                          processing_class=tokenizer)
+    assert len(trainer.train_dataset) == 2
+    import json
+
+    written = [json.loads(line) for line in open(tmp_path / "out" / "invalid_rows_train.jsonl")]
+    assert written == [{"row": 1, "reason": "the prompt is empty", "record": {"prompt": "", "demonstration": "x"}}]
