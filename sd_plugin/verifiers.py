@@ -1,0 +1,560 @@
+"""Verifiers: score one completion and optionally explain what went wrong (SDPO feedback, SD-Zero rewards).
+
+A verifier is any callable ``verify(prompt, completion, record) -> (reward, feedback)``: ``prompt`` is the
+prompt (str or chat messages), ``completion`` the decoded completion text, ``record`` the dataset row (the
+gold answer is in it, e.g. ``record["answer"]``); ``reward`` is a float and ``feedback`` a str or None.
+
+Built-ins (`load_verifier` names): "tool_call", "multiple_choice", "boxed_math", "python_tests".
+
+`PythonTestsVerifier` runs model code in a subprocess: ``python -I`` in a fresh temp dir with a minimal env,
+its own session (the whole process group is SIGKILLed on timeout), rlimits (CPU, address space, file size,
+processes, no core files), stdout discarded, and a preamble that blocks process creation and signals
+(fork/exec/spawn/subprocess/kill, ctypes), raising rlimits and ``socket.socket``. The network is cut by an empty network namespace (``unshare -n``, or
+``unshare -r -n`` without root) when that works on this machine, else only by the socket patch; when run
+as root with a world-readable interpreter it also drops to uid/gid 65534 (nobody) so that RLIMIT_NPROC
+applies (the kernel does not enforce it for root). `sandbox_mode()` says what is in use. This contains
+accidents (infinite loops, fork bombs, stray network calls); it is not a security boundary against
+adversarial code: for that, run the trainer in a container or VM.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import resource
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Mapping, NamedTuple, Protocol, runtime_checkable
+
+logger = logging.getLogger("sd_plugin.verifiers")
+
+__all__ = [
+    "BUILTIN_VERIFIERS", "BoxedMathVerifier", "MultipleChoiceVerifier", "PythonTestsVerifier",
+    "ToolCallVerifier", "Verifier", "VerifierResult", "extract_code", "last_boxed", "load_verifier",
+    "normalize_math", "safe_verify", "sandbox_mode", "sandbox_setup",
+]
+
+
+class VerifierResult(NamedTuple):
+    """A verifier's verdict: ``reward`` (float) and optional text ``feedback`` for the teacher's context."""
+
+    reward: float
+    feedback: str | None
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    """Any callable ``(prompt, completion, record) -> (reward, feedback)``; see the module docstring."""
+
+    def __call__(
+        self, prompt: str | list[dict[str, Any]], completion: str, record: Mapping[str, Any]
+    ) -> tuple[float, str | None]: ...
+
+
+def _short(text: Any, limit: int = 300) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------- tool calls
+_REACT_ACTION = re.compile(r"^[ \t*]*Action[ \t*]*:[ \t*]*(.*?)[ \t*]*$", re.M)
+_REACT_INPUT = re.compile(r"^[ \t*]*Action[ \t]+Input[ \t*]*:", re.M)
+_TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.S)
+
+
+def _json_prefix(text: str) -> Any:
+    """Decode the JSON value at the start of ``text`` (after an optional ``` fence line); raises ValueError."""
+    text = text.lstrip()
+    if text.startswith("```"):
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+    return json.JSONDecoder().raw_decode(text.lstrip())[0]
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _gold_calls(gold: Any) -> list[tuple[str, Any]]:
+    """(name, arguments) pairs from ReAct-style ``{"Action", "Action_Input"}`` or OpenAI-style tool_calls."""
+    gold = _as_json(gold)
+    calls = []
+    for entry in [gold] if isinstance(gold, dict) else gold:
+        if "Action" in entry:
+            calls.append((entry["Action"], _as_json(entry.get("Action_Input", {}))))
+        else:
+            function = entry.get("function", entry)
+            calls.append((function["name"], _as_json(function.get("arguments", function.get("parameters", {})))))
+    return calls
+
+
+def _predicted_calls(text: str) -> tuple[list[str], list[Any], str | None]:
+    """Action names, inputs and the first parse error, from ReAct blocks and ``<tool_call>`` JSON blocks."""
+    events = [(m.start(), "name", m.group(1)) for m in _REACT_ACTION.finditer(text)]
+    events += [(m.start(), "input", text[m.end():]) for m in _REACT_INPUT.finditer(text)]
+    events += [(m.start(), "tool_call", m.group(1)) for m in _TOOL_CALL.finditer(text)]
+    names, inputs = [], []
+    for _, kind, payload in sorted(events):
+        if kind == "name":
+            names.append(payload.strip("`'\" "))
+            continue
+        try:
+            if kind == "input":
+                inputs.append(_json_prefix(payload))
+                continue
+            calls = json.loads(payload.strip())
+            for call in calls if isinstance(calls, list) else [calls]:
+                names.append(call["name"])
+                inputs.append(_as_json(call.get("arguments", call.get("parameters", {}))))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            what = "Action Input" if kind == "input" else "Tool call"
+            snippet = payload.strip().split("\n", 1)[0]
+            return names, inputs, f"{what} is not valid JSON: {_short(snippet, 200)} ({_short(exc, 100)})"
+    return names, inputs, None
+
+
+def _merge(inputs: list[Any]) -> Any:
+    """Dicts merged in order (later keys win); when any input is not a JSON object, the list itself."""
+    if not all(isinstance(value, dict) for value in inputs):
+        return inputs
+    merged: dict[str, Any] = {}
+    for value in inputs:
+        merged.update(value)
+    return merged
+
+
+@dataclass
+class ToolCallVerifier:
+    """Exact match of tool calls (the SDPO / SDFT tool-use benchmark's rule).
+
+    Predicted calls are ``Action: NAME`` lines each followed by ``Action Input: {json}`` (ReAct) and/or
+    ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks (Qwen / Hermes chat templates).
+    Gold ``record[answer_field]`` is a JSON string or list of ``{"Action": name, "Action_Input": json}`` or
+    of OpenAI-style tool calls ``{"function": {"name": ..., "arguments": {...} or json string}}``.
+    Reward 1.0 iff the multiset of names equals the gold's and the inputs merged in order (dicts updated
+    one after the other) equal the gold's merged inputs; else 0.0 with feedback. Text up to the last
+    ``</think>`` is ignored when ``strip_thinking``. ``reveal_answer`` puts the expected calls in feedback.
+    """
+
+    answer_field: str = "answer"
+    reveal_answer: bool = True
+    strip_thinking: bool = True
+
+    def __call__(self, prompt: Any, completion: str, record: Mapping[str, Any]) -> VerifierResult:
+        gold = _gold_calls(record[self.answer_field])
+        if self.strip_thinking and "</think>" in completion:
+            completion = completion.rsplit("</think>", 1)[1]
+        names, inputs, error = _predicted_calls(completion)
+        if error is not None:
+            return VerifierResult(0.0, error)
+        gold_names = [name for name, _ in gold]
+        if Counter(names) != Counter(gold_names):
+            expected = f", expected {json.dumps(gold_names)}" if self.reveal_answer else ""
+            return VerifierResult(0.0, f"Actions mismatch: predicted {_short(json.dumps(names))}{expected}")
+        predicted, expected = _merge(inputs), _merge([args for _, args in gold])
+        if predicted != expected:
+            which = ", ".join(dict.fromkeys(gold_names))
+            message = f"Action Input mismatch for {which}: predicted {_short(json.dumps(predicted))}"
+            if self.reveal_answer:
+                message += f", expected {_short(json.dumps(expected))}"
+            return VerifierResult(0.0, message)
+        return VerifierResult(1.0, None)
+
+
+# ------------------------------------------------------------------------------------------ multiple choice
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
+
+
+@dataclass
+class MultipleChoiceVerifier:
+    """The letter inside the LAST ``<answer>...</answer>`` block equals ``record[answer_field]``.
+
+    Whitespace, surrounding parentheses and a trailing period are stripped; comparison is
+    case-insensitive; ``choices`` lists the valid letters. Feedback never contains the gold letter unless
+    ``reveal_answer``.
+    """
+
+    answer_field: str = "answer"
+    choices: str = "ABCD"
+    reveal_answer: bool = False
+
+    def __call__(self, prompt: Any, completion: str, record: Mapping[str, Any]) -> VerifierResult:
+        gold = str(record[self.answer_field]).strip().upper()
+        blocks = _ANSWER_TAG.findall(completion)
+        if not blocks:
+            return VerifierResult(0.0, "No <answer>...</answer> block found")
+        letter = blocks[-1].strip().strip("().").strip().upper()
+        if len(letter) != 1 or letter not in self.choices.upper():
+            got, options = _short(blocks[-1].strip(), 80), ", ".join(self.choices.upper())
+            return VerifierResult(0.0, f"The <answer> block must contain one letter out of {options}, got {got!r}.")
+        if letter == gold:
+            return VerifierResult(1.0, None)
+        reveal = f" The correct answer is {gold}." if self.reveal_answer else ""
+        return VerifierResult(0.0, f"The answer {letter} is incorrect.{reveal}")
+
+
+# --------------------------------------------------------------------------------------------- boxed math
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (balanced braces) or ``\\boxed x``; None when there is none."""
+    matches = list(_BOXED.finditer(text))
+    if not matches:
+        return None
+    start = matches[-1].end()
+    if not text.startswith("{", start):
+        token = re.match(r"[^\s$]+", text[start:])
+        return token.group(0) if token else None
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start + 1 : i]
+    return None
+
+
+def normalize_math(answer: str) -> str:
+    """Canonical string form of a LaTeX answer (spacing, \\left/\\right, \\dfrac, degrees, units, ...)."""
+    s = str(answer).strip().replace("\u2212", "-")
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    for token in ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "$", "\\%", "%", "°"):
+        s = s.replace(token, "")
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s)
+    without_unit = re.sub(r"\\(?:text|mbox|mathrm)\s*\{[^{}]*\}\s*$", "", s).strip()
+    s = without_unit or s
+    s = re.sub(r"\\(?:text|mbox|mathrm|textbf)\s*\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    s = re.sub(r"^[a-zA-Z]=", "", s)
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    return s.replace("{,}", ",")
+
+
+def _as_number(s: str) -> Fraction | None:
+    """Exact value of an integer, decimal, ``1,000``-style, ``a/b`` or ``\\frac{a}{b}`` string, else None."""
+    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d*)?", s):
+        s = s.replace(",", "")
+    frac = re.fullmatch(rf"([-+]?)\\frac\{{({_NUMBER})\}}\{{({_NUMBER})\}}", s)
+    frac = frac or re.fullmatch(rf"()({_NUMBER})/({_NUMBER})", s)
+    try:
+        if frac:
+            value = Fraction(frac.group(2)) / Fraction(frac.group(3))
+            return -value if frac.group(1) == "-" else value
+        return Fraction(s) if re.fullmatch(_NUMBER, s) else None
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+@dataclass
+class BoxedMathVerifier:
+    """The last ``\\boxed{...}`` of the completion equals ``record[answer_field]`` (itself boxed or not).
+
+    Both sides go through `normalize_math`; if both are numbers (integers, decimals, ``1,000``, ``a/b``,
+    ``\\frac{a}{b}``) they are compared with tolerance ``rel_tol * max(1, |gold|)``, else as normalised strings.
+    No sympy. Feedback never contains the gold answer unless ``reveal_answer``.
+    """
+
+    answer_field: str = "answer"
+    rel_tol: float = 1e-6
+    reveal_answer: bool = False
+
+    def __call__(self, prompt: Any, completion: str, record: Mapping[str, Any]) -> VerifierResult:
+        raw_gold = str(record[self.answer_field])
+        gold = normalize_math(last_boxed(raw_gold) or raw_gold)
+        boxed = last_boxed(completion)
+        if boxed is None:
+            return VerifierResult(0.0, "No \\boxed{...} answer found")
+        predicted = normalize_math(boxed)
+        if predicted == gold:
+            return VerifierResult(1.0, None)
+        a, b = _as_number(predicted), _as_number(gold)
+        if a is not None and b is not None and abs(a - b) <= self.rel_tol * max(1, abs(b)):
+            return VerifierResult(1.0, None)
+        reveal = f" The correct answer is {_short(raw_gold, 100)}." if self.reveal_answer else ""
+        return VerifierResult(0.0, f"The answer {_short(boxed.strip(), 100)} is incorrect.{reveal}")
+
+
+# ------------------------------------------------------------------------------------ python tests sandbox
+_CODE_BLOCK = re.compile(r"```(?:python3?|py)[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
+_NOBODY = 65534
+
+# Runs inside the sandbox: read the job from stdin, limit, drop root, block, run, report on a dup of fd 1.
+_RUNNER = r'''
+import json, os, resource, sys
+def describe(exc):
+    return type(exc).__name__ + (": " + str(exc) if str(exc) else "")
+def blocked(*args, **kwargs):
+    raise PermissionError("process creation and signals are disabled in the verifier sandbox")
+def sandbox(job):
+    for kind, soft, hard in job["limits"]:
+        cur = resource.getrlimit(kind)[1]
+        if cur != resource.RLIM_INFINITY:
+            soft, hard = min(soft, cur), min(hard, cur)
+        resource.setrlimit(kind, (soft, hard))
+    if job["uid"] is not None:
+        os.setgroups([]); os.setgid(job["uid"]); os.setuid(job["uid"])
+    import socket, posix, _posixsubprocess
+    class NoNetworkSocket(socket.socket):
+        def __init__(self, *args, **kwargs):
+            raise PermissionError("network access is disabled in the verifier sandbox")
+    socket.socket = NoNetworkSocket
+    for name in ("fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawnp", "execv", "execve",
+                 "kill", "killpg"):
+        for module in (os, posix):
+            if hasattr(module, name):
+                setattr(module, name, blocked)
+    _posixsubprocess.fork_exec = resource.setrlimit = resource.prlimit = blocked
+    sys.modules["ctypes"] = sys.modules["_ctypes"] = None
+def run(code, tests):
+    namespace = {"__name__": "solution"}
+    try:
+        exec(compile(code, "solution.py", "exec"), namespace)
+    except BaseException as exc:
+        return {"error": describe(exc), "failures": []}
+    failures = []
+    for i, test in enumerate(tests):
+        try:
+            exec(compile(test, "test_%d" % (i + 1), "exec"), namespace)
+            failures.append(None)
+        except SystemExit as exc:
+            failures.append(None if exc.code in (None, 0) else describe(exc))
+        except BaseException as exc:
+            failures.append(describe(exc))
+    return {"error": None, "failures": failures}
+def main():  # the nonce and the result fd stay local: solution code only sees its own namespace
+    job = json.loads(sys.stdin.buffer.read())
+    result_fd = os.dup(1)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    sandbox(job)
+    result = run(job["code"], job["tests"])
+    os.write(result_fd, ("\n" + job["nonce"] + json.dumps(result) + "\n").encode())
+    os._exit(0)
+main()
+'''
+
+_SANDBOX_SETUP: dict[str, tuple[list[str], int | None]] = {}
+_SANDBOX_LOCK = threading.Lock()
+
+
+def _run_sandbox(python: str, prefix: list[str], job: dict[str, Any], timeout: float) -> tuple[dict | None, str]:
+    """Run `_RUNNER` on ``job``; returns (result or None, a description of what went wrong)."""
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "OMP_NUM_THREADS": "1"}
+    nonce = job["nonce"]
+    with tempfile.TemporaryDirectory(prefix="sd_verify_", ignore_cleanup_errors=True) as tmp:
+        if job["uid"] is not None:
+            os.chown(tmp, job["uid"], job["uid"])
+        out_path, err_path = os.path.join(tmp, ".stdout"), os.path.join(tmp, ".stderr")
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            try:
+                proc = subprocess.Popen([*prefix, python, "-I", "-c", _RUNNER], stdin=subprocess.PIPE, stdout=out,
+                                        stderr=err, cwd=tmp, env=env, start_new_session=True)
+            except OSError as exc:
+                return None, f"Could not start the sandbox: {exc}"
+            timed_out = False
+            try:
+                proc.communicate(json.dumps(job).encode(), timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                try:
+                    proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+        if timed_out:
+            return None, f"Timed out after {timeout:g} s"
+        with open(out_path, "rb") as f:
+            lines = [line for line in f.read().decode(errors="replace").splitlines() if line.startswith(nonce)]
+        try:
+            return json.loads(lines[-1][len(nonce):]), ""
+        except (IndexError, ValueError):
+            pass
+        with open(err_path, "rb") as f:
+            stderr = f.read()[-2000:].decode(errors="replace").strip()
+    signals = {-signal.SIGXCPU: "CPU time limit exceeded", -signal.SIGXFSZ: "file size limit exceeded",
+               -signal.SIGKILL: "killed (memory limit?)"}
+    reason = signals.get(proc.returncode, f"exited with code {proc.returncode} without a result")
+    return None, f"Sandbox {reason}" + (f": {stderr[-300:]}" if stderr else "")
+
+
+def sandbox_setup(python: str = sys.executable) -> tuple[list[str], int | None]:
+    """(command prefix, uid to drop to) for `PythonTestsVerifier`, probed once per interpreter and cached.
+
+    Tries, in order, ``unshare -n`` / ``unshare -r -n`` / nothing, each with a drop to uid 65534 when this
+    process is root and then without, and keeps the first that runs a trivial job that imports a module
+    after the drop.
+    """
+    with _SANDBOX_LOCK:
+        if python not in _SANDBOX_SETUP:
+            unshare = shutil.which("unshare")
+            prefixes = [[unshare, "-n"], [unshare, "-r", "-n"]] if unshare else []
+            uids = [_NOBODY, None] if os.geteuid() == 0 else [None]
+            _SANDBOX_SETUP[python] = ([], None)
+            for prefix, uid in itertools.product(prefixes + [[]], uids):
+                job = PythonTestsVerifier(timeout=10)._job("import fractions\nx = 1", ["assert x == 1"], uid)
+                if _run_sandbox(python, prefix, job, timeout=10)[0] == {"error": None, "failures": [None]}:
+                    _SANDBOX_SETUP[python] = (prefix, uid)
+                    break
+        return _SANDBOX_SETUP[python]
+
+
+def sandbox_mode(python: str = sys.executable) -> dict[str, Any]:
+    """What the sandbox uses here: ``{"network": "namespace (unshare -n)" | "socket patch only", "uid": ...}``."""
+    prefix, uid = sandbox_setup(python)
+    network = f"namespace ({' '.join(['unshare', *prefix[1:]])}) + socket patch" if prefix else "socket patch only"
+    return {"network": network, "uid": uid if uid is not None else os.geteuid(), "command_prefix": prefix}
+
+
+def extract_code(completion: str) -> str:
+    """The last ```python fenced block (an unterminated last block runs to the end), else the whole text."""
+    blocks = _CODE_BLOCK.findall(completion)
+    return blocks[-1] if blocks else completion
+
+
+@dataclass
+class PythonTestsVerifier:
+    """Runs the completion's Python code (see `extract_code`) against ``record[tests_field]`` in a sandbox.
+
+    Tests are a list of code strings (typically ``assert f(1) == 2``) or one string of code (a JSON list
+    string is decoded); they run in order in the solution's namespace. Reward: all passed -> 1.0, else 0.0,
+    or the fraction passed when ``partial_credit``. Feedback names the first failing test and its error, a
+    failing solution ("Solution raised ..."), or "Timed out after 5 s". Limits: wall ``timeout`` seconds
+    (the call returns within about timeout + 2 s), CPU ceil(timeout) + 1 s, ``memory_mb`` of address space,
+    ``max_processes``, ``file_mb`` per written file. See the module docstring for the isolation.
+    """
+
+    tests_field: str = "tests"
+    timeout: float = 5.0
+    partial_credit: bool = False
+    memory_mb: int = 1024
+    max_processes: int = 64
+    file_mb: int = 16
+    python: str = sys.executable
+
+    def __call__(self, prompt: Any, completion: str, record: Mapping[str, Any]) -> VerifierResult:
+        tests = record[self.tests_field]
+        if isinstance(tests, str):
+            try:
+                decoded = json.loads(tests)
+            except ValueError:
+                decoded = None
+            tests = decoded if isinstance(decoded, list) else [tests]
+        tests = [str(test) for test in tests]
+        if not tests:
+            raise ValueError(f"record[{self.tests_field!r}] holds no tests")
+        prefix, uid = sandbox_setup(self.python)
+        job = self._job(extract_code(completion), tests, uid)
+        result, problem = _run_sandbox(self.python, prefix, job, self.timeout)
+        if result is None:
+            return VerifierResult(0.0, problem)
+        if result["error"] is not None:
+            return VerifierResult(0.0, f"Solution raised {_short(result['error'])}")
+        failures = result["failures"]
+        passed = sum(failure is None for failure in failures)
+        reward = passed / len(tests) if self.partial_credit else float(passed == len(tests))
+        for i, failure in enumerate(failures):
+            if failure is not None:
+                feedback = f"Test {i + 1} of {len(tests)} failed: {tests[i].strip()}\n{failure}"
+                return VerifierResult(reward, _short(feedback))
+        return VerifierResult(reward, None)
+
+    def _job(self, code: str, tests: list[str], uid: int | None) -> dict[str, Any]:
+        cpu_s, memory, fsize = math.ceil(self.timeout) + 1, self.memory_mb << 20, self.file_mb << 20
+        limits = [(resource.RLIMIT_CPU, cpu_s, cpu_s + 1), (resource.RLIMIT_AS, memory, memory),
+                  (resource.RLIMIT_FSIZE, fsize, fsize), (resource.RLIMIT_CORE, 0, 0),
+                  (resource.RLIMIT_NPROC, self.max_processes, self.max_processes)]
+        return {"code": code, "tests": tests, "limits": limits, "uid": uid, "nonce": secrets.token_hex(16)}
+
+
+# ---------------------------------------------------------------------------------- loading and safe calls
+BUILTIN_VERIFIERS: dict[str, type] = {
+    "tool_call": ToolCallVerifier,
+    "multiple_choice": MultipleChoiceVerifier,
+    "boxed_math": BoxedMathVerifier,
+    "python_tests": PythonTestsVerifier,
+}
+
+
+def load_verifier(spec: Any, kwargs: Mapping[str, Any] | None = None) -> Verifier:
+    """A verifier from a built-in name, ``"package.module:attr"``, ``"package.module.attr"`` or an object.
+
+    Classes are instantiated with ``kwargs``; functions given ``kwargs`` are wrapped in functools.partial.
+    Raises ValueError (unknown bare name), ImportError (module or attribute missing) or TypeError (bad
+    kwargs, not callable), each naming ``spec``.
+    """
+    kwargs = dict(kwargs or {})
+    obj = spec
+    if isinstance(spec, str) and spec in BUILTIN_VERIFIERS:
+        obj = BUILTIN_VERIFIERS[spec]
+    elif isinstance(spec, str):
+        module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
+        if not module_name or not attr:
+            expected = f"one of {sorted(BUILTIN_VERIFIERS)} or 'package.module:callable'"
+            raise ValueError(f"Unknown verifier {spec!r}: expected {expected}")
+        try:
+            obj = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ImportError(f"Cannot load verifier {spec!r}: importing {module_name!r} failed: {exc}") from exc
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise ImportError(f"Cannot load verifier {spec!r}: {module_name!r} has no attribute {attr!r}")
+            obj = getattr(obj, part)
+    if isinstance(obj, type):
+        try:
+            obj = obj(**kwargs)
+        except TypeError as exc:
+            raise TypeError(f"Cannot instantiate verifier {spec!r} with kwargs {kwargs}: {exc}") from exc
+    elif not callable(obj):
+        raise TypeError(f"Verifier {spec!r} is not callable (got {type(obj).__name__})")
+    elif kwargs:
+        obj = functools.partial(obj, **kwargs)
+    if not callable(obj):
+        raise TypeError(f"Verifier {spec!r} produced a non-callable {type(obj).__name__}")
+    return obj
+
+
+def safe_verify(
+    verifier: Verifier, prompt: Any, completion: str, record: Mapping[str, Any], *, row: int | None = None
+) -> VerifierResult:
+    """Call ``verifier`` and never raise: an exception or a non-numeric / non-finite reward gives
+    ``VerifierResult(0.0, None)`` and a warning on logger ``sd_plugin.verifiers`` naming ``row``.
+
+    A bare number is accepted as the reward; feedback that is not a str is converted, "" becomes None.
+    """
+    name = getattr(verifier, "__name__", type(verifier).__name__)
+    where = f"row {row}" if row is not None else "a row"
+    try:
+        out = verifier(prompt, completion, record)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {_short(exc)}"
+        logger.warning("Verifier %s raised on %s: %s; using reward 0.0", name, where, error)
+        return VerifierResult(0.0, None)
+    reward, feedback = tuple(out) if isinstance(out, (tuple, list)) and len(out) == 2 else (out, None)
+    try:
+        value = float(reward) if not isinstance(reward, (str, bytes)) else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        shown = _short(repr(reward), 100)
+        logger.warning("Verifier %s returned an invalid reward %s on %s; using reward 0.0", name, shown, where)
+        return VerifierResult(0.0, None)
+    if feedback is not None and not isinstance(feedback, str):
+        feedback = str(feedback)
+    return VerifierResult(value, feedback or None)

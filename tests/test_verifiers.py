@@ -1,0 +1,468 @@
+"""Verifiers: tool calls, multiple choice, boxed math, sandboxed Python tests, loading and safe calls.
+
+Real rows come from tests/fixtures/verifiers (lasgroup/SDPO, Apache-2.0); see the README there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sd_plugin import verifiers
+from sd_plugin.verifiers import (
+    BUILTIN_VERIFIERS,
+    BoxedMathVerifier,
+    MultipleChoiceVerifier,
+    PythonTestsVerifier,
+    ToolCallVerifier,
+    Verifier,
+    VerifierResult,
+    load_verifier,
+    safe_verify,
+    sandbox_mode,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "verifiers"
+
+
+def _rows(name: str) -> list[dict]:
+    with open(FIXTURES / name) as f:
+        return [json.loads(line) for line in f]
+
+
+TOOLUSE = _rows("tooluse_rows.jsonl")
+CHEMISTRY = _rows("chemistry_rows.jsonl")
+
+
+def _gold(row: dict) -> list[tuple[str, dict]]:
+    return [(call["Action"], json.loads(call["Action_Input"])) for call in json.loads(row["answer"])]
+
+
+def _react(calls: list[tuple[str, object]]) -> str:
+    """A ReAct completion; an input given as str is written verbatim."""
+    blocks = []
+    for name, args in calls:
+        text = args if isinstance(args, str) else json.dumps(args)
+        blocks.append(f"Thought: I should call {name}.\nAction: {name}\nAction Input: {text}\nObservation: ...")
+    return "\n".join(blocks) + "\nThought: I now know the final answer\nFinal Answer: done"
+
+
+# ------------------------------------------------------------------------------------------------ tool calls
+def test_fixture_rows_are_real_and_complete():
+    assert len(TOOLUSE) == 5 and len(CHEMISTRY) == 5
+    assert all(set(row) == {"idx", "prompt", "answer"} for row in TOOLUSE)
+    assert all(set(row) == {"idx", "prompt", "answer", "system"} for row in CHEMISTRY)
+    assert {row["answer"] for row in CHEMISTRY} == set("ABCD")
+    assert "Action Input:" in TOOLUSE[0]["prompt"] and "<answer>" in CHEMISTRY[0]["system"]
+
+
+@pytest.mark.parametrize("row", TOOLUSE, ids=lambda row: str(row["idx"]))
+def test_tool_call_real_rows_gold_react_completion_is_correct(row):
+    verify = ToolCallVerifier()
+    assert verify(row["prompt"], _react(_gold(row)), row) == (1.0, None)
+
+
+@pytest.mark.parametrize("row", TOOLUSE, ids=lambda row: str(row["idx"]))
+def test_tool_call_real_rows_hermes_tool_call_blocks_are_correct(row):
+    completion = "".join(
+        f'<tool_call>\n{json.dumps({"name": name, "arguments": args})}\n</tool_call>\n' for name, args in _gold(row)
+    )
+    assert ToolCallVerifier()(row["prompt"], completion, row) == (1.0, None)
+
+
+@pytest.mark.parametrize("row", TOOLUSE, ids=lambda row: str(row["idx"]))
+def test_tool_call_real_rows_wrong_action_name(row):
+    calls = _gold(row)
+    calls[-1] = ("notARealTool", calls[-1][1])
+    reward, feedback = ToolCallVerifier()(row["prompt"], _react(calls), row)
+    assert reward == 0.0
+    assert feedback.startswith("Actions mismatch: predicted [") and '"notARealTool"' in feedback
+    assert f"expected {json.dumps([name for name, _ in _gold(row)])}" in feedback
+
+
+WITH_ARGS = [row for row in TOOLUSE if any(args for _, args in _gold(row))]
+
+
+@pytest.mark.parametrize("row", WITH_ARGS, ids=lambda row: str(row["idx"]))
+def test_tool_call_real_rows_perturbed_input(row):
+    calls = _gold(row)
+    name, args = next((name, args) for name, args in reversed(calls) if args)
+    key = sorted(args)[0]
+    perturbed = [(n, {**a, key: "WRONG"} if a is args else a) for n, a in calls]
+    reward, feedback = ToolCallVerifier()(row["prompt"], _react(perturbed), row)
+    assert reward == 0.0
+    assert feedback.startswith("Action Input mismatch for ") and '"WRONG"' in feedback and "expected {" in feedback
+
+
+def test_tool_call_malformed_json_in_action_input():
+    row = TOOLUSE[1]
+    name, _ = _gold(row)[0]
+    completion = _react([(name, "{'color': 'wild', 'size': 'medium'}")])
+    reward, feedback = ToolCallVerifier()(row["prompt"], completion, row)
+    assert reward == 0.0 and feedback.startswith("Action Input is not valid JSON: {'color'")
+    truncated = f"Action: {name}\nAction Input: {{\"color\": \"wild\", "
+    assert ToolCallVerifier()(row["prompt"], truncated, row)[1].startswith("Action Input is not valid JSON")
+
+
+def test_tool_call_malformed_tool_call_block():
+    row = TOOLUSE[0]
+    completion = '<tool_call>{"name": "getRandomAxolotlImage", </tool_call>'
+    reward, feedback = ToolCallVerifier()(row["prompt"], completion, row)
+    assert reward == 0.0 and feedback.startswith("Tool call is not valid JSON")
+
+
+def test_tool_call_multiset_order_and_duplicates():
+    row = next(row for row in TOOLUSE if row["idx"] == 4063)  # checkIPReputation then reportAbusiveIP
+    calls = _gold(row)
+    assert ToolCallVerifier()(row["prompt"], _react(calls[::-1]), row).reward == 1.0
+    reward, feedback = ToolCallVerifier()(row["prompt"], _react(calls + calls[:1]), row)
+    assert reward == 0.0 and feedback.startswith("Actions mismatch")
+    reward, feedback = ToolCallVerifier()(row["prompt"], _react(calls[:1]), row)
+    assert reward == 0.0 and "Actions mismatch" in feedback
+
+
+def test_tool_call_no_action_thinking_fences_and_hidden_answer():
+    row = TOOLUSE[1]
+    name, args = _gold(row)[0]
+    assert ToolCallVerifier()(row["prompt"], "I cannot help.", row) == (
+        0.0, f'Actions mismatch: predicted [], expected ["{name}"]'
+    )
+    thinking = "<think>\nMaybe:\nAction: getAxolotlFacts\nAction Input: {}\n</think>\n"
+    assert ToolCallVerifier()(row["prompt"], thinking + _react([(name, args)]), row).reward == 1.0
+    assert ToolCallVerifier(strip_thinking=False)(row["prompt"], thinking + _react([(name, args)]), row).reward == 0.0
+    fenced = f"Action: `{name}`\nAction Input:\n```json\n{json.dumps(args, indent=2)}\n```\n"
+    assert ToolCallVerifier()(row["prompt"], fenced, row).reward == 1.0
+    hidden = ToolCallVerifier(reveal_answer=False)
+    feedback = hidden(row["prompt"], _react([(name, {**args, "page": 7})]), row).feedback
+    assert feedback.startswith(f"Action Input mismatch for {name}: predicted") and "expected" not in feedback
+
+
+def test_tool_call_openai_style_gold_and_custom_field():
+    record = {
+        "gold": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}},
+        ]
+    }
+    verify = ToolCallVerifier(answer_field="gold")
+    good = (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}\n</tool_call>'
+    )
+    assert verify("q", good, record) == (1.0, None)
+    react = _react([("get_weather", {"city": "Paris"}), ("get_time", {"tz": "CET"})])
+    assert verify("q", react, record).reward == 1.0
+    reward, feedback = verify("q", good.replace("Paris", "Rome"), record)
+    assert reward == 0.0 and '"Rome"' in feedback and '"Paris"' in feedback
+    calls = [
+        {"name": "get_time", "arguments": {"tz": "CET"}},
+        {"name": "get_weather", "arguments": {"city": "Paris"}},
+    ]
+    as_list = f"<tool_call>{json.dumps(calls)}</tool_call>"  # several calls in one block
+    assert verify("q", as_list, record) == (1.0, None)
+
+
+# ------------------------------------------------------------------------------------------ multiple choice
+def _mc(letter: str) -> str:
+    return f"<reasoning>\nThe product keeps the pyrazole ring.\n</reasoning>\n<answer>\n{letter}\n</answer>"
+
+
+@pytest.mark.parametrize("row", CHEMISTRY, ids=lambda row: str(row["idx"]))
+def test_multiple_choice_real_rows(row):
+    verify = MultipleChoiceVerifier()
+    messages = [{"role": "system", "content": row["system"]}, {"role": "user", "content": row["prompt"]}]
+    assert verify(messages, _mc(row["answer"]), row) == (1.0, None)
+    assert verify(messages, _mc(row["answer"].lower()), row) == (1.0, None)
+    wrong = "A" if row["answer"] != "A" else "B"
+    reward, feedback = verify(messages, _mc(wrong), row)
+    assert (reward, feedback) == (0.0, f"The answer {wrong} is incorrect.")
+    assert row["answer"] not in feedback.replace(f"answer {wrong}", "")
+
+
+def test_multiple_choice_missing_last_wins_invalid_and_options():
+    row = CHEMISTRY[2]  # gold C
+    verify = MultipleChoiceVerifier()
+    assert verify("q", "The answer is C.", row) == (0.0, "No <answer>...</answer> block found")
+    assert verify("q", "<answer>C", row) == (0.0, "No <answer>...</answer> block found")
+    assert verify("q", _mc("A") + "\nOn reflection:\n" + _mc("C"), row).reward == 1.0
+    assert verify("q", _mc("C") + "\nOn reflection:\n" + _mc("A"), row) == (0.0, "The answer A is incorrect.")
+    assert verify("q", "<ANSWER> (c) </ANSWER>", row).reward == 1.0
+    for bad in ("E", "CD", ""):
+        reward, feedback = verify("q", _mc(bad), row)
+        assert reward == 0.0 and feedback.startswith("The <answer> block must contain one letter out of A, B, C, D")
+    assert verify("q", _mc("A"), row).feedback == "The answer A is incorrect."
+    revealed = MultipleChoiceVerifier(reveal_answer=True)("q", _mc("A"), row).feedback
+    assert revealed == "The answer A is incorrect. The correct answer is C."
+    five = MultipleChoiceVerifier(choices="ABCDE", answer_field="label")
+    assert five("q", _mc("E"), {"label": "e"}).reward == 1.0
+
+
+# --------------------------------------------------------------------------------------------- boxed math
+@pytest.mark.parametrize(
+    "boxed, gold",
+    [
+        (r"\frac{1}{2}", "0.5"),
+        (r"\dfrac{1}{2}", r"\frac12"),
+        ("0.5", r"\frac{1}{2}"),
+        (r"-\tfrac{3}{4}", "-0.75"),
+        ("3/4", r"\frac{3}{4}"),
+        ("1,000", 1000),
+        ("1000", "1{,}000"),
+        (r"\frac{\sqrt{3}}{2}", r"\frac{\sqrt{3}}{2}"),
+        (r"\left( 1, 2 \right)", "(1,2)"),
+        (r"90^\circ", "90"),
+        (r"90^{\circ}", "90"),
+        (r"5 \text{ cm}", "5"),
+        (r"\text{(B)}", "(B)"),
+        ("x = 3", "3"),
+        (r"4\,200.", "4200"),
+        ("0.3333333", r"\frac{1}{3}"),
+        ("42", r"The answer is \boxed{42}"),
+        (r"50\%", "50"),
+    ],
+)
+def test_boxed_math_equivalent(boxed, gold):
+    completion = rf"We compute step by step. So the result is $\boxed{{{boxed}}}$."
+    assert BoxedMathVerifier()("q", completion, {"answer": gold}) == (1.0, None)
+
+
+@pytest.mark.parametrize(
+    "boxed, gold", [("0.33", r"\frac{1}{3}"), (r"\frac{1}{2}", "0.25"), ("1,000", "100"), ("x+1", "x-1")]
+)
+def test_boxed_math_wrong(boxed, gold):
+    reward, feedback = BoxedMathVerifier()("q", rf"\boxed{{{boxed}}}", {"answer": gold})
+    assert reward == 0.0 and feedback == f"The answer {boxed} is incorrect."
+
+
+def test_boxed_math_last_box_missing_box_and_reveal():
+    verify = BoxedMathVerifier()
+    assert verify("q", r"First \boxed{3}, then correcting: \boxed{\frac{1}{2}}", {"answer": "1/2"}).reward == 1.0
+    assert verify("q", r"First \boxed{1/2}, then: \boxed{3}", {"answer": "1/2"}).reward == 0.0
+    assert verify("q", "The answer is 1/2.", {"answer": "1/2"}) == (0.0, "No \\boxed{...} answer found")
+    assert verify("q", r"\boxed{\frac{1}{2}", {"answer": "1/2"}) == (0.0, "No \\boxed{...} answer found")
+    assert verify("q", r"\boxed 7", {"answer": "7"}).reward == 1.0
+    assert BoxedMathVerifier(reveal_answer=True)("q", r"\boxed{3}", {"answer": "1/2"}).feedback.endswith("is 1/2.")
+    assert BoxedMathVerifier(answer_field="solution")("q", r"\boxed{2}", {"solution": 2}).reward == 1.0
+
+
+# ------------------------------------------------------------------------------------------- python tests
+ADD_TESTS = {"tests": ["assert add(1, 2) == 3", "assert add(2, 2) == 5", "assert add(0, 0) == 0"]}
+
+
+def _py(code: str) -> str:
+    return f"Here is my solution.\n```python\n{code}\n```\nIt runs in O(1)."
+
+
+def test_python_tests_pass_and_second_of_three_fails():
+    verify = PythonTestsVerifier()
+    good = {"tests": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(0, 0) == 0"]}
+    assert verify("q", _py("def add(a, b):\n    return a + b"), good) == (1.0, None)
+    reward, feedback = verify("q", _py("def add(a, b):\n    return a + b"), ADD_TESTS)
+    assert reward == 0.0
+    assert feedback == "Test 2 of 3 failed: assert add(2, 2) == 5\nAssertionError"
+    partial = PythonTestsVerifier(partial_credit=True)("q", _py("def add(a, b):\n    return a + b"), ADD_TESTS)
+    assert partial.reward == pytest.approx(2 / 3) and partial.feedback.startswith("Test 2 of 3 failed")
+
+
+def test_python_tests_code_extraction_and_test_formats():
+    verify = PythonTestsVerifier()
+    two_blocks = _py("def add(a, b):\n    return a - b") + "\nFixed:\n" + _py("def add(a, b):\n    return a + b")
+    record = {"tests": ["assert add(1, 2) == 3"]}
+    assert verify("q", two_blocks, record).reward == 1.0
+    assert verify("q", "def add(a, b):\n    return a + b\n", record).reward == 1.0
+    assert verify("q", "```python\ndef add(a, b):\n    return a + b\n", record).reward == 1.0  # unterminated fence
+    script = {"tests": "assert add(1, 2) == 3\nassert add(1, 1) == 2\n"}
+    assert verify("q", _py("def add(a, b):\n    return a + b"), script).reward == 1.0
+    as_json = {"tests": json.dumps(["assert add(1, 2) == 3", "assert add(1, 1) == 3"])}
+    assert verify("q", _py("def add(a, b):\n    return a + b"), as_json).feedback.startswith("Test 2 of 2 failed")
+    reward, feedback = verify("q", _py("def add(a, b) return a + b"), record)
+    assert reward == 0.0 and feedback.startswith("Solution raised SyntaxError")
+    reward, feedback = verify("q", _py("def add(a, b):\n    return a + b\nraise SystemExit(3)"), record)
+    assert reward == 0.0 and feedback.startswith("Solution raised SystemExit")
+    assert verify("q", _py("import sys\ndef add(a, b):\n    return a + b"), {"tests": ["sys.exit(0)"]}).reward == 1.0
+    reward, feedback = verify("q", _py("def add(a, b):\n    raise ValueError('x' * 2000)"), record)
+    assert reward == 0.0 and len(feedback) <= 300 and "ValueError: xxx" in feedback
+    with pytest.raises(ValueError, match="no tests"):
+        verify("q", _py("x = 1"), {"tests": []})
+
+
+def test_python_tests_infinite_loop_times_out_within_bound():
+    verify = PythonTestsVerifier(timeout=1.0)
+    start = time.monotonic()
+    result = verify("q", _py("def add(a, b):\n    while True:\n        pass"), ADD_TESTS)
+    elapsed = time.monotonic() - start
+    assert result == (0.0, "Timed out after 1 s")
+    assert elapsed < 1.0 + 2.0
+    sleeper = verify("q", _py("import time\ntime.sleep(60)"), ADD_TESTS)  # not CPU-bound: the wall clock stops it
+    assert sleeper == (0.0, "Timed out after 1 s")
+
+
+def test_python_tests_fork_bomb_and_subprocesses_are_contained():
+    verify = PythonTestsVerifier(timeout=2.0)
+    start = time.monotonic()
+    for code in (
+        "import os\nwhile True:\n    os.fork()",
+        "import subprocess\nsubprocess.run(['sh', '-c', ':(){ :|:& };:'])",
+        "import multiprocessing\nmultiprocessing.Process(target=print).start()",
+        "import os\nos.system('sleep 100 &')",
+        "import ctypes\nctypes.CDLL(None).fork()",
+        "import os\nos.kill(os.getppid(), 0)",
+    ):
+        reward, feedback = verify("q", _py(code + "\ndef add(a, b):\n    return a + b"), ADD_TESTS)
+        assert reward == 0.0 and feedback.startswith("Solution raised"), (code, feedback)
+    assert time.monotonic() - start < 6 * 2.0
+    assert os.getpid() > 0  # still here
+
+
+def test_python_tests_process_limit_applies_after_dropping_root():
+    """With uid 65534 (root running a world-readable python), RLIMIT_NPROC caps threads and processes too."""
+    pythons = [p for p in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3") if os.path.exists(p)]
+    python = next((p for p in pythons if os.geteuid() == 0 and sandbox_mode(p)["uid"] == 65534), None)
+    if python is None:
+        pytest.skip("needs root and a python that uid 65534 can run")
+    code = (
+        "import threading, time\nthreading.stack_size(1 << 18)\nstarted = 0\n"
+        "try:\n    for _ in range(500):\n"
+        "        threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+        "        started += 1\nexcept RuntimeError:\n    pass"
+    )
+    record = {"tests": ["assert started < 32, started"]}
+    assert PythonTestsVerifier(python=python, max_processes=32)("q", _py(code), record) == (1.0, None)
+
+
+def test_python_tests_network_is_blocked():
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    try:
+        verify = PythonTestsVerifier(timeout=3.0)
+        code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)"
+        reward, feedback = verify("q", _py(code), ADD_TESTS)
+        assert reward == 0.0 and "network access is disabled" in feedback
+        code = f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/', timeout=1)"
+        assert verify("q", _py(code), ADD_TESTS).reward == 0.0
+        if "namespace" in sandbox_mode()["network"]:  # even the raw socket module cannot reach the host
+            code = f"import _socket\ns = _socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))"
+            reward, feedback = verify("q", _py(code), ADD_TESTS)
+            assert reward == 0.0 and feedback.startswith("Solution raised OSError"), feedback
+    finally:
+        server.close()
+
+
+def test_python_tests_memory_output_and_file_limits():
+    verify = PythonTestsVerifier(memory_mb=512, file_mb=4)
+    reward, feedback = verify("q", _py("x = bytearray(2 << 30)"), ADD_TESTS)
+    assert reward == 0.0 and feedback.startswith("Solution raised MemoryError")
+    chatty = _py("print('x' * (64 << 20))\ndef add(a, b):\n    return a + b")  # stdout is discarded, not limited
+    assert verify("q", chatty, {"tests": ["assert add(1, 2) == 3"]}).reward == 1.0
+    reward, feedback = verify("q", _py("open('big.bin', 'wb').write(b'x' * (8 << 20))"), ADD_TESTS)
+    assert reward == 0.0 and "File too large" in feedback
+    escaped = verify("q", _py("import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))"), ADD_TESTS)
+    assert escaped.reward == 0.0 and "PermissionError" in escaped.feedback
+
+
+def test_sandbox_mode_reports_network_block():
+    mode = sandbox_mode()
+    assert mode["network"] in ("socket patch only", "namespace (unshare -n) + socket patch",
+                               "namespace (unshare -r -n) + socket patch")
+    assert isinstance(mode["uid"], int)
+
+
+def test_sandbox_without_unshare_falls_back_to_the_socket_patch(monkeypatch):
+    monkeypatch.setattr(verifiers, "_SANDBOX_SETUP", {})
+    monkeypatch.setattr(verifiers.shutil, "which", lambda name: None)
+    assert sandbox_mode()["network"] == "socket patch only"
+    code = "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\ndef add(a, b):\n    return a + b"
+    reward, feedback = PythonTestsVerifier()("q", _py(code), ADD_TESTS)
+    assert reward == 0.0 and "network access is disabled" in feedback
+    good = _py("def add(a, b):\n    return a + b")
+    assert PythonTestsVerifier()("q", good, {"tests": ["assert add(1, 2) == 3"]}).reward == 1.0
+
+
+# ------------------------------------------------------------------------------------- loading, protocol
+def test_load_verifier_builtins_and_dotted_paths(tmp_path, monkeypatch):
+    assert set(BUILTIN_VERIFIERS) == {"tool_call", "multiple_choice", "boxed_math", "python_tests"}
+    verify = load_verifier("multiple_choice", {"choices": "ABCDE", "reveal_answer": True})
+    assert isinstance(verify, MultipleChoiceVerifier) and verify.choices == "ABCDE" and verify.reveal_answer
+    assert isinstance(load_verifier("python_tests", {"timeout": 2}), PythonTestsVerifier)
+    assert isinstance(load_verifier("sd_plugin.verifiers:BoxedMathVerifier"), BoxedMathVerifier)
+    dotted = load_verifier("sd_plugin.verifiers.ToolCallVerifier", {"answer_field": "gold"})
+    assert isinstance(dotted, ToolCallVerifier) and dotted.answer_field == "gold"
+    (tmp_path / "my_verifiers.py").write_text(
+        "def contains(prompt, completion, record, word='yes'):\n"
+        "    return float(word in completion), None\n"
+        "class Scorer:\n"
+        "    def __init__(self, bonus=0.0):\n        self.bonus = bonus\n"
+        "    def __call__(self, prompt, completion, record):\n        return 0.5 + self.bonus, 'half'\n"
+        "    class Nested:\n        def __call__(self, prompt, completion, record):\n            return 1.0\n"
+        "NOT_CALLABLE = 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_verifier("my_verifiers:contains")("q", "yes!", {}) == (1.0, None)
+    assert load_verifier("my_verifiers.contains", {"word": "no"})("q", "yes!", {}) == (0.0, None)
+    assert load_verifier("my_verifiers:Scorer", {"bonus": 0.25})("q", "c", {}) == (0.75, "half")
+    assert load_verifier("my_verifiers:Scorer.Nested")("q", "c", {}) == 1.0
+    direct = ToolCallVerifier()
+    assert load_verifier(direct) is direct
+    assert isinstance(direct, Verifier) and isinstance(BoxedMathVerifier(), Verifier)
+
+    with pytest.raises(ValueError, match="'nonsense'"):
+        load_verifier("nonsense")
+    with pytest.raises(ImportError, match="'no_such_package_xyz.mod:verify'"):
+        load_verifier("no_such_package_xyz.mod:verify")
+    with pytest.raises(ImportError, match="'my_verifiers:missing'.*no attribute"):
+        load_verifier("my_verifiers:missing")
+    with pytest.raises(TypeError, match="'my_verifiers:NOT_CALLABLE' is not callable"):
+        load_verifier("my_verifiers:NOT_CALLABLE")
+    with pytest.raises(TypeError, match="'multiple_choice' with kwargs"):
+        load_verifier("multiple_choice", {"no_such_option": 1})
+
+
+def test_safe_verify_never_raises_and_logs_row(caplog):
+    row = CHEMISTRY[0]
+
+    def boom(prompt, completion, record):
+        raise KeyError("answer")
+
+    with caplog.at_level(logging.WARNING, logger="sd_plugin.verifiers"):
+        assert safe_verify(boom, "q", "c", row, row=7) == VerifierResult(0.0, None)
+    assert "row 7" in caplog.text and "KeyError" in caplog.text and "boom" in caplog.text
+    caplog.clear()
+    for bad in (math.nan, math.inf, -math.inf, "1.0", None, object(), (1.0, "a", "b")):
+        with caplog.at_level(logging.WARNING, logger="sd_plugin.verifiers"):
+            assert safe_verify(lambda p, c, r, out=bad: out, "q", "c", row, row=3) == (0.0, None)
+        assert "row 3" in caplog.text and "invalid reward" in caplog.text
+        caplog.clear()
+    assert safe_verify(lambda p, c, r: 1, "q", "c", row) == (1.0, None)
+    assert safe_verify(lambda p, c, r: True, "q", "c", row) == (1.0, None)
+    assert safe_verify(lambda p, c, r: (0.5, ""), "q", "c", row) == (0.5, None)
+    assert safe_verify(lambda p, c, r: [0.5, 42], "q", "c", row) == (0.5, "42")
+    assert safe_verify(MultipleChoiceVerifier(), "q", _mc(row["answer"]), row) == (1.0, None)
+    result = safe_verify(MultipleChoiceVerifier(), "q", _mc(row["answer"]), {"no_answer": 1}, row=11)
+    assert result == (0.0, None) and "row 11" in caplog.text and "MultipleChoiceVerifier" in caplog.text
+    assert isinstance(result, VerifierResult) and type(result.reward) is float
+
+
+def test_verify_in_threads_is_independent():
+    """Rollouts are often scored from a thread pool: concurrent sandboxes must not mix up results."""
+    verify = PythonTestsVerifier()
+    results = {}
+
+    def work(i):
+        code = _py(f"def add(a, b):\n    return a + b + {i % 2}")
+        results[i] = verify("q", code, {"tests": ["assert add(1, 2) == 3"]})
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[i].reward for i in range(4)] == [1.0, 0.0, 1.0, 0.0]
