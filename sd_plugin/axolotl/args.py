@@ -1,0 +1,108 @@
+"""The YAML schema: one pydantic model mixed into Axolotl's config.
+
+    plugins: [sd_plugin.SelfDistillationPlugin]
+    trainer_type: sdft            # sdft | sdpo | sdzero
+    sdft:                         # the method's block: the fields of SDFTOptions (SDPOOptions, SDZeroOptions)
+      distillation_alpha: 0.0
+      teacher: ema
+
+Each block is generated from the method's options dataclass, so the YAML and the Python API cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+# trainer_type -> (options dataclass, module); sdpo / sdzero resolve only when their trainers exist.
+METHODS = {
+    "sdft": ("sd_plugin.trainers.sdft", "SDFTOptions"),
+    "sdpo": ("sd_plugin.trainers.sdpo", "SDPOOptions"),
+    "sdzero": ("sd_plugin.trainers.sdzero", "SDZeroOptions"),
+}
+
+
+def options_class(method: str):
+    module, name = METHODS[method]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise ValueError(f"trainer_type: {method} is not available in this version of sd-plugin") from None
+
+
+def block_model(method: str) -> type[BaseModel]:
+    """A pydantic model with the options dataclass's fields, defaults and help; unknown keys are errors."""
+    cls = options_class(method)
+    hints = typing.get_type_hints(cls)
+    fields = {
+        f.name: (hints[f.name], Field(default=f.default, description=f.metadata.get("help")))
+        for f in dataclasses.fields(cls)
+    }
+    return create_model(f"{cls.__name__}Block", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def _validated_block(method: str, block: dict | None) -> BaseModel:
+    model = block_model(method).model_validate(block or {})
+    options = options_class(method)(**model.model_dump())
+    try:
+        options.check()
+    except ValueError as error:
+        raise ValueError(f"{method}: {error}") from None
+    if options.teacher != "ema" and "teacher_ema_rate" in model.model_fields_set:
+        raise ValueError(f"{method}.teacher_ema_rate is set but {method}.teacher is {options.teacher!r}: set teacher: ema")
+    return model
+
+
+class SelfDistillationArgs(BaseModel):
+    """Keys the plugin adds to Axolotl's config."""
+
+    trainer_type: Optional[Literal["sdft", "sdpo", "sdzero"]] = Field(
+        default=None, description="Self-distillation method; unset = the plugin does nothing."
+    )
+    sdft: Optional[dict[str, Any]] = Field(default=None, description="SDFT options (fields of sd_plugin.trainers.sdft.SDFTOptions).")
+    sdpo: Optional[dict[str, Any]] = Field(default=None, description="SDPO options (fields of SDPOOptions).")
+    sdzero: Optional[dict[str, Any]] = Field(default=None, description="SD-Zero options (fields of SDZeroOptions).")
+    round2_mixer: Optional[dict[str, Any]] = Field(
+        default=None, description="Diversity-preserving mixer whose output becomes the training data (see sd_plugin.mixer)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_self_distillation(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        method = data.get("trainer_type")
+        blocks = [m for m in METHODS if data.get(m) is not None]
+        if method is None:
+            if blocks:
+                raise ValueError(f"the {blocks[0]}: block is set but trainer_type is not: add trainer_type: {blocks[0]}")
+            return data
+        if method not in METHODS:
+            return data  # the Literal reports it with the allowed values
+        if data.get("rl"):
+            raise ValueError(f"rl: {data['rl']} and trainer_type: {method} cannot be combined: remove rl (the plugin runs its own trainer)")
+        for other in blocks:
+            if other != method:
+                raise ValueError(f"the {other}: block is set but trainer_type is {method}")
+        if data.get("sample_packing"):
+            raise ValueError(f"sample_packing cannot be used with trainer_type: {method}: rollouts are sampled during training, so they cannot be packed ahead of time")
+        block = _validated_block(method, data.get(method))
+        sequence_len = data.get("sequence_len")
+        needed = block.max_prompt_length + block.max_completion_length
+        if sequence_len is not None and sequence_len < needed:
+            raise ValueError(
+                f"sequence_len ({sequence_len}) is below {method}.max_prompt_length + {method}.max_completion_length ({needed})"
+            )
+        data[method] = block.model_dump()
+        return data
+
+
+@dataclasses.dataclass
+class SelfDistillationTrainingArgs:
+    """Training-arguments mixin: the method's options travel to the trainer as one dict."""
+
+    sd_options: Optional[dict] = None

@@ -1,0 +1,47 @@
+"""`plugins: [sd_plugin.SelfDistillationPlugin]`: Axolotl hooks, each inert unless `trainer_type` is set."""
+
+from __future__ import annotations
+
+import logging
+
+from axolotl.integrations.base import BasePlugin
+
+LOG = logging.getLogger("sd_plugin")
+# Keys that change the prepared dataset: Axolotl's cache hash must see them.
+DATASET_KEYS = ("trainer_type", "sdft", "sdpo", "sdzero", "round2_mixer")
+
+
+class SelfDistillationPlugin(BasePlugin):
+    """SDFT / SDPO / SD-Zero trainers for Axolotl, selected by `trainer_type`."""
+
+    def get_input_args(self):
+        return "sd_plugin.axolotl.args.SelfDistillationArgs"
+
+    def get_training_args_mixin(self):
+        return "sd_plugin.axolotl.args.SelfDistillationTrainingArgs"
+
+    def register(self, cfg):
+        from axolotl.utils.data import shared
+
+        missing = tuple(k for k in DATASET_KEYS if k not in shared.DATASET_HASH_CONFIG_EXTRA_FIELDS)
+        shared.DATASET_HASH_CONFIG_EXTRA_FIELDS = tuple(shared.DATASET_HASH_CONFIG_EXTRA_FIELDS) + missing
+
+    def get_training_args(self, cfg):
+        if not cfg.trainer_type:
+            return None
+        return {"sd_options": dict(cfg[cfg.trainer_type] or {}), "remove_unused_columns": False}
+
+    def get_trainer_cls(self, cfg):
+        if not cfg.trainer_type:
+            return None
+        from sd_plugin.axolotl import trainers
+
+        LOG.info("sd-plugin: training with trainer_type=%s", cfg.trainer_type)
+        return trainers.TRAINERS[cfg.trainer_type]()
+
+    def get_collator_cls_and_kwargs(self, cfg, is_eval=False):
+        if not cfg.trainer_type:
+            return None
+        from sd_plugin.trainers.base import SelfDistillationCollator
+
+        return SelfDistillationCollator, {}
