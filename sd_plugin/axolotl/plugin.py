@@ -6,7 +6,8 @@ import logging
 
 from axolotl.integrations.base import BasePlugin
 
-LOG = logging.getLogger("sd_plugin")
+# Axolotl shows INFO only from loggers under "axolotl": the binding logs there so users see it ran.
+LOG = logging.getLogger("axolotl.sd_plugin")
 # Keys that change the prepared dataset: Axolotl's cache hash must see them.
 DATASET_KEYS = ("trainer_type", "sdft", "sdpo", "sdzero", "round2_mixer")
 
@@ -25,6 +26,12 @@ class SelfDistillationPlugin(BasePlugin):
 
         missing = tuple(k for k in DATASET_KEYS if k not in shared.DATASET_HASH_CONFIG_EXTRA_FIELDS)
         shared.DATASET_HASH_CONFIG_EXTRA_FIELDS = tuple(shared.DATASET_HASH_CONFIG_EXTRA_FIELDS) + missing
+        if cfg.get("round2_mixer"):
+            # Runs before datasets load: a `datasets:` entry reads the mixed file at round2_mixer.output_path.
+            from sd_plugin.mixer import mix_from_config
+
+            path = mix_from_config(dict(cfg["round2_mixer"]))
+            LOG.info("sd-plugin: round2_mixer wrote %s", path)
 
     def get_training_args(self, cfg):
         if not cfg.trainer_type:

@@ -1,0 +1,135 @@
+"""The Axolotl binding: schema checks in-process, and real `axolotl train` runs in subprocesses (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sd_plugin.axolotl.args import SelfDistillationArgs, block_model, options_class
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "example_configs" / "quickstart.yml"
+PLUGIN_RAN = "sd-plugin: training with trainer_type="
+
+
+def run_axolotl(config: dict, tmp_path: Path, name: str = "cfg.yml", timeout: int = 600) -> subprocess.CompletedProcess:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return subprocess.run([str(Path(sys.executable).parent / "axolotl"), "train", str(path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def quickstart(tmp_path: Path, **overrides) -> dict:
+    config = yaml.safe_load(QUICKSTART.read_text())
+    config.update(output_dir=str(tmp_path / "out"), dataset_prepared_path=str(tmp_path / "prepared"), max_steps=3)
+    for key, value in overrides.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    return config
+
+
+# ------------------------------------------------------------------ schema (fast)
+def test_every_options_field_is_a_yaml_key_and_back():
+    from dataclasses import fields
+
+    for method in ("sdft",):
+        dataclass_fields = {f.name for f in fields(options_class(method))}
+        assert set(block_model(method).model_fields) == dataclass_fields
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        ({"trainer_type": "sdfx"}, "trainer_type"),
+        ({"trainer_type": "sdft", "rl": "dpo"}, "rl: dpo and trainer_type: sdft cannot be combined"),
+        ({"trainer_type": "sdft", "sample_packing": True}, "sample_packing"),
+        ({"trainer_type": "sdft", "sdft": {"distilation_alpha": 0.5}}, "distilation_alpha"),
+        ({"trainer_type": "sdft", "sdft": {"teacher_ema_rate": 0.05}}, "teacher_ema_rate is set but sdft.teacher is 'base'"),
+        ({"trainer_type": "sdft", "sdft": {"max_prompt_length": 1000, "max_teacher_prompt_length": 500}}, "max_teacher_prompt_length"),
+        ({"trainer_type": "sdft", "sdft": {"distillation_alpha": 2}}, "alpha must be in"),
+        ({"sdft": {"teacher": "ema"}}, "trainer_type is not"),
+        ({"trainer_type": "sdft", "sequence_len": 256, "sdft": {"max_prompt_length": 256}}, "sequence_len"),
+    ],
+)
+def test_schema_rejects_contradictions(config, match):
+    with pytest.raises(ValueError, match=match):
+        SelfDistillationArgs.model_validate(config)
+
+
+def test_schema_fills_method_defaults():
+    parsed = SelfDistillationArgs.model_validate({"trainer_type": "sdft", "sdft": {"teacher": "ema", "teacher_ema_rate": 0.02}})
+    assert parsed.sdft["teacher_ema_rate"] == 0.02 and parsed.sdft["num_loss_tokens_to_skip"] == 3
+    assert SelfDistillationArgs.model_validate({}).trainer_type is None
+
+
+# ------------------------------------------------------------------ end to end through `axolotl train`
+@pytest.mark.slow
+def test_quickstart_trains_with_the_plugin_trainer(tmp_path):
+    result = run_axolotl(quickstart(tmp_path), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert PLUGIN_RAN + "sdft" in output  # not Axolotl's silent SFT fallback
+    assert "'distillation_loss'" in output and "'kl'" in output
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "variant",
+    ["ema", "full", "qlora", "qwen3_5"],
+)
+def test_variants_train_end_to_end(tmp_path, variant):
+    overrides = {}
+    if variant == "ema":
+        overrides["sdft"] = dict(yaml.safe_load(QUICKSTART.read_text())["sdft"], teacher="ema", teacher_ema_rate=0.05)
+    elif variant == "full":
+        overrides.update(adapter=None, lora_r=None, lora_alpha=None, lora_dropout=None, lora_target_modules=None,
+                         lora_mlp_kernel=None, lora_qkv_kernel=None, lora_o_kernel=None, learning_rate=1e-4)
+    elif variant == "qlora":
+        overrides.update(adapter="qlora", load_in_4bit=True, bnb_4bit_compute_dtype="float32")
+    elif variant == "qwen3_5":
+        overrides.update(base_model="./example_configs/assets/tiny-qwen3_5",
+                         lora_target_modules=["q_proj", "v_proj", "in_proj_qkv", "in_proj_z", "out_proj", "down_proj"])
+    result = run_axolotl(quickstart(tmp_path, **overrides), tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert PLUGIN_RAN + "sdft" in output and "'distillation_loss'" in output
+
+
+@pytest.mark.slow
+def test_without_trainer_type_axolotl_trains_plain_sft(tmp_path):
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Say {i}", "input": "", "output": f"{i}"}) for i in range(8)))
+    config = quickstart(tmp_path, trainer_type=None, sdft=None,
+                        datasets=[{"path": str(data), "ds_type": "json", "type": "alpaca"}])
+    result = run_axolotl(config, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert PLUGIN_RAN not in output and "'distillation_loss'" not in output and "'loss'" in output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"trainer_type": "sdfx"}, "trainer_type"),
+        ({"rl": "dpo"}, "rl: dpo and trainer_type: sdft cannot be combined"),
+        ({"datasets": [{"path": "./example_configs/assets/data/quickstart_sdft.jsonl", "ds_type": "json",
+                        "type": "sd_plugin.axolotl.strategies.sdft", "field_instruction": "question"}]},
+         "missing column 'question'"),
+    ],
+)
+def test_bad_configs_exit_nonzero_before_training(tmp_path, overrides, message):
+    result = run_axolotl(quickstart(tmp_path, **overrides), tmp_path, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert message in output
+    assert "'distillation_loss'" not in output
