@@ -123,7 +123,7 @@ def test_without_trainer_type_axolotl_trains_plain_sft(tmp_path):
         ({"trainer_type": "sdfx"}, "trainer_type"),
         ({"rl": "dpo"}, "rl: dpo and trainer_type: sdft cannot be combined"),
         ({"datasets": [{"path": "./example_configs/assets/data/quickstart_sdft.jsonl", "ds_type": "json",
-                        "type": "sd_plugin.axolotl.strategies.sdft", "field_instruction": "question"}]},
+                        "type": "sd_plugin.axolotl.strategies.sdft", "field_human": "question"}]},
          "missing column 'question'"),
     ],
 )
@@ -133,3 +133,25 @@ def test_bad_configs_exit_nonzero_before_training(tmp_path, overrides, message):
     assert result.returncode != 0
     assert message in output
     assert "'distillation_loss'" not in output
+
+
+@pytest.mark.slow
+def test_round2_mixer_block_feeds_the_mixed_corpus_to_training(tmp_path):
+    rows = [json.loads(line) for line in (REPO / "example_configs/assets/data/quickstart_sdft.jsonl").read_text().splitlines()]
+    for round_index, chunk in ((1, rows[:32]), (2, rows[32:])):
+        lines = [json.dumps(dict(r, reward=0.5 + 0.01 * i, template_id=f"t{i % (12 if round_index == 1 else 3)}"))
+                 for i, r in enumerate(chunk)]
+        (tmp_path / f"round{round_index}.jsonl").write_text("\n".join(lines) + "\n")
+    mixed = tmp_path / "mixed.jsonl"
+    config = quickstart(
+        tmp_path,
+        round2_mixer={"inputs": [{"path": str(tmp_path / "round1.jsonl"), "round": 1}, {"path": str(tmp_path / "round2.jsonl"), "round": 2}],
+                      "output_path": str(mixed), "size": 24, "seed": 0, "group_cap": 4, "dedup_threshold": None},
+        datasets=[{"path": str(mixed), "ds_type": "json", "type": "sd_plugin.axolotl.strategies.sdft"}],
+    )
+    result = run_axolotl(config, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "round2_mixer wrote" in output and PLUGIN_RAN + "sdft" in output
+    mixed_rows = [json.loads(line) for line in mixed.read_text().splitlines()]
+    assert len(mixed_rows) == 24 and all("_provenance" in r for r in mixed_rows)

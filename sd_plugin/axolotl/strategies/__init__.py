@@ -3,8 +3,8 @@
     datasets:
       - path: data/records.jsonl
         type: sd_plugin.axolotl.strategies.sdft     # {"prompt", "demonstration", "tools"?} rows
-        field_instruction: question                      # optional: the prompt column
-        field_output: answer                             # optional: the demonstration column
+        field_human: question                      # optional: the prompt column
+        field_model: answer                             # optional: the demonstration column
       - path: data/traces.jsonl
         type: sd_plugin.axolotl.strategies.trace    # {"messages": [...], "tools"?}: one row per assistant turn
         field_messages: conversation                     # optional
@@ -44,8 +44,8 @@ class SDFTStrategy:
         ds_cfg = ds_cfg or {}
         self.source = ds_cfg.get("path", "dataset")
         self.columns = Columns(
-            prompt=ds_cfg.get("field_instruction") or self.options.prompt_column,
-            demonstration=ds_cfg.get("field_output") or self.options.demonstration_column,
+            prompt=ds_cfg.get("field_human") or self.options.prompt_column,
+            demonstration=ds_cfg.get("field_model") or self.options.demonstration_column,
             tools=ds_cfg.get("field_tools") or self.options.tools_column,
             messages=ds_cfg.get("field_messages") or "messages",
         )
