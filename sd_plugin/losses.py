@@ -16,7 +16,9 @@ stopgrad(s_y - q_y) * s_y, valid for alpha = 1 only).
 sum from final hidden states chunk by chunk: each chunk's logits exist only while that chunk is processed,
 and its gradients (with respect to the hidden states and the lm_head weight) are computed right there, so
 no [tokens, vocab] tensor ever exists for the whole sequence and the lm_head is multiplied four times per
-chunk (student, teacher, two gradient products), as with materialized logits.
+chunk (student, teacher, two gradient products), as with materialized logits. The gradient with respect to
+a chunk's logits is written in closed form (see `_chunk_loss_and_logit_grad`), so a chunk needs 3-4 fp32
+[chunk, vocab] buffers instead of the ~8 that autograd through `_token_terms` would keep.
 """
 
 from __future__ import annotations
@@ -188,28 +190,164 @@ class DistillationOutput:
     teacher_token_logprobs: torch.Tensor | None
 
 
-def _chunk_loss(
+def _rowdot(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """sum(left * right, -1) for two [N, V] tensors, without an [N, V] temporary."""
+    return torch.bmm(left.unsqueeze(1), right.unsqueeze(2)).reshape(-1)
+
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / temperature) in at least fp32 (the input is a temporary and may be overwritten)."""
+    logits = _at_least_fp32(logits)
+    if temperature != 1.0:
+        logits = logits.div_(temperature)
+    return torch.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def _chunk_loss_and_logit_grad(
     student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
-    token_weights, sampled_ids, old_logprobs, ce_mask, options, is_clip,
+    token_weights, sampled_ids, old_logprobs, ce_mask, options, is_clip, need_grad,
 ):
+    """One chunk: weighted loss, per-token diagnostics and d(loss)/d(student logits), without autograd over [N, V].
+
+    The gradient with respect to the logits is written out in closed form (s = log_softmax(z / T), p = e^s):
+      forward KL  sum e^q (q - s):           (p - e^q) / T
+      reverse KL  sum p (s - q):             p (s - q - D) / T
+      JSD(alpha)  mixture m:                 (1 - alpha) p (s - m - KL(p || m)) / T
+      top-K (any divergence of s[I], q[I]):  (scatter_I(g) - p sum(g)) / T, g = d loss / d s[I]
+      sampled-token log-prob s_y:            (onehot(y) - p) / T
+    Only the per-token part (importance weights, cross-entropy rows, token weights, the top-K renormalization)
+    goes through autograd, on [N] and [N, K] tensors. So at most four [N, V] fp32 buffers exist at a time
+    (autograd through `_token_terms` keeps about eight).
+    Returns (loss, per_token, student_token, teacher_token, grad_logits or None).
+    """
+    temperature = options.temperature
     student_logits = F.linear(student_hidden, weight, bias)
     teacher_logits = None
     if teacher_hidden is not None:
-        with torch.no_grad():
-            teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
-    per_token, student_token, teacher_token = _token_terms(student_logits, teacher_logits, options, sampled_ids)
-    if old_logprobs is not None:
-        per_token = per_token * importance_weights(student_token, old_logprobs, is_clip)
-    if ce_mask is not None:
-        # Rows trained off-policy (lambda_on_policy < 1, SFT phases): next-token cross-entropy instead.
-        per_token = torch.where(ce_mask, -student_token, per_token)
-    return (per_token * token_weights).sum(), per_token, student_token, teacher_token
+        teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+    topk_index = None
+    if options.mode == "topk" and teacher_logits is not None:
+        source = student_logits if options.support == "student" else teacher_logits
+        topk_index = source.topk(options.topk, dim=-1).indices
+    student_logprobs = _log_probs(student_logits, temperature)
+    del student_logits
+    teacher_logprobs = None
+    if teacher_logits is not None:
+        teacher_logprobs = _log_probs(teacher_logits, temperature)
+        del teacher_logits
+
+    def token_logprob(logprobs):
+        return logprobs.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
+
+    student_token = None if sampled_ids is None else token_logprob(student_logprobs)
+    teacher_token = None if sampled_ids is None or teacher_logprobs is None else token_logprob(teacher_logprobs)
+
+    # Per-token divergence as a function of small leaves; `direction` is d(divergence)/d(s) pulled back to the
+    # logits (times T), for the full-vocabulary modes. `student_logprobs` ends up holding the probabilities p.
+    leaves = {}
+    direction = None
+    divergence_scale = 1.0
+    if teacher_logprobs is None:
+        per_token = torch.zeros_like(student_logprobs[..., 0])
+        probs = student_logprobs.exp_()
+    elif options.mode == "full" and options.alpha == 1.0:
+        gap = teacher_logprobs.sub_(student_logprobs).neg_()  # s - q
+        probs = student_logprobs.exp_()
+        value = _rowdot(probs, gap)
+        direction = gap.sub_(value.unsqueeze(-1)).mul_(probs)
+        per_token = leaves["divergence"] = value.requires_grad_(need_grad)
+    elif options.mode == "full" and options.alpha == 0.0:
+        gap = teacher_logprobs - student_logprobs  # q - s
+        teacher_probs = teacher_logprobs.exp_()
+        value = _rowdot(teacher_probs, gap)
+        del gap
+        probs = student_logprobs.exp_()
+        direction = teacher_probs.neg_().add_(probs)  # p - e^q
+        per_token = leaves["divergence"] = value.requires_grad_(need_grad)
+    elif options.mode == "full":
+        alpha = options.alpha
+        mixture = student_logprobs + math.log(1.0 - alpha)
+        torch.logaddexp(mixture, teacher_logprobs + math.log(alpha), out=mixture)
+        student_gap = student_logprobs - mixture  # s - m
+        teacher_gap = mixture.neg_().add_(teacher_logprobs)  # q - m
+        kl_teacher = _rowdot(teacher_logprobs.exp_(), teacher_gap)
+        del teacher_gap, mixture
+        probs = student_logprobs.exp_()
+        kl_student = _rowdot(probs, student_gap)
+        direction = student_gap.sub_(kl_student.unsqueeze(-1)).mul_(probs)
+        divergence_scale = 1.0 - alpha
+        value = (1.0 - alpha) * kl_student + alpha * kl_teacher
+        per_token = leaves["divergence"] = value.requires_grad_(need_grad)
+    elif options.mode == "topk":
+        student_k = student_logprobs.gather(-1, topk_index).requires_grad_(need_grad)
+        teacher_k = teacher_logprobs.gather(-1, topk_index)
+        leaves["topk"] = student_k
+        probs = student_logprobs.exp_()
+        with torch.enable_grad():
+            if options.add_tail:
+                student_side, teacher_side = with_tail_bucket(student_k), with_tail_bucket(teacher_k)
+            else:
+                student_side = student_k - torch.logsumexp(student_k, dim=-1, keepdim=True)
+                teacher_side = teacher_k - torch.logsumexp(teacher_k, dim=-1, keepdim=True)
+            per_token = alpha_divergence(student_side, teacher_side, options.alpha)
+    else:  # sampled
+        if sampled_ids is None:
+            raise ValueError("mode='sampled' needs sampled_ids (the completion token ids)")
+        probs = student_logprobs.exp_()
+        per_token = None  # built below from the sampled-token leaf
+    del teacher_logprobs
+
+    with torch.enable_grad():
+        if student_token is not None:
+            student_token = leaves["token"] = student_token.requires_grad_(need_grad)
+        if per_token is None:
+            per_token = (student_token - teacher_token).detach() * student_token
+        if old_logprobs is not None:
+            per_token = per_token * importance_weights(student_token, old_logprobs, is_clip)
+        if ce_mask is not None:
+            # Rows trained off-policy (lambda_on_policy < 1, SFT phases): next-token cross-entropy instead.
+            per_token = torch.where(ce_mask, -student_token, per_token)
+        loss = (per_token * token_weights).sum()
+        wanted = {name: leaf for name, leaf in leaves.items() if leaf.requires_grad}
+        grads = {}
+        if need_grad and wanted and loss.requires_grad:
+            values = torch.autograd.grad(loss, list(wanted.values()), allow_unused=True)
+            grads = {name: g for name, g in zip(wanted, values) if g is not None}
+
+    def detached(tensor):
+        return None if tensor is None else tensor.detach()
+
+    outputs = (loss.detach(), per_token.detach(), detached(student_token), detached(teacher_token))
+    if not need_grad:
+        return (*outputs, None)
+    token_grad = grads.get("token")
+    if direction is not None:
+        divergence_grad = grads.get("divergence", torch.zeros_like(per_token.detach()))
+        grad_logits = direction.mul_((divergence_grad * divergence_scale / temperature).unsqueeze(-1))
+        if token_grad is not None:
+            grad_logits.addcmul_(probs, (-token_grad / temperature).unsqueeze(-1))
+    else:
+        total_grad = torch.zeros_like(per_token.detach())
+        topk_grad = grads.get("topk")
+        if topk_grad is not None:
+            total_grad = total_grad + topk_grad.sum(-1)
+        if token_grad is not None:
+            total_grad = total_grad + token_grad
+        grad_logits = probs.mul_((-total_grad / temperature).unsqueeze(-1))
+        if topk_grad is not None:
+            grad_logits.scatter_add_(-1, topk_index, topk_grad / temperature)
+    if token_grad is not None:
+        grad_logits.scatter_add_(-1, sampled_ids.unsqueeze(-1), (token_grad / temperature).unsqueeze(-1))
+    return (*outputs, grad_logits)
 
 
 class _ChunkedDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
-                token_weights, sampled_ids, old_logprobs, ce_mask, options, is_clip, chunk_size):
+                token_weights, sampled_ids, old_logprobs, ce_mask, options, is_clip, chunk_size, row_index):
+        # student_hidden / teacher_hidden: [all tokens, H]; row_index: the tokens in the loss (the other
+        # per-token inputs are already restricted to them).
         need_hidden_grad = ctx.needs_input_grad[0]
         need_weight_grad = ctx.needs_input_grad[1]
         need_bias_grad = bias is not None and ctx.needs_input_grad[2]
@@ -224,27 +362,28 @@ class _ChunkedDistillation(torch.autograd.Function):
         def pick(tensor, rows):
             return None if tensor is None else tensor[rows]
 
-        for start in range(0, student_hidden.shape[0], chunk_size):
+        need_grad = need_hidden_grad or need_weight_grad or need_bias_grad
+        for start in range(0, row_index.numel(), chunk_size):
             rows = slice(start, start + chunk_size)
-            hidden = student_hidden[rows].detach().requires_grad_(need_hidden_grad)
-            chunk_weight = weight.detach().requires_grad_(need_weight_grad)
-            chunk_bias = None if bias is None else bias.detach().requires_grad_(need_bias_grad)
-            with torch.enable_grad():
-                loss, per_token, student_token, teacher_token = _chunk_loss(
-                    hidden, chunk_weight, chunk_bias, pick(teacher_hidden, rows), teacher_weight, teacher_bias,
-                    token_weights[rows], pick(sampled_ids, rows), pick(old_logprobs, rows), pick(ce_mask, rows),
-                    options, is_clip,
-                )
-                wanted = [t for t, need in ((hidden, need_hidden_grad), (chunk_weight, need_weight_grad),
-                                            (chunk_bias, need_bias_grad)) if need]
-                grads = list(torch.autograd.grad(loss, wanted)) if wanted and loss.requires_grad else []
-            if grads and need_hidden_grad:
-                grad_hidden[rows] = grads.pop(0)
-            if grads and need_weight_grad:
-                grad_weight += grads.pop(0)
-            if grads and need_bias_grad:
-                grad_bias += grads.pop(0)
-            total += loss.detach()
+            index = row_index[rows]
+            hidden = student_hidden.index_select(0, index)
+            teacher = None if teacher_hidden is None else teacher_hidden.index_select(0, index)
+            loss, per_token, student_token, teacher_token, grad_logits = _chunk_loss_and_logit_grad(
+                hidden, weight, bias, teacher, teacher_weight, teacher_bias,
+                token_weights[rows], pick(sampled_ids, rows), pick(old_logprobs, rows), pick(ce_mask, rows),
+                options, is_clip, need_grad,
+            )
+            if grad_logits is not None:
+                # The lm_head's backward, as autograd would run it (in the weight's dtype).
+                grad_logits = grad_logits.to(weight.dtype)
+                if need_hidden_grad:
+                    grad_hidden.index_copy_(0, index, grad_logits @ weight)
+                if need_weight_grad:
+                    grad_weight += grad_logits.T @ hidden
+                if need_bias_grad:
+                    grad_bias += grad_logits.sum(0)
+                del grad_logits
+            total += loss
             per_token_parts.append(per_token.detach())
             if student_token is not None:
                 student_parts.append(student_token.detach())
@@ -266,7 +405,7 @@ class _ChunkedDistillation(torch.autograd.Function):
         grad_hidden = None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype)
         grad_weight = None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype)
         grad_bias = None if grad_bias is None else grad_bias * scale
-        return grad_hidden, grad_weight, grad_bias, *([None] * 10)
+        return grad_hidden, grad_weight, grad_bias, *([None] * 11)
 
 
 def chunked_distillation_loss(
@@ -315,6 +454,9 @@ def chunked_distillation_loss(
 
     weights = loss_token_weights(mask, reduction=reduction, skip_first=skip_first)
     selected = weights.reshape(-1) != 0
+    # The hidden states go in as [tokens, hidden] views plus the indices of the tokens in the loss; each chunk
+    # gathers its own rows, so no [tokens in the loss, hidden] copy is made.
+    row_index = selected.nonzero().squeeze(-1)
     hidden_size = student_hidden.shape[-1]
 
     def flat(tensor):
@@ -322,14 +464,14 @@ def chunked_distillation_loss(
 
     if teacher_lm_head_weight is None:
         teacher_lm_head_weight, teacher_lm_head_bias = lm_head_weight, lm_head_bias
-    teacher_flat = None
+    teacher_rows = None
     if teacher_hidden is not None:
-        teacher_flat = teacher_hidden.detach().reshape(-1, hidden_size)[selected]
+        teacher_rows = teacher_hidden.detach().reshape(-1, hidden_size)
     total, per_token, student_token, teacher_token = _ChunkedDistillation.apply(
-        student_hidden.reshape(-1, hidden_size)[selected],
+        student_hidden.reshape(-1, hidden_size),
         lm_head_weight,
         lm_head_bias,
-        teacher_flat,
+        teacher_rows,
         teacher_lm_head_weight.detach(),
         None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach(),
         flat(weights),
@@ -339,6 +481,7 @@ def chunked_distillation_loss(
         options,
         importance_sampling_clip,
         chunk_size,
+        row_index,
     )
     return DistillationOutput(
         loss=total,

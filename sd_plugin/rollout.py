@@ -58,7 +58,7 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
             do_sample=True,
             temperature=options.temperature,
             top_p=options.top_p,
-            top_k=options.top_k if options.top_k else None,
+            top_k=options.top_k or 0,  # 0 turns off generate()'s default top-50
             max_new_tokens=options.max_new_tokens,
             eos_token_id=eos_token_ids,
             pad_token_id=pad_token_id,

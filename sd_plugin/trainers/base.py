@@ -48,7 +48,7 @@ class SelfDistillationOptions:
     loss_reduction: str = field(default="sequence", metadata={"help": "sequence (per-sequence mean, then batch mean; SDFT/TRL) | token."})
     num_loss_tokens_to_skip: int = field(default=3, metadata={"help": "First completion tokens left out of the loss."})
     importance_sampling_clip: float = field(default=2.0, metadata={"help": "Cap of the importance weight when rollouts come from another policy."})
-    loss_chunk_size: int = field(default=512, metadata={"help": "Completion tokens per lm_head chunk in the loss."})
+    loss_chunk_size: int = field(default=64, metadata={"help": "Completion tokens per lm_head chunk in the loss (about 3-4 fp32 [chunk, vocab] buffers live at a time)."})
     teacher: str = field(default="base", metadata={"help": "base | ema | live."})
     teacher_ema_rate: float = field(default=0.01, metadata={"help": "EMA rate a in phi <- (1-a) phi + a theta."})
     teacher_sync_steps: int = field(default=0, metadata={"help": "Copy the student into the teacher every N steps (0: never)."})
