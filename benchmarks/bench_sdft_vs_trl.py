@@ -135,21 +135,9 @@ def make_records(tokenizer, n_rows: int, prompt_tokens: int, demonstration_token
 
 def build_random_model(tokenizer, vocab_size: int, hidden_size: int, num_layers: int, seed: int = 0):
     """A random-weight fp32 Qwen3 whose vocabulary is `vocab_size` (larger than the tokenizer's)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from sd_plugin.testing import build_model
 
-    from sd_plugin.testing import tiny_config
-
-    config = tiny_config("qwen3", vocab_size, hidden_size=hidden_size, num_layers=num_layers)
-    config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    config.bos_token_id = None
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = None
-    return model
+    return build_model("qwen3", tokenizer, seed=seed, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers)
 
 
 class StepTimer:

@@ -122,12 +122,12 @@ def tiny_config(kind: str, vocab_size: int, *, hidden_size: int = 64, num_layers
     raise ValueError(f"unknown tiny model kind {kind!r}: expected 'qwen3' or 'qwen3_5'")
 
 
-def build_model(kind: str, tokenizer, *, seed: int = 0, **config_overrides):
-    """A random-weight causal LM of `kind` sized for CPU tests, in fp32."""
+def build_model(kind: str, tokenizer, *, seed: int = 0, vocab_size: int | None = None, **config_overrides):
+    """A random-weight causal LM of `kind` sized for CPU tests, in fp32 (vocab_size: default the tokenizer's)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(kind, len(tokenizer), **config_overrides)
+    config = tiny_config(kind, vocab_size or len(tokenizer), **config_overrides)
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = None
@@ -135,6 +135,7 @@ def build_model(kind: str, tokenizer, *, seed: int = 0, **config_overrides):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = None
     return model
 
 
