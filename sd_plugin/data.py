@@ -35,6 +35,7 @@ class Columns:
     demonstration: str = "demonstration"
     tools: str = "tools"
     messages: str = "messages"
+    system: str = "system"
 
 
 @dataclass
@@ -134,6 +135,25 @@ def sdft_record(row: dict[str, Any], index: int | None = None, columns: Columns 
         tools=parse_tools(row.get(columns.tools), index),
         extra={k: v for k, v in row.items() if k not in known},
     )
+
+
+def prompt_record(row: dict[str, Any], index: int | None = None, columns: Columns | None = None) -> dict[str, Any]:
+    """A prompt-only row (SDPO, SD-Zero) as {"messages", "tools", **task fields}; raises RecordError.
+
+    A string prompt becomes a user turn, preceded by the row's `system` column when it has one (the
+    SciKnowEval rows carry their answer-format instructions there). Other columns (`answer`, `tests`, ...)
+    stay in the record for the verifier.
+    """
+    columns = columns or Columns()
+    if columns.prompt not in row:
+        raise RecordError(index, f"missing column {columns.prompt!r} (columns present: {sorted(row)})")
+    messages = as_messages(row[columns.prompt], index)
+    system = row.get(columns.system)
+    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system.strip()})
+    known = {columns.prompt, columns.tools, columns.system}
+    return {"messages": messages, "tools": parse_tools(row.get(columns.tools), index),
+            **{k: v for k, v in row.items() if k not in known}}
 
 
 def split_trace(messages: list[dict[str, Any]], tools: Any = None, row: int | None = None) -> list[dict[str, Any]]:

@@ -4,13 +4,15 @@
     -> teacher forward on teacher prompt + y (no grad) -> student forward on prompt + y
     -> chunked divergence from hidden states -> backward -> teacher update (EMA / sync)
 
-A method subclass overrides `teacher_prompts` (and, for SDPO, `make_rollouts`); everything else is here.
+A method subclass overrides `teacher_prompts` (and, for SDPO, `make_rollouts` and `total_loss`); everything
+else is here.
 Both forwards return hidden states at the completion positions only: the prompt never gets an lm_head
 projection and no [tokens, vocab] tensor exists for the whole sequence.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import defaultdict
@@ -19,13 +21,15 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import Trainer, TrainerCallback
 
+from sd_plugin.contexts import render_ids
+from sd_plugin.data import Columns, RecordError, prompt_record
 from sd_plugin.losses import DivergenceOptions, chunked_distillation_loss
 from sd_plugin.rollout import Rollouts, SamplingOptions, generate_rollouts
 from sd_plugin.teacher import Teacher
 
 LOG = logging.getLogger("sd_plugin")
 TEACHER_STATE_FILE = "sd_teacher_state.pt"
-PROMPT_COLUMNS = ("input_ids", "attention_mask", "teacher_input_ids", "demonstration_ids")
+PROMPT_COLUMNS = ("input_ids", "attention_mask", "teacher_input_ids", "demonstration_ids", "sd_record")
 
 
 @dataclass
@@ -85,6 +89,55 @@ def options_from_args(args, options_cls):
     return options
 
 
+def tokenize_rows(dataset, tokenize_one, *, skip_invalid: bool, invalid_rows_file: str | None):
+    """`tokenize_one(raw, index) -> row` over a dataset; invalid rows fail with their index, or are skipped and saved."""
+    from datasets import Dataset
+
+    rows, invalid = [], []
+    for index, raw in enumerate(dataset):
+        try:
+            rows.append(tokenize_one(raw, index))
+        except RecordError as error:
+            invalid.append((index, error.reason, raw))
+    if invalid and not skip_invalid:
+        shown = "; ".join(f"row {i}: {reason}" for i, reason, _ in invalid[:5])
+        raise ValueError(f"{len(invalid)} of {len(dataset)} rows are invalid ({shown}); fix them or set skip_invalid=True")
+    if invalid:
+        path = invalid_rows_file or "invalid_rows.jsonl"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            for index, reason, raw in invalid:
+                handle.write(json.dumps({"row": index, "reason": reason, "record": raw}, default=str) + "\n")
+        LOG.warning("skipped %d invalid rows of %d (written to %s)", len(invalid), len(dataset), path)
+    if not rows:
+        raise ValueError("no valid rows left in the dataset")
+    return Dataset.from_list(rows)
+
+
+def tokenize_prompt(tokenizer, record: dict, max_prompt_length: int, row: int | None = None) -> list[int]:
+    """Chat-template ids of a prompt record (`prompt_record`), refused (never cut) above the cap."""
+    ids = render_ids(tokenizer, record["messages"], record["tools"])
+    if len(ids) > max_prompt_length:
+        raise RecordError(row, f"the prompt has {len(ids)} tokens, over max_prompt_length={max_prompt_length}")
+    return ids
+
+
+def tokenize_prompt_rows(dataset, tokenizer, options, *, invalid_rows_file: str | None = None):
+    """Prompt-only records ({"prompt", "tools"?, task fields}) -> rows with `input_ids` and `sd_record`.
+
+    `sd_record` is the record as JSON ({"messages", "tools", **task fields}): what teacher contexts and
+    verifiers read. `options` needs `prompt_column`, `tools_column`, `max_prompt_length`, `skip_invalid`.
+    """
+    columns = Columns(prompt=options.prompt_column, tools=options.tools_column)
+
+    def tokenize_one(raw, index):
+        record = prompt_record(raw, index, columns)
+        ids = tokenize_prompt(tokenizer, record, options.max_prompt_length, index)
+        return {"input_ids": ids, "sd_record": json.dumps(record, default=str)}
+
+    return tokenize_rows(dataset, tokenize_one, skip_invalid=options.skip_invalid, invalid_rows_file=invalid_rows_file)
+
+
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -135,6 +188,7 @@ class StepBatch:
     rollouts: Rollouts                # completions y (shared by student and teacher)
     ce_rows: torch.Tensor             # [N] bool: rows trained with cross-entropy on y instead of distillation
     teacher_prompts: list[list[int] | None] = field(default_factory=list)  # None: no teacher signal for that row
+    student_hidden: torch.Tensor | None = None  # [N, C, H] set by compute_loss (for a method's own loss terms)
 
 
 class _TeacherUpdate(TrainerCallback):
@@ -230,7 +284,7 @@ class SelfDistillationTrainer(Trainer):
         has_teacher = torch.tensor([p is not None for p in batch.teacher_prompts], device=device)
         loss_mask = rollouts.completion_mask * (has_teacher | batch.ce_rows).unsqueeze(-1)
 
-        student_hidden = completion_hidden_states(self.accelerator.unwrap_model(model), model, batch.prompt_ids,
+        student_hidden = batch.student_hidden = completion_hidden_states(self.accelerator.unwrap_model(model), model, batch.prompt_ids,
                                                   batch.prompt_mask, rollouts.completion_ids, rollouts.completion_mask)
         teacher_hidden, teacher_head = None, None
         distilled = has_teacher & ~batch.ce_rows
@@ -257,13 +311,13 @@ class SelfDistillationTrainer(Trainer):
             teacher_lm_head_weight=None if teacher_head is None else teacher_head.weight,
             teacher_lm_head_bias=None if teacher_head is None else teacher_head.bias,
         )
-        loss = out.loss + self.extra_loss(model, batch, out, mode)
+        loss = self.total_loss(model, batch, out, mode)
         self.record_step_metrics(mode, batch, out, loss_mask, ce_mask)
         return (loss, None) if return_outputs else loss
 
-    def extra_loss(self, model, batch: StepBatch, out, mode: str) -> torch.Tensor:
-        """A method's additional loss term (SDPO's GRPO term); zero by default."""
-        return torch.zeros((), device=out.loss.device)
+    def total_loss(self, model, batch: StepBatch, out, mode: str) -> torch.Tensor:
+        """The loss to optimize from the distillation output (SDPO adds its GRPO term here)."""
+        return out.loss
 
     def record_step_metrics(self, mode, batch: StepBatch, out, loss_mask, ce_mask) -> None:
         metrics = self._metrics[mode]

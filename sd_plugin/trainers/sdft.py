@@ -6,7 +6,6 @@ scores y; the student is trained toward that teacher token by token.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -14,9 +13,9 @@ import torch
 from transformers import TrainingArguments
 
 from sd_plugin.contexts import resolve_template, tokenize_sdft
-from sd_plugin.data import Columns, RecordError, sdft_record
+from sd_plugin.data import Columns, sdft_record
 from sd_plugin.rollout import Rollouts
-from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch, right_pad
+from sd_plugin.trainers.base import SelfDistillationOptions, SelfDistillationTrainer, StepBatch, right_pad, tokenize_rows
 
 
 @dataclass
@@ -55,40 +54,22 @@ class SDFTConfig(SDFTOptions, TrainingArguments):
 
 def tokenize_sdft_rows(dataset, tokenizer, options: SDFTOptions, *, invalid_rows_file: str | None = None):
     """Validate and tokenize raw SDFT records; invalid rows fail with their index, or are skipped and saved."""
-    from datasets import Dataset
-
     columns = Columns(options.prompt_column, options.demonstration_column, options.tools_column)
-    rows, invalid = [], []
-    for index, raw in enumerate(dataset):
-        try:
-            record = sdft_record(raw, index, columns)
-            tokens = tokenize_sdft(
-                tokenizer, record, template=options.teacher_template, max_prompt_length=options.max_prompt_length,
-                max_teacher_prompt_length=options.max_teacher_prompt_length,
-                teacher_truncation=options.teacher_truncation, row=index,
-            )
-        except RecordError as error:
-            invalid.append((index, error.reason, raw))
-            continue
-        rows.append({
+
+    def tokenize_one(raw, index):
+        tokens = tokenize_sdft(
+            tokenizer, sdft_record(raw, index, columns), template=options.teacher_template,
+            max_prompt_length=options.max_prompt_length, max_teacher_prompt_length=options.max_teacher_prompt_length,
+            teacher_truncation=options.teacher_truncation, row=index,
+        )
+        return {
             "input_ids": tokens.input_ids,
             "teacher_input_ids": tokens.teacher_input_ids,
             "demonstration_ids": tokens.demonstration_ids,
             "teacher_truncated_tokens": tokens.teacher_truncated_tokens,
-        })
-    if invalid and not options.skip_invalid:
-        shown = "; ".join(f"row {i}: {reason}" for i, reason, _ in invalid[:5])
-        raise ValueError(f"{len(invalid)} of {len(dataset)} rows are invalid ({shown}); fix them or set skip_invalid=True")
-    if invalid:
-        path = invalid_rows_file or "invalid_rows.jsonl"
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as handle:
-            for index, reason, raw in invalid:
-                handle.write(json.dumps({"row": index, "reason": reason, "record": raw}, default=str) + "\n")
-        LOG.warning("skipped %d invalid rows of %d (written to %s)", len(invalid), len(dataset), path)
-    if not rows:
-        raise ValueError("no valid rows left in the dataset")
-    return Dataset.from_list(rows)
+        }
+
+    return tokenize_rows(dataset, tokenize_one, skip_invalid=options.skip_invalid, invalid_rows_file=invalid_rows_file)
 
 
 class SDFTTrainer(SelfDistillationTrainer):

@@ -8,9 +8,12 @@
       - path: data/traces.jsonl
         type: sd_plugin.axolotl.strategies.trace    # {"messages": [...], "tools"?}: one row per assistant turn
         field_messages: conversation                     # optional
+      - path: data/problems.jsonl
+        type: sd_plugin.axolotl.strategies.prompts  # SDPO / SD-Zero: {"prompt", "system"?, "tools"?, task fields}
+        field_human: question                      # optional: the prompt column (field_system: the system column)
 
 Rows become `input_ids` (student prompt; `labels` all -100 so Axolotl's bookkeeping works) plus the
-teacher's prompt ids. The caps are checked here, because Axolotl's own length filter only sees `input_ids`.
+teacher's prompt ids (SDFT) or the record as JSON (`sd_record`, for SDPO / SD-Zero). The caps are checked here, because Axolotl's own length filter only sees `input_ids`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import logging
 import os
 
 from sd_plugin.contexts import tokenize_sdft
-from sd_plugin.data import Columns, RecordError, sdft_record, split_trace
+from sd_plugin.data import Columns, RecordError, prompt_record, sdft_record, split_trace
+from sd_plugin.trainers.base import tokenize_prompt
 
 LOG = logging.getLogger("sd_plugin")
 
@@ -32,24 +36,68 @@ def _options(cfg):
     return options_class(method)(**(cfg.get(method) or {}))
 
 
-class SDFTStrategy:
-    """Batched tokenizing strategy (the interface Axolotl's TokenizedPromptDataset calls)."""
+class RowStrategy:
+    """Batched tokenizing strategy (the interface Axolotl's TokenizedPromptDataset calls); a subclass turns one
+    raw row into output rows in `rows_for`. Invalid rows stop preparation with the source and the reason, or
+    with `skip_invalid` are written to the invalid-rows file."""
 
     supports_batched = True
     filter_rows = None
+    output_columns: tuple[str, ...] = ()
 
-    def __init__(self, tokenizer, cfg, ds_cfg, traces: bool):
-        self.tokenizer, self.traces = tokenizer, traces
+    def __init__(self, tokenizer, cfg, ds_cfg):
+        self.tokenizer = tokenizer
+        self.method = cfg.get("trainer_type") or "sdft"
         self.options = _options(cfg)
         ds_cfg = ds_cfg or {}
         self.source = ds_cfg.get("path", "dataset")
         self.columns = Columns(
             prompt=ds_cfg.get("field_human") or self.options.prompt_column,
-            demonstration=ds_cfg.get("field_model") or self.options.demonstration_column,
+            demonstration=ds_cfg.get("field_model") or getattr(self.options, "demonstration_column", "demonstration"),
             tools=ds_cfg.get("field_tools") or self.options.tools_column,
             messages=ds_cfg.get("field_messages") or "messages",
+            system=ds_cfg.get("field_system") or "system",
         )
         self.invalid_file = self.options.invalid_rows_file or os.path.join(cfg.get("output_dir") or ".", "invalid_rows.jsonl")
+
+    def rows_for(self, row: dict, where: str) -> list[dict]:
+        raise NotImplementedError
+
+    def tokenize_prompt(self, batch: dict) -> dict:
+        keys = list(batch)
+        size = len(batch[keys[0]])
+        out = {k: [] for k in ("input_ids", "attention_mask", "labels", *self.output_columns)}
+        for i in range(size):
+            row = {k: batch[k][i] for k in keys}
+            where = f"{self.source}, row with prompt {str(row.get(self.columns.prompt, row))[:60]!r}"
+            try:
+                produced = self.rows_for(row, where)
+            except RecordError as error:
+                message = f"{where}: {error.reason}"
+                if not self.options.skip_invalid:
+                    raise ValueError(f"{message} (fix the row or set skip_invalid: true in the {self.method} block)") from None
+                LOG.warning("skipping invalid row: %s", message)
+                with open(self.invalid_file, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"source": self.source, "reason": error.reason, "record": row}, default=str) + "\n")
+                continue
+            for item in produced:
+                # `labels` all -100: Axolotl's bookkeeping expects them; the loss never reads them.
+                out["input_ids"].append(item["input_ids"])
+                out["attention_mask"].append([1] * len(item["input_ids"]))
+                out["labels"].append([-100] * len(item["input_ids"]))
+                for key in self.output_columns:
+                    out[key].append(item[key])
+        return out
+
+
+class SDFTStrategy(RowStrategy):
+    """SDFT records, or multi-turn traces split per assistant turn (`traces=True`)."""
+
+    output_columns = ("teacher_input_ids", "demonstration_ids", "teacher_truncated_tokens")
+
+    def __init__(self, tokenizer, cfg, ds_cfg, traces: bool):
+        super().__init__(tokenizer, cfg, ds_cfg)
+        self.traces = traces
 
     def records(self, row: dict, where: str) -> list[dict]:
         if not self.traces:
@@ -59,33 +107,27 @@ class SDFTStrategy:
         turns = split_trace(row[self.columns.messages], row.get(self.columns.tools))
         return [{self.columns.prompt: t["prompt"], self.columns.demonstration: t["demonstration"], self.columns.tools: t["tools"]} for t in turns]
 
-    def tokenize_prompt(self, batch: dict) -> dict:
-        keys = list(batch)
-        size = len(batch[keys[0]])
-        out = {k: [] for k in ("input_ids", "attention_mask", "labels", "teacher_input_ids", "demonstration_ids", "teacher_truncated_tokens")}
-        for i in range(size):
-            row = {k: batch[k][i] for k in keys}
-            where = f"{self.source}, row with prompt {str(row.get(self.columns.prompt, row))[:60]!r}"
-            try:
-                for record_row in self.records(row, where):
-                    record = sdft_record(record_row, None, self.columns)
-                    tokens = tokenize_sdft(
-                        self.tokenizer, record, template=self.options.teacher_template,
-                        max_prompt_length=self.options.max_prompt_length,
-                        max_teacher_prompt_length=self.options.max_teacher_prompt_length,
-                        teacher_truncation=self.options.teacher_truncation,
-                    )
-                    out["input_ids"].append(tokens.input_ids)
-                    out["attention_mask"].append([1] * len(tokens.input_ids))
-                    out["labels"].append([-100] * len(tokens.input_ids))
-                    out["teacher_input_ids"].append(tokens.teacher_input_ids)
-                    out["demonstration_ids"].append(tokens.demonstration_ids)
-                    out["teacher_truncated_tokens"].append(tokens.teacher_truncated_tokens)
-            except RecordError as error:
-                message = f"{where}: {error.reason}"
-                if not self.options.skip_invalid:
-                    raise ValueError(f"{message} (fix the row or set skip_invalid: true in the {'trace' if self.traces else 'sdft'} block)") from None
-                LOG.warning("skipping invalid row: %s", message)
-                with open(self.invalid_file, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps({"source": self.source, "reason": error.reason, "record": row}, default=str) + "\n")
-        return out
+    def rows_for(self, row: dict, where: str) -> list[dict]:
+        produced = []
+        for record_row in self.records(row, where):
+            tokens = tokenize_sdft(
+                self.tokenizer, sdft_record(record_row, None, self.columns), template=self.options.teacher_template,
+                max_prompt_length=self.options.max_prompt_length,
+                max_teacher_prompt_length=self.options.max_teacher_prompt_length,
+                teacher_truncation=self.options.teacher_truncation,
+            )
+            produced.append({"input_ids": tokens.input_ids, "teacher_input_ids": tokens.teacher_input_ids,
+                             "demonstration_ids": tokens.demonstration_ids,
+                             "teacher_truncated_tokens": tokens.teacher_truncated_tokens})
+        return produced
+
+
+class PromptStrategy(RowStrategy):
+    """Prompt-only rows for SDPO / SD-Zero: the chat-template prompt and the record (for verifiers) as JSON."""
+
+    output_columns = ("sd_record",)
+
+    def rows_for(self, row: dict, where: str) -> list[dict]:
+        record = prompt_record(row, None, self.columns)
+        ids = tokenize_prompt(self.tokenizer, record, self.options.max_prompt_length)
+        return [{"input_ids": ids, "sd_record": json.dumps(record, default=str)}]

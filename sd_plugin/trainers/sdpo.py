@@ -1,0 +1,217 @@
+"""SDPO (Huebotter et al. 2026, arXiv 2601.20802): reinforcement learning with a self-teacher.
+
+Several rollouts per prompt are scored by a verifier. The teacher (an EMA of the student by default) sees
+the prompt plus a successful sibling rollout and/or the verifier's feedback on this rollout, and scores the
+same tokens; rows with neither get no distillation loss. `sdpo_mode` picks distillation only (the paper),
+GRPO only, or GRPO + weight x distillation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from sd_plugin.contexts import render_ids, sdpo_teacher_messages
+from sd_plugin.losses import chunked_token_logprobs, group_advantages, grpo_loss
+from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch, tokenize_prompt_rows
+from sd_plugin.verifiers import load_verifier, safe_verify
+
+SDPO_MODES = ("distill", "policy", "hybrid")
+
+
+@dataclass
+class SDPOOptions(SelfDistillationOptions):
+    """SDPO's options; the shared ones get the SDPO paper's defaults (alpha 0.5, top-100 of the student
+    with a tail bucket, EMA teacher at rate 0.05, teacher prompt cap 10,240, token-level mean)."""
+
+    max_teacher_prompt_length: int = field(default=10240, metadata={"help": "Teacher prompt cap (tokens); longer teacher prompts drop that row's teacher signal (counted)."})
+    num_generations: int = field(default=8, metadata={"help": "Rollouts per prompt (the group)."})
+    distillation_alpha: float = field(default=0.5, metadata={"help": "0 forward KL, 1 reverse KL, 0.5 JSD (SDPO paper; rich-feedback runs: 1.0)."})
+    distillation_mode: str = field(default="topk", metadata={"help": "full | topk | sampled."})
+    distillation_topk: int | None = field(default=100, metadata={"help": "K for distillation_mode=topk (rich-feedback runs: 20)."})
+    distillation_add_tail: bool = field(default=True, metadata={"help": "Top-K plus one tail bucket instead of renormalizing."})
+    loss_reduction: str = field(default="token", metadata={"help": "token (mean over all tokens of the batch) | sequence."})
+    num_loss_tokens_to_skip: int = field(default=0, metadata={"help": "First completion tokens left out of the loss."})
+    teacher: str = field(default="ema", metadata={"help": "base | ema | live (sdpo_mode: policy needs no teacher)."})
+    teacher_ema_rate: float = field(default=0.05, metadata={"help": "EMA rate a in phi <- (1-a) phi + a theta."})
+    verifier: str | None = field(default=None, metadata={"help": "multiple_choice | tool_calls | boxed_math | python_tests | package.module:callable."})
+    verifier_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Keyword arguments of the verifier (e.g. answer_field)."})
+    success_threshold: float = field(default=1.0, metadata={"help": "A rollout with reward >= this is a solution its siblings can see."})
+    include_own_solution: bool = field(default=False, metadata={"help": "Let a successful rollout be its own teacher's solution (paper: no)."})
+    use_feedback: bool = field(default=True, metadata={"help": "Put the verifier's feedback on this rollout into the teacher's context."})
+    feedback_only_without_solution: bool = field(default=False, metadata={"help": "Use feedback only when no sibling solution exists."})
+    sdpo_mode: str = field(default="distill", metadata={"help": "distill (paper) | policy (GRPO only) | hybrid (GRPO + distillation_weight x distillation)."})
+    distillation_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation term in hybrid mode."})
+    grpo_epsilon: float = field(default=0.2, metadata={"help": "PPO clip range of the GRPO term."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (string or messages)."})
+    tools_column: str = field(default="tools", metadata={"help": "Column with tool schemas (optional)."})
+
+    def check(self) -> None:
+        super().check()
+        if self.verifier is None:
+            raise ValueError("verifier is required: a built-in name (multiple_choice, tool_calls, boxed_math, python_tests) or 'package.module:callable'")
+        if self.sdpo_mode not in SDPO_MODES:
+            raise ValueError(f"sdpo_mode must be one of {SDPO_MODES}, got {self.sdpo_mode!r}")
+        if self.sdpo_mode != "distill" and self.num_generations < 2:
+            raise ValueError(f"sdpo_mode={self.sdpo_mode} needs group advantages: num_generations must be >= 2, got {self.num_generations}")
+        if self.sdpo_mode != "hybrid" and self.distillation_weight != 1.0:
+            raise ValueError(f"distillation_weight is only used with sdpo_mode=hybrid (sdpo_mode is {self.sdpo_mode})")
+        if self.sdpo_mode == "distill" and self.grpo_epsilon != 0.2:
+            raise ValueError("grpo_epsilon is only used with sdpo_mode=policy or hybrid")
+        if self.sdpo_mode == "policy" and self.teacher != "live":
+            raise ValueError("sdpo_mode=policy trains without a teacher: set teacher: live (no teacher state is kept)")
+        if not self.grpo_epsilon > 0:
+            raise ValueError(f"grpo_epsilon must be > 0, got {self.grpo_epsilon}")
+        if self.feedback_only_without_solution and not self.use_feedback:
+            raise ValueError("feedback_only_without_solution needs use_feedback: true")
+
+
+@dataclass
+class SDPOConfig(SDPOOptions, TrainingArguments):
+    """Training arguments for `SDPOTrainer`: `transformers.TrainingArguments` plus `SDPOOptions`."""
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "SDPO paper: 1e-5 (LoRA runs may use more)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+
+    def __post_init__(self):
+        TrainingArguments.__post_init__(self)
+        self.check()
+
+
+@dataclass
+class Scored:
+    """Verifier results for the rollouts of one step (rows in rollout order)."""
+
+    rewards: torch.Tensor              # [N]
+    feedback: list[str | None]
+    texts: list[str]                   # decoded completions
+
+
+@dataclass
+class SDPOStepBatch(StepBatch):
+    scored: Scored | None = None
+
+
+class SDPOTrainer(SelfDistillationTrainer):
+    """Self-Distillation Policy Optimization.
+
+    Example:
+        trainer = SDPOTrainer(model=model, args=SDPOConfig(output_dir="out", verifier="multiple_choice"),
+                              train_dataset=rows, processing_class=tokenizer, peft_config=LoraConfig(...))
+        trainer.train()
+
+    `train_dataset` rows: {"prompt": str | messages, "system"?, "tools"?, task fields the verifier reads
+    (e.g. "answer")}, or rows prepared by the Axolotl strategy `sd_plugin.axolotl.strategies.prompts`.
+    """
+
+    options_class = SDPOOptions
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.verifier = load_verifier(self.options.verifier, self.options.verifier_kwargs)
+
+    def prepare_dataset(self, dataset, tokenizer, args, split):
+        if "sd_record" in dataset.column_names:
+            return dataset
+        invalid_file = self.options.invalid_rows_file or os.path.join(args.output_dir or ".", f"invalid_rows_{split}.jsonl")
+        return tokenize_prompt_rows(dataset, tokenizer, self.options, invalid_rows_file=invalid_file)
+
+    # ------------------------------------------------------------------ rollouts and rewards
+    def make_rollouts(self, model, inputs) -> StepBatch:
+        batch = SDPOStepBatch(**vars(super().make_rollouts(model, inputs)))
+        batch.scored = self.score(inputs, batch)
+        return batch
+
+    def score(self, inputs, batch: StepBatch) -> Scored:
+        """Decode every rollout and run the verifier on it (a verifier error gives reward 0 and a warning)."""
+        rollouts = batch.rollouts
+        records = [json.loads(r) for r in inputs["sd_record"]]
+        rewards, feedback, texts = [], [], []
+        for i, group in enumerate(rollouts.prompt_index.tolist()):
+            # Drop only the end-of-turn tokens: skip_special_tokens would also drop <think> / </think>, and the
+            # teacher could then no longer strip the sibling's reasoning.
+            ids = [t for t in rollouts.completion_ids[i][rollouts.completion_mask[i].bool()].tolist() if t not in self.eos_token_ids]
+            text = self.processing_class.decode(ids, skip_special_tokens=False)
+            record = records[group]
+            # Name the row for warnings: its `idx` column when it has one, else the start of its question.
+            row = record.get("idx", repr(record["messages"][-1]["content"][:60]))
+            result = safe_verify(self.verifier, record["messages"], text, record, row=row)
+            rewards.append(result.reward)
+            feedback.append(result.feedback)
+            texts.append(text)
+        return Scored(torch.tensor(rewards, dtype=torch.float32), feedback, texts)
+
+    # ------------------------------------------------------------------ teacher contexts
+    def teacher_prompts(self, inputs, batch: SDPOStepBatch) -> list[list[int] | None]:
+        o = self.options
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        scored: Scored = batch.scored
+        groups = batch.rollouts.prompt_index.tolist()
+        records = [json.loads(r) for r in inputs["sd_record"]]
+        successful = (scored.rewards >= o.success_threshold).tolist()
+        self.record_reward_metrics(metrics, scored.rewards, groups)
+        if o.sdpo_mode == "policy":
+            return [None] * len(groups)
+        prompts, with_solution, with_feedback, overflow = [], 0, 0, 0
+        for i, group in enumerate(groups):
+            siblings = [j for j, g in enumerate(groups) if g == group and successful[j] and (j != i or o.include_own_solution)]
+            solution = scored.texts[siblings[0]] if siblings else None
+            feedback = scored.feedback[i] if o.use_feedback else None
+            if o.feedback_only_without_solution and solution is not None:
+                feedback = None
+            messages = sdpo_teacher_messages(records[group]["messages"], solution, feedback)
+            if messages is None:
+                prompts.append(None)
+                continue
+            ids = render_ids(self.processing_class, messages, records[group]["tools"])
+            if len(ids) > o.max_teacher_prompt_length:
+                # Never cut the question: this rollout trains without a teacher signal, and it is counted.
+                overflow += 1
+                prompts.append(None)
+                continue
+            with_solution += solution is not None
+            with_feedback += feedback is not None
+            prompts.append(ids)
+        count = len(groups)
+        metrics["with_solution_fraction"].append(with_solution / count)
+        metrics["with_feedback_fraction"].append(with_feedback / count)
+        metrics["no_teacher_signal_fraction"].append(sum(p is None for p in prompts) / count)
+        if overflow:
+            metrics["teacher_prompt_overflow"].append(float(overflow))
+            LOG.warning("%d SDPO teacher prompts exceed max_teacher_prompt_length=%d: those rollouts get no distillation loss",
+                        overflow, o.max_teacher_prompt_length)
+        return prompts
+
+    def record_reward_metrics(self, metrics, rewards: torch.Tensor, groups: list[int]) -> None:
+        size = self.options.num_generations
+        solved = (rewards >= self.options.success_threshold).float().reshape(-1, size)
+        metrics["reward_mean"].append(rewards.mean().item())
+        metrics["reward_std"].append(rewards.std().item() if rewards.numel() > 1 else 0.0)
+        metrics["success_fraction"].append(solved.mean().item())
+        metrics["group_solved_fraction"].append((solved.sum(-1) > 0).float().mean().item())
+
+    # ------------------------------------------------------------------ the loss
+    def total_loss(self, model, batch: SDPOStepBatch, out, mode: str) -> torch.Tensor:
+        o = self.options
+        metrics = self._metrics[mode]
+        if o.sdpo_mode == "distill":
+            return out.loss
+        rollouts = batch.rollouts
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        logprobs = chunked_token_logprobs(batch.student_hidden, head.weight, rollouts.completion_ids,
+                                          rollouts.completion_mask, chunk_size=o.loss_chunk_size, lm_head_bias=head.bias)
+        # On-policy rollouts: the ratio is 1 in value and the clip only matters for rollouts from another engine.
+        old_logprobs = rollouts.old_logprobs if rollouts.old_logprobs is not None else logprobs.detach()
+        advantages = group_advantages(batch.scored.rewards.to(logprobs.device), o.num_generations)
+        policy_loss, clip_fraction = grpo_loss(logprobs, old_logprobs, advantages, rollouts.completion_mask,
+                                               epsilon=o.grpo_epsilon, reduction=o.loss_reduction)
+        metrics["policy_loss"].append(policy_loss.item())
+        metrics["clip_fraction"].append(clip_fraction.item())
+        if o.sdpo_mode == "policy":
+            return policy_loss
+        return policy_loss + o.distillation_weight * out.loss

@@ -1,0 +1,365 @@
+"""SDPOTrainer: teacher contexts from siblings and feedback, masking, the GRPO term, verifier failures, Axolotl."""
+
+import json
+import logging
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from sd_plugin import SDPOConfig, SDPOTrainer
+from sd_plugin.contexts import SDPO_FEEDBACK, SDPO_SOLUTION
+from sd_plugin.losses import chunked_token_logprobs, group_advantages, grpo_loss
+from sd_plugin.rollout import Rollouts
+from sd_plugin.testing import build_model
+from sd_plugin.trainers import base as base_module
+
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_args(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1, logging_steps=1,
+                    max_completion_length=12, report_to="none", save_strategy="no", learning_rate=5e-3,
+                    use_cpu=True, seed=0, verifier="multiple_choice", num_generations=3)
+    settings.update(overrides)
+    return SDPOConfig(**settings)
+
+
+def rows(quickstart_rows, n=2):
+    return Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in quickstart_rows[:n]])
+
+
+# Scripted rollouts: prompt 0 gets a wrong answer with feedback, a solution, and a wrong answer without
+# feedback; prompt 1 gets three failures without feedback.
+TEXTS = ["wrong one", "<answer>A</answer> right", "silent miss", "nothing", "nothing here", "still nothing"]
+
+
+def scripted_verifier(prompt, completion, record):
+    if "right" in completion:
+        return 1.0, None
+    if completion == "wrong one":
+        return 0.0, "the unit is wrong"
+    return 0.0, None
+
+
+def scripted_sampler(tokenizer, texts=TEXTS, replace=None):
+    """Rollouts with the given texts; `replace` maps a row to token ids used instead (same length)."""
+    def sample(self, model, prompt_ids, prompt_mask):
+        completions = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+        for row, make in (replace or {}).items():
+            completions[row] = make(completions[row])
+        ids, mask = base_module.right_pad(completions, tokenizer.pad_token_id)
+        groups = torch.arange(prompt_ids.shape[0]).repeat_interleave(self.options.num_generations)
+        return Rollouts(ids, mask, groups, torch.zeros(len(texts), dtype=torch.bool))
+
+    return sample
+
+
+def build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, texts=TEXTS, **overrides):
+    monkeypatch.setattr(SDPOTrainer, "sample", scripted_sampler(tokenizer, texts))
+    trainer = SDPOTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, **overrides),
+                          train_dataset=rows(quickstart_rows), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    trainer.verifier = scripted_verifier
+    return trainer
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def teacher_texts(trainer, inputs):
+    batch = trainer.make_rollouts(trainer.model, inputs)
+    prompts = trainer.teacher_prompts(inputs, batch)
+    return [None if p is None else trainer.processing_class.decode(p) for p in prompts], batch
+
+
+# ------------------------------------------------------------------ teacher contexts
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        # (solution index, feedback?) per rollout; None = no teacher signal
+        ({}, [(1, True), None, (1, False), None, None, None]),
+        ({"include_own_solution": True}, [(1, True), (1, False), (1, False), None, None, None]),
+        ({"use_feedback": False}, [(1, False), None, (1, False), None, None, None]),
+        ({"feedback_only_without_solution": True}, [(1, False), None, (1, False), None, None, None]),
+        ({"success_threshold": 2.0}, [(None, True), None, None, None, None, None]),
+    ],
+)
+def test_teacher_context_has_sibling_solution_and_feedback_exactly_when_it_should(
+        tmp_path, tokenizer, quickstart_rows, monkeypatch, overrides, expected):
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, **overrides)
+    inputs = first_batch(trainer)
+    texts, batch = teacher_texts(trainer, inputs)
+    records = [json.loads(r) for r in inputs["sd_record"]]
+    for i, (text, want) in enumerate(zip(texts, expected)):
+        if want is None:
+            assert text is None, f"rollout {i} should have no teacher signal"
+            continue
+        solution, feedback = want
+        question = records[batch.rollouts.prompt_index[i]]["messages"][-1]["content"]
+        assert question in text
+        has_solution = SDPO_SOLUTION.replace("{solution}", TEXTS[1]) in text
+        assert has_solution == (solution is not None), text
+        assert (SDPO_FEEDBACK.replace("{feedback}", "the unit is wrong") in text) == feedback
+        assert text.count("Correctly solve the original question.") == 1
+    metrics = trainer._metrics["train"]
+    assert metrics["no_teacher_signal_fraction"][-1] == pytest.approx(sum(e is None for e in expected) / 6)
+    assert metrics["group_solved_fraction"][-1] == (0.0 if overrides.get("success_threshold") else 0.5)
+
+
+def test_thinking_of_the_sibling_solution_is_stripped(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+    texts = ["wrong one", "<think>private musing</think>\n<answer>A</answer> right", *TEXTS[2:]]
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, texts=texts)
+    teacher, _ = teacher_texts(trainer, first_batch(trainer))
+    assert "<answer>A</answer> right" in teacher[0] and "private musing" not in teacher[0]
+
+
+def test_teacher_prompt_over_the_cap_drops_the_signal_and_counts_it(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch)
+    inputs = first_batch(trainer)
+    longest_prompt = max(len(ids) for ids in trainer.train_dataset["input_ids"])
+    trainer.options.max_teacher_prompt_length = longest_prompt + 5  # fits the question, not question + solution
+    trainer.options.max_prompt_length = longest_prompt
+    texts, _ = teacher_texts(trainer, inputs)
+    assert all(t is None for t in texts)
+    assert trainer._metrics["train"]["teacher_prompt_overflow"][-1] == 2.0
+
+
+# ------------------------------------------------------------------ masking
+def test_rows_without_signal_contribute_zero_loss_and_zero_gradient(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, teacher="base", teacher_ema_rate=0.01,
+                            distillation_mode="full", distillation_add_tail=False)
+    inputs = first_batch(trainer)
+    captured = []
+    real = base_module.completion_hidden_states
+
+    def spy(*args):
+        hidden = real(*args)
+        if hidden.requires_grad:
+            hidden.retain_grad()
+            captured.append(hidden)
+        return hidden
+
+    monkeypatch.setattr(base_module, "completion_hidden_states", spy)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grad = captured[0].grad
+    with_signal, without = [0, 2], [1, 3, 4, 5]
+    assert torch.count_nonzero(grad[without]) == 0
+    assert all(torch.count_nonzero(grad[i]) > 0 for i in with_signal)
+
+    # Changing what the masked rollouts of the unsolved group say (same lengths, still reward 0) leaves the loss unchanged.
+    filler = tokenizer("x", add_special_tokens=False)["input_ids"][0]
+    other = {row: (lambda ids: [filler] * (len(ids) - 1) + ids[-1:]) for row in (3, 4, 5)}
+    monkeypatch.setattr(SDPOTrainer, "sample", scripted_sampler(tokenizer, TEXTS, other))
+    with torch.no_grad():
+        again = trainer.compute_loss(trainer.model, inputs)
+    torch.testing.assert_close(again, loss.detach(), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ the GRPO term
+def naive_token_logprobs(hidden, weight, ids):
+    return torch.log_softmax(hidden @ weight.T, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def naive_grpo(logprobs, old, rewards, group, mask, epsilon, reduction):
+    losses = torch.zeros_like(logprobs)
+    rows = rewards.numel()
+    for i in range(rows):
+        members = [float(rewards[j]) for j in range(rows) if j // group == i // group]
+        mean = sum(members) / len(members)
+        std = (sum((m - mean) ** 2 for m in members) / (len(members) - 1)) ** 0.5
+        advantage = (float(rewards[i]) - mean) / (std + 1e-4)
+        for t in range(logprobs.shape[1]):
+            ratio = torch.exp(logprobs[i, t] - old[i, t])
+            clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
+            losses[i, t] = -torch.minimum(ratio * advantage, clipped * advantage)
+    if reduction == "token":
+        return (losses * mask).sum() / mask.sum()
+    per_row = [(losses[i] * mask[i]).sum() / mask[i].sum() for i in range(rows) if mask[i].sum() > 0]
+    return sum(per_row) / len(per_row)
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_grpo_loss_matches_naive_value_and_gradient(reduction):
+    torch.manual_seed(0)
+    rows, length, hidden_size, vocab = 6, 5, 8, 40
+    hidden = torch.randn(rows, length, hidden_size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, vocab, (rows, length))
+    mask = torch.ones(rows, length)
+    mask[1, 3:] = 0
+    mask[4, 1:] = 0
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0], dtype=torch.float64)
+    old = naive_token_logprobs(hidden, weight, ids).detach() + 0.3 * torch.randn(rows, length, dtype=torch.float64)
+
+    ours_lp = chunked_token_logprobs(hidden, weight, ids, mask, chunk_size=4)
+    loss, clip_fraction = grpo_loss(ours_lp, old, group_advantages(rewards, 3), mask, epsilon=0.2, reduction=reduction)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    naive = naive_grpo(naive_token_logprobs(hidden, weight, ids), old, rewards, 3, mask, 0.2, reduction)
+    naive_grads = torch.autograd.grad(naive, (hidden, weight))
+    torch.testing.assert_close(loss, naive)
+    for ours, reference in zip(grads, naive_grads):
+        torch.testing.assert_close(ours, reference)
+    assert 0 < clip_fraction < 1
+
+
+def test_grpo_loss_matches_trl_sdpo_policy_loss():
+    """Against TRL's own SDPOTrainer._compute_policy_loss (loss_type grpo = our sequence reduction, dapo = token)."""
+    from trl.experimental.sdpo.sdpo_trainer import SDPOTrainer as TRLSDPOTrainer
+
+    torch.manual_seed(1)
+    logits = torch.randn(4, 6, 30, requires_grad=True)
+    ids = torch.randint(0, 30, (4, 6))
+    mask = torch.ones(4, 6)
+    mask[2, 4:] = 0
+    old = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1).detach() + 0.2 * torch.randn(4, 6)
+    advantages = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2)
+    for loss_type, reduction in (("grpo", "sequence"), ("dapo", "token")):
+        fake = types.SimpleNamespace(importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.2,
+                                     loss_type=loss_type, model=types.SimpleNamespace(training=True),
+                                     _metrics={"train": {"self_distillation/policy_loss": []}},
+                                     accelerator=types.SimpleNamespace(gather=lambda t: t))
+        inputs = {"completion_ids": ids, "completion_mask": mask, "old_per_token_logps": old, "advantages": advantages}
+        theirs = TRLSDPOTrainer._compute_policy_loss(fake, inputs, logits)
+        logprobs = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        ours, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, reduction=reduction)
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(theirs, logits)[0])
+
+
+def test_policy_mode_gradient_is_the_naive_grpo_gradient(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+    """The whole trainer path (padding, hidden states, chunking) against GRPO computed from full logits per rollout."""
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, sdpo_mode="policy", teacher="live")
+    inputs = first_batch(trainer)
+    model = trainer.model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = trainer.compute_loss(model, inputs)
+    ours = torch.autograd.grad(loss, params)
+
+    batch = trainer.make_rollouts(model, inputs)
+    rewards = batch.scored.rewards
+    advantages = group_advantages(rewards, 3)
+    total, rows = 0.0, 0
+    for i, group in enumerate(batch.rollouts.prompt_index.tolist()):
+        prompt = inputs["input_ids"][group][inputs["attention_mask"][group].bool()]
+        length = int(batch.rollouts.completion_mask[i].sum())
+        completion = batch.rollouts.completion_ids[i, :length]
+        logits = model(input_ids=torch.cat([prompt, completion]).unsqueeze(0)).logits[0, len(prompt) - 1: -1]
+        logprobs = torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+        # ratio = exp(logp - logp.detach()) = 1 in value; its gradient is the policy gradient.
+        total = total - (torch.exp(logprobs - logprobs.detach()) * advantages[i]).sum()
+        rows += length
+    naive = torch.autograd.grad(total / rows, params)
+    assert any(g.abs().sum() > 0 for g in ours)
+    for a, b in zip(ours, naive):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_hybrid_is_grpo_plus_weighted_distillation(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, sdpo_mode="hybrid", distillation_weight=0.25,
+                            teacher="base", teacher_ema_rate=0.01)
+    inputs = first_batch(trainer)
+    with torch.no_grad():
+        total = trainer.compute_loss(trainer.model, inputs)
+    metrics = trainer._metrics["train"]
+    expected = metrics["policy_loss"][-1] + 0.25 * metrics["distillation_loss"][-1]
+    assert total.item() == pytest.approx(expected, rel=1e-5, abs=1e-8)
+    assert metrics["distillation_loss"][-1] > 0
+
+
+# ------------------------------------------------------------------ training, failures, options
+def test_trains_and_logs_metrics_and_survives_a_raising_verifier(tmp_path, tokenizer, quickstart_rows, monkeypatch, caplog):
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, max_steps=2)
+    calls = []
+
+    def flaky(prompt, completion, record):
+        calls.append(completion)
+        if len(calls) == 2:
+            raise RuntimeError("verifier crashed")
+        return scripted_verifier(prompt, completion, record)
+
+    trainer.verifier = flaky
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    with caplog.at_level(logging.WARNING, logger="sd_plugin.verifiers"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "verifier crashed" in r.getMessage()]
+    assert len(warnings) == 1 and "reward 0" in warnings[0] and "row" in warnings[0]
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n in before)
+    logged = trainer.state.log_history[0]
+    for key in ("reward_mean", "reward_std", "success_fraction", "group_solved_fraction", "with_solution_fraction",
+                "with_feedback_fraction", "no_teacher_signal_fraction", "distillation_loss"):
+        assert key in logged, key
+
+
+def test_sampled_rollouts_are_scored_by_a_builtin_verifier(tmp_path, tokenizer, quickstart_rows):
+    """Real sampling with the multiple-choice verifier: a random model gets reward 0 and format feedback."""
+    trainer = SDPOTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, num_generations=2),
+                          train_dataset=rows(quickstart_rows), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["reward_mean"] == 0.0 and logged["with_feedback_fraction"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"verifier": None}, "verifier is required"),
+        ({"sdpo_mode": "grpo"}, "sdpo_mode must be one of"),
+        ({"sdpo_mode": "hybrid", "num_generations": 1}, "num_generations must be >= 2"),
+        ({"distillation_weight": 0.5}, "only used with sdpo_mode=hybrid"),
+        ({"grpo_epsilon": 0.3}, "only used with sdpo_mode=policy or hybrid"),
+        ({"sdpo_mode": "policy"}, "set teacher: live"),
+        ({"use_feedback": False, "feedback_only_without_solution": True}, "needs use_feedback"),
+    ],
+)
+def test_bad_options_fail_in_the_config(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_args(tmp_path, **overrides)
+
+
+def test_unknown_verifier_fails_when_the_trainer_is_built(tmp_path, tokenizer, quickstart_rows):
+    with pytest.raises(ImportError, match="no_such_module"):
+        SDPOTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, verifier="no_such_module:check"),
+                    train_dataset=rows(quickstart_rows), processing_class=tokenizer)
+
+
+def test_missing_prompt_column_names_the_row(tmp_path, tokenizer):
+    data = Dataset.from_list([{"question": "What is 2+2?", "answer": "A"}])
+    with pytest.raises(ValueError, match="row 0: missing column 'prompt'"):
+        SDPOTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path), train_dataset=data,
+                    processing_class=tokenizer)
+
+
+# ------------------------------------------------------------------ Axolotl
+def test_paper_scale_config_passes_the_schema():
+    import yaml
+
+    from sd_plugin.axolotl.args import SelfDistillationArgs
+
+    config = yaml.safe_load((REPO / "example_configs" / "sdpo-qwen3-8b-chemistry.yml").read_text())
+    block = SelfDistillationArgs.model_validate(config).sdpo
+    assert block["num_generations"] == 8 and block["teacher_ema_rate"] == 0.05 and block["distillation_topk"] == 100
+
+
+@pytest.mark.slow
+def test_axolotl_train_sdpo_tiny_runs_and_logs_the_metrics(tmp_path):
+    import yaml
+
+    from test_axolotl_plugin import PLUGIN_RAN, run_axolotl
+
+    config = yaml.safe_load((REPO / "example_configs" / "sdpo-tiny.yml").read_text())
+    config.update(output_dir=str(tmp_path / "out"), dataset_prepared_path=str(tmp_path / "prepared"), max_steps=3)
+    result = run_axolotl(config, tmp_path)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert PLUGIN_RAN + "sdpo" in log
+    for key in ("reward_mean", "success_fraction", "with_feedback_fraction", "policy_loss", "distillation_loss"):
+        assert f"'{key}'" in log, key
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
