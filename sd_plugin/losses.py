@@ -185,7 +185,7 @@ class DistillationOutput:
     """Result of `chunked_distillation_loss`: the scalar loss and detached per-token diagnostics."""
 
     loss: torch.Tensor
-    per_token_divergence: torch.Tensor
+    per_token_divergence: torch.Tensor | None  # None from the Liger path, which returns the loss only
     student_token_logprobs: torch.Tensor | None
     teacher_token_logprobs: torch.Tensor | None
 
@@ -490,6 +490,65 @@ def chunked_distillation_loss(
         student_token_logprobs=student_token if student_token.numel() else None,
         teacher_token_logprobs=teacher_token if teacher_token.numel() else None,
     )
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel.chunked_loss.jsd_loss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def liger_distillation_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    reduction: str = "token",
+    skip_first: int = 0,
+    lm_head_bias: torch.Tensor | None = None,
+    teacher_lm_head_weight: torch.Tensor | None = None,
+    teacher_lm_head_bias: torch.Tensor | None = None,
+) -> DistillationOutput:
+    """`chunked_distillation_loss(mode="full")` through Liger-Kernel's fused linear JSD (the GPU fast path).
+
+    Liger's generalized JSD uses the same convention as `alpha_divergence` (beta 0 = forward KL, 1 = reverse
+    KL) and averages over the tokens it is given, so only the tokens in the loss are passed: once for
+    reduction "token", once per sequence for "sequence". It returns the loss only (no per-token diagnostics).
+    torch.compile is used on CUDA; on CPU it runs eagerly (tests compare it with the reference there).
+    """
+    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
+
+    weights = loss_token_weights(mask, reduction=reduction, skip_first=skip_first)
+    in_loss = weights != 0
+    hidden_size = student_hidden.shape[-1]
+    student_rows = student_hidden.reshape(-1, hidden_size)
+    teacher_rows = teacher_hidden.detach().reshape(-1, hidden_size)
+    if teacher_lm_head_weight is None:
+        teacher_lm_head_weight, teacher_lm_head_bias = lm_head_weight, lm_head_bias
+    if reduction == "token":
+        groups = [in_loss.reshape(-1)]
+    else:
+        # One call per sequence: a flat mask selecting that row's tokens.
+        rows = torch.arange(in_loss.shape[0], device=in_loss.device).unsqueeze(-1).expand_as(in_loss).reshape(-1)
+        groups = [in_loss.reshape(-1) & (rows == row) for row in range(in_loss.shape[0])]
+    groups = [g for g in groups if g.any()]
+    total = student_rows.new_zeros((), dtype=torch.float32)
+    for selected in groups:
+        student = student_rows[selected]
+        labels = torch.zeros(student.shape[0], dtype=torch.long, device=student.device)  # hard-loss weight is 0
+        total = total + LigerFusedLinearJSDFunction.apply(
+            student, lm_head_weight, teacher_rows[selected], teacher_lm_head_weight.detach(), labels, lm_head_bias,
+            None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach(),
+            0.0, 1.0, alpha, -100, temperature, student.is_cuda, chunk_size, False,
+        )
+    loss = total / max(len(groups), 1)
+    return DistillationOutput(loss=loss, per_token_divergence=None, student_token_logprobs=None, teacher_token_logprobs=None)
 
 
 def _token_logprobs_chunk(hidden, weight, bias, token_ids, temperature: float) -> torch.Tensor:

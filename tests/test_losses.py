@@ -240,3 +240,25 @@ def test_matches_trl_sampled_token_helper():
 def test_bad_options_are_rejected_with_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         divergence(torch.randn(2, 10), torch.randn(2, 10), sampled_ids=torch.zeros(2, dtype=torch.long), **kwargs)
+
+
+# ------------------------------------------------------------------ Liger-Kernel's fused loss (GPU fast path)
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_liger_fused_loss_matches_the_reference(alpha, reduction, temperature):
+    from sd_plugin.losses import liger_distillation_loss
+
+    torch.manual_seed(0)
+    student = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 7, 16, dtype=torch.float64)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(3, 7)
+    mask[1, 4:] = 0
+    mask[2] = 0
+    options = dict(alpha=alpha, reduction=reduction, skip_first=1, temperature=temperature, chunk_size=4)
+    reference = chunked_distillation_loss(student, teacher, weight, mask, **options).loss
+    fused = liger_distillation_loss(student, teacher, weight, mask, **options).loss
+    torch.testing.assert_close(fused.double(), reference, rtol=1e-6, atol=1e-7)
+    for ours, theirs in zip(torch.autograd.grad(fused, (student, weight)), torch.autograd.grad(reference, (student, weight))):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-7)
