@@ -628,7 +628,8 @@ def plan(setup: TrainingSetup, gpu_memory: int = 80 * GiB, *, suggest: bool = Tr
         notes.append("eager attention keeps [heads, T, T] scores (not counted): use flash_attention: true")
     if cp > 1:
         notes.append(f"context parallel {cp}: training activations are split; each rank still generates over the "
-                     f"whole prompt (rollout terms are not split)")
+                     f"whole prompt (rollout terms are not split). The plugin's trainers do not support context "
+                     f"parallelism yet (the Axolotl schema rejects it): this is what it would take")
     plan_result = MemoryPlan(
         setup=setup, weights=weights, lora_params=lora_params, lora_grads=lora_grads,
         optimizer_states=optimizer_states, teacher_state=teacher_state, rollout_kv_cache=rollout_kv_cache,
@@ -664,19 +665,11 @@ def suggestions(setup: TrainingSetup, gpu_memory: int) -> list[str]:
         if setup.optimizer_state_bytes > 2:
             candidates.append(("Liger (liger_rms_norm + liger_glu_activation) + optimizer: adamw_bnb_8bit",
                                replace(setup, liger_rms_norm=True, liger_glu=True, optimizer_state_bytes=2.0)))
-    for size in (2, 4, 8):
-        if size > setup.context_parallel:
-            candidates.append((f"context_parallel_size: {size} on {max(size, setup.gpus)} GPUs",
-                               replace(setup, context_parallel=size, gpus=max(size, setup.gpus))))
     if setup.gradient_checkpointing != "offload":
         both = replace(setup, gradient_checkpointing="offload")
         if setup.weight_format in ("bf16", "fp16") and setup.adapter:
             candidates.append(("qlora + gradient_checkpointing: offload",
                                replace(both, adapter="qlora", weight_format="nf4")))
-        for size in (2, 4, 8):
-            if size > setup.context_parallel:
-                candidates.append((f"gradient_checkpointing: offload + context_parallel_size: {size}",
-                                   replace(both, context_parallel=size, gpus=max(size, setup.gpus))))
     shorter = max(1024, setup.prompt_length // 2)
     if shorter < setup.prompt_length:
         candidates.append((f"max_prompt_length / max_teacher_prompt_length: {shorter}",
@@ -687,7 +680,7 @@ def suggestions(setup: TrainingSetup, gpu_memory: int) -> list[str]:
         if result.fits:
             found.append(f"{label} -> peak {result.peak / GiB:.1f} GiB")
     if not found:
-        found.append("no single change fits: combine QLoRA, activation offloading and context parallelism, "
+        found.append("no single change fits: combine QLoRA, activation offloading and Liger, "
                      "or shorten prompts / rollouts")
     return found
 
@@ -724,8 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = plan_memory(args.config, gpus=args.gpus, gpu_memory=args.gpu_mem, device=args.device)
     if args.gpus and args.gpus > 1 and result.setup.context_parallel == 1:
-        result.notes.append(f"{args.gpus} GPUs without context_parallel_size: each GPU holds a whole sequence "
-                            f"(data parallel); set context_parallel_size to split long sequences")
+        result.notes.append(f"{args.gpus} GPUs, data parallel: each GPU holds whole sequences")
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0 if result.fits else 1
 

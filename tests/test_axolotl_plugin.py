@@ -57,6 +57,8 @@ def test_every_options_field_is_a_yaml_key_and_back():
         ({"trainer_type": "sdft", "sdft": {"distillation_alpha": 2}}, "alpha must be in"),
         ({"sdft": {"teacher": "ema"}}, "trainer_type is not"),
         ({"trainer_type": "sdft", "sequence_len": 256, "sdft": {"max_prompt_length": 256}}, "sequence_len"),
+        ({"trainer_type": "sdft", "context_parallel_size": 2}, "context parallelism"),
+        ({"trainer_type": "sdpo", "sdpo": {"verifier": "multiple_choice"}, "context_parallel": {"size": 2}}, "context parallelism"),
     ],
 )
 def test_schema_rejects_contradictions(config, match):
@@ -155,3 +157,28 @@ def test_round2_mixer_block_feeds_the_mixed_corpus_to_training(tmp_path):
     assert "round2_mixer wrote" in output and PLUGIN_RAN + "sdft" in output
     mixed_rows = [json.loads(line) for line in mixed.read_text().splitlines()]
     assert len(mixed_rows) == 24 and all("_provenance" in r for r in mixed_rows)
+
+
+VALIDATE = """
+import sys, yaml
+from axolotl.utils.config import prepare_plugins, validate_config
+from axolotl.utils.dict import DictDefault
+for path in sys.argv[1:]:
+    cfg = DictDefault(yaml.safe_load(open(path)))
+    prepare_plugins(cfg)
+    out = validate_config(cfg, capabilities={"bf16": True, "fp8": False, "tf32": True, "n_gpu": 2, "n_node": 1,
+                          "compute_capability": "sm_90"}, env_capabilities={"torch_version": "2.13.0"})
+    method = out["trainer_type"]
+    print("VALID", path, method, len(out[method]))
+"""
+
+
+def test_every_example_config_passes_axolotls_schema():
+    """Axolotl's own validate_config (GPU capabilities) with the plugin's schema merged in, one subprocess."""
+    configs = sorted(str(p) for p in (REPO / "example_configs").glob("*.yml"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1")
+    result = subprocess.run([sys.executable, "-c", VALIDATE, *configs], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    valid = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("VALID")]
+    assert valid == configs

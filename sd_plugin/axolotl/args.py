@@ -90,6 +90,15 @@ class SelfDistillationArgs(BaseModel):
                 raise ValueError(f"the {other}: block is set but trainer_type is {method}")
         if data.get("sample_packing"):
             raise ValueError(f"sample_packing cannot be used with trainer_type: {method}: rollouts are sampled during training, so they cannot be packed ahead of time")
+        context_parallel = data.get("context_parallel_size") or 1
+        if isinstance(data.get("context_parallel"), dict):
+            context_parallel = data["context_parallel"].get("size") or context_parallel
+        if int(context_parallel) > 1:
+            raise ValueError(
+                f"context parallelism (context_parallel_size: {context_parallel}) is not supported with trainer_type: "
+                f"{method}: Axolotl's context-parallel hooks split every forward of the model, including the rollouts' "
+                "generate() calls, and do not gather the hidden states the loss reads; use one GPU per sequence"
+            )
         block = _validated_block(method, data.get(method))
         sequence_len = data.get("sequence_len")
         needed = block.max_prompt_length + block.max_completion_length
