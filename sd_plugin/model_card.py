@@ -167,6 +167,8 @@ def infer_method(training_config: dict) -> str | None:
             return method
     if any(key in training_config for key in ("teacher_template", "lambda_on_policy", "demonstration_column")):
         return "sdft"
+    if any(key in training_config for key in ("verifier", "sdpo_mode", "success_threshold")):
+        return "sdpo"
     return None
 
 

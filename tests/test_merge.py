@@ -104,11 +104,10 @@ def trained(tmp_path_factory):
                                                  task_type="CAUSAL_LM"))
     trainer.train()
     adapter_dir = root / "adapter"
+    # save_model also writes the config actually used and the logged metrics, where `sd-plugin merge` looks.
     trainer.save_model(str(adapter_dir))
-    trainer.save_state()
-    # The config actually used, where `sd-plugin merge` looks for it.
-    (adapter_dir / "training_config.json").write_text(json.dumps(trainer.args.to_dict(), default=str))
-    return SimpleNamespace(adapter=adapter_dir, trainer_state=root / "run" / "trainer_state.json", root=root)
+    assert json.loads((adapter_dir / "training_config.json").read_text())["learning_rate"] == LEARNING_RATE
+    return SimpleNamespace(adapter=adapter_dir, trainer_state=adapter_dir / "trainer_state.json", root=root)
 
 
 @pytest.fixture(scope="module")

@@ -52,3 +52,20 @@ class SelfDistillationPlugin(BasePlugin):
         from sd_plugin.trainers.base import SelfDistillationCollator
 
         return SelfDistillationCollator, {}
+
+    def post_lora_merge(self, cfg, adapter_path, output_path):
+        """After `axolotl merge-lora` (Axolotl 0.21+; 0.19 never calls it): dtype check and model card.
+
+        Checks every tensor the merge wrote in `output_path` (16/32-bit floats are cast to bfloat16 in place;
+        quantized ones are refused with a pointer to `--dequant`) and writes the model card (method, options,
+        datasets, LoRA settings) as `output_path/README.md`. Nothing is pushed. Inert without `trainer_type`.
+        """
+        if not cfg.get("trainer_type"):
+            return None
+        from sd_plugin.merge import post_lora_merge
+
+        report = post_lora_merge(cfg, adapter_path, output_path, log=LOG.info)
+        LOG.info("sd-plugin: merged model in %s: %s; model card %s",
+                 output_path, ", ".join(f"{count} {name}" for name, count in sorted(report.tensor_dtypes.items())),
+                 report.card)
+        return None
