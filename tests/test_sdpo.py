@@ -346,6 +346,10 @@ def test_paper_scale_config_passes_the_schema():
     config = yaml.safe_load((REPO / "example_configs" / "sdpo-qwen3-8b-chemistry.yml").read_text())
     block = SelfDistillationArgs.model_validate(config).sdpo
     assert block["num_generations"] == 8 and block["teacher_ema_rate"] == 0.05 and block["distillation_topk"] == 100
+    from sd_plugin.planner import plan_memory
+
+    plan = plan_memory(config, gpu_memory="80GB")
+    assert plan.fits and plan.setup.num_generations == 8, plan.summary()
 
 
 @pytest.mark.slow
