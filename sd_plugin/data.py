@@ -58,10 +58,15 @@ def as_messages(prompt: Any, row: int | None = None) -> list[dict[str, Any]]:
     for turn, message in enumerate(prompt):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise RecordError(row, f"message {turn} has no valid role (expected one of {ROLES}): {str(message)[:80]!r}")
-        if message.get("content") is None and not message.get("tool_calls"):
+        content = message.get("content")
+        if content is None and not message.get("tool_calls"):
             raise RecordError(row, f"message {turn} ({message['role']}) has no content")
+        if content is not None and not isinstance(content, str) and not (
+                isinstance(content, list) and all(isinstance(part, dict) for part in content)):
+            raise RecordError(row, f"message {turn} ({message['role']}): content must be a string or a list of content "
+                                   f"parts (dicts), got {type(content).__name__}: {str(content)[:80]!r}")
         if message.get("tool_calls"):
-            check_tool_calls(message["tool_calls"], row, turn)
+            check_tool_calls(message["tool_calls"], row, f"message {turn}")
         messages.append({k: v for k, v in message.items() if v is not None})
     if not any(m["role"] in ("user", "tool") for m in messages):
         raise RecordError(row, "the prompt has no user (or tool) message")
@@ -70,19 +75,20 @@ def as_messages(prompt: Any, row: int | None = None) -> list[dict[str, Any]]:
     return messages
 
 
-def check_tool_calls(tool_calls: Any, row: int | None, turn: int) -> None:
+def check_tool_calls(tool_calls: Any, row: int | None, where: str) -> None:
+    """`where` names the message in errors ("message 2", "the demonstration")."""
     if not isinstance(tool_calls, list):
-        raise RecordError(row, f"message {turn}: tool_calls must be a list")
+        raise RecordError(row, f"{where}: tool_calls must be a list")
     for call in tool_calls:
         function = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(function, dict) or not function.get("name"):
-            raise RecordError(row, f"message {turn}: a tool call has no function name: {str(call)[:80]!r}")
+            raise RecordError(row, f"{where}: a tool call has no function name: {str(call)[:80]!r}")
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):
             try:
                 json.loads(arguments)
             except json.JSONDecodeError as error:
-                raise RecordError(row, f"message {turn}: tool call {function['name']!r} has invalid JSON arguments ({error})") from None
+                raise RecordError(row, f"{where}: tool call {function['name']!r} has invalid JSON arguments ({error})") from None
 
 
 def clean_demonstration(demonstration: Any, row: int | None = None) -> dict[str, Any]:
@@ -93,7 +99,7 @@ def clean_demonstration(demonstration: Any, row: int | None = None) -> dict[str,
         message = {k: v for k, v in demonstration.items() if k not in REASONING_KEYS and v is not None}
         message["role"] = "assistant"
         if message.get("tool_calls"):
-            check_tool_calls(message["tool_calls"], row, -1)
+            check_tool_calls(message["tool_calls"], row, "the demonstration")
     else:
         raise RecordError(row, f"the demonstration must be a string or an assistant message, got {type(demonstration).__name__}")
     content = message.get("content") or ""

@@ -613,7 +613,8 @@ def plan(setup: TrainingSetup, gpu_memory: int = 80 * GiB, *, suggest: bool = Tr
     persistent = weights + lora_params + optimizer_states + teacher_state
     phases = {
         "rollout": persistent + rollout_kv_cache + rollout_working_set,
-        "teacher_forward": persistent + student_activations + teacher_forward + hidden_states // 2,
+        # The teacher runs before the student forward: none of the student's activations exist yet.
+        "teacher_forward": persistent + teacher_forward + hidden_states // 2,
         "loss": persistent + student_activations + hidden_states + loss_chunks,
         "backward": persistent + student_activations + backward_working_set + lora_grads + hidden_states // 2,
         "optimizer": persistent + lora_grads + optimizer_temp,

@@ -9,6 +9,13 @@ Kinds:
   fine-tuning it is a frozen copy updated in place.
 - "live": the student itself, without gradient.
 `sync_steps` > 0 additionally copies the student into the teacher every that many steps (hard sync).
+
+Sharded training: the EMA / sync update reads the student's parameters in full. Under DeepSpeed ZeRO-3 they
+are gathered with `deepspeed.zero.GatheredParameters`, under FSDP (version 1) with `summon_full_params`, and
+FSDP2's DTensors are read with `full_tensor()` (`full_parameters`, `full_value`). For LoRA only the adapter
+weights are gathered, and the teacher's deltas are full tensors on every process. The full fine-tuning
+copy cannot be partitioned by ZeRO-3 (it is refused there: use LoRA or `live`); under FSDP it is a full
+copy per process, made before the model is sharded.
 """
 
 from __future__ import annotations
@@ -39,15 +46,89 @@ def lora_layers(model) -> dict[str, torch.nn.Module]:
         if isinstance(module, LoraLayer) and module.active_adapters and module.active_adapters[0] in module.lora_A:
             if not isinstance(module.lora_A[module.active_adapters[0]], torch.nn.Linear):
                 raise ValueError(f"EMA teacher supports LoRA on linear layers only; {name} is not one")
-            layers[name] = module
+            layers[unwrapped_name(name)] = module
     return layers
 
 
 @torch.no_grad()
 def lora_delta(module) -> torch.Tensor:
-    """Effective weight update of a LoRA layer's active adapter, in float32."""
+    """Effective weight update of a LoRA layer's active adapter, in float32 (a full tensor, also under FSDP2)."""
     adapter = module.active_adapters[0]
+    weight_a, weight_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    if is_dtensor(weight_a) or is_dtensor(weight_b):
+        # FSDP2 shards A and B along their first dimension: gather both, then form B @ A as peft does.
+        delta = full_value(weight_b).float() @ full_value(weight_a).float()
+        return (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
     return module.get_delta_weight(adapter).float()
+
+
+def is_dtensor(tensor) -> bool:
+    """Whether `tensor` is a DTensor (FSDP2 / tensor parallel shards)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """The full (unsharded) value of a parameter: DTensors are all-gathered, other tensors returned as they are."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def is_zero3_partitioned(params) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions any of `params` (it tags them with `ds_id`)."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def fsdp1_modules(model) -> list[torch.nn.Module]:
+    """The FullyShardedDataParallel (version 1) units inside `model` (none without torch.distributed)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+
+
+@contextmanager
+def full_parameters(model, params=None):
+    """Inside the block, `params` (default: all of `model`'s) hold their full values, for reading.
+
+    Every process must enter it (the gathers are collectives). ZeRO-3: `GatheredParameters` on `params`
+    only (for LoRA: the adapter weights). FSDP1: `summon_full_params` on the whole model (all its units are
+    unsharded at once, so it briefly needs the full model's memory). Unsharded models and FSDP2 (read
+    DTensors with `full_value`): nothing to do.
+    """
+    params = list(model.parameters() if params is None else params)
+    if is_zero3_partitioned(params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+        return
+    if fsdp1_modules(model):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            yield
+        return
+    yield
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name without the wrapper prefixes FSDP and activation checkpointing insert."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def lora_adapter_parameters(layers: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
+    """The A and B weights of every LoRA layer's adapters (what the EMA update reads)."""
+    params = []
+    for module in layers.values():
+        for adapter in module.lora_A:
+            params += [module.lora_A[adapter].weight, module.lora_B[adapter].weight]
+    return params
 
 
 class Teacher:
@@ -66,8 +147,16 @@ class Teacher:
             return
         if self.peft:
             if kind == "ema" or sync_steps:
-                self.deltas = {name: torch.zeros_like(lora_delta(m)) for name, m in lora_layers(model).items()}
+                layers = lora_layers(model)
+                with full_parameters(model, lora_adapter_parameters(layers)):
+                    self.deltas = {name: torch.zeros_like(lora_delta(m)) for name, m in layers.items()}
         else:
+            if is_zero3_partitioned(model.parameters()):
+                raise ValueError(
+                    f"teacher: {kind} with full fine-tuning keeps a full frozen copy of the model, which DeepSpeed "
+                    "ZeRO-3 cannot partition: train a LoRA adapter (the base teacher is then the model with the "
+                    "adapter disabled, the EMA teacher an adapter-sized delta), use teacher: live, or ZeRO-2"
+                )
             self.copy = copy.deepcopy(model).eval().requires_grad_(False)
 
     @contextmanager
@@ -101,12 +190,33 @@ class Teacher:
         if rate == 0.0:
             return
         if self.copy is not None:
-            for teacher_param, student_param in zip(self.copy.parameters(), model.parameters(), strict=True):
-                teacher_param.lerp_(student_param.detach().to(teacher_param.dtype), rate)
+            self._update_copy(model, rate)
             return
         layers = lora_layers_any(model)
-        for name, delta in self.deltas.items():
-            delta.lerp_(lora_delta(layers[name]).to(delta.device), rate)
+        with full_parameters(model, lora_adapter_parameters(layers)):
+            for name, delta in self.deltas.items():
+                delta.lerp_(lora_delta(layers[name]).to(delta.device), rate)
+
+    def _update_copy(self, model, rate: float) -> None:
+        teacher_params = dict(self.copy.named_parameters())
+        with full_parameters(model):
+            student_params = {unwrapped_name(name): p for name, p in model.named_parameters()}
+            if student_params.keys() != teacher_params.keys():
+                missing = sorted(teacher_params.keys() - student_params.keys())[:3]
+                raise RuntimeError(
+                    f"the student's parameters do not match the teacher copy's (missing e.g. {missing}); under FSDP "
+                    "set fsdp_use_orig_params: true so that the original parameters stay visible"
+                )
+            for name, teacher_param in teacher_params.items():
+                student_value = full_value(student_params[name].detach())
+                if student_value.shape != teacher_param.shape:
+                    # FSDP1: the root unit's parameters stay sharded once its wrapper is unwrapped away.
+                    raise RuntimeError(
+                        f"the student's {name} is sharded ({tuple(student_value.shape)} instead of "
+                        f"{tuple(teacher_param.shape)}) and cannot be gathered here: with FSDP use fsdp_version: 2, "
+                        "or train a LoRA adapter"
+                    )
+                teacher_param.lerp_(student_value.to(teacher_param.device, teacher_param.dtype), rate)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.copy is not None and (self.kind == "ema" or self.sync_steps):
@@ -121,10 +231,10 @@ class Teacher:
 
 
 def lora_layers_any(model) -> dict[str, torch.nn.Module]:
-    # Same names as `lora_layers`, also while the adapter is disabled.
+    # Same names as `lora_layers`, also while the adapter is disabled (and once FSDP has wrapped the layers).
     from peft.tuners.lora import LoraLayer
 
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return {unwrapped_name(name): m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def _add_delta(delta: torch.Tensor):

@@ -9,12 +9,17 @@ Built-ins (`load_verifier` names): "tool_call", "multiple_choice", "boxed_math",
 `PythonTestsVerifier` runs model code in a subprocess: ``python -I`` in a fresh temp dir with a minimal env,
 its own session (the whole process group is SIGKILLed on timeout), rlimits (CPU, address space, file size,
 processes, no core files), stdout discarded, and a preamble that blocks process creation and signals
-(fork/exec/spawn/subprocess/kill, ctypes), raising rlimits and ``socket.socket``. The network is cut by an empty network namespace (``unshare -n``, or
-``unshare -r -n`` without root) when that works on this machine, else only by the socket patch; when run
-as root with a world-readable interpreter it also drops to uid/gid 65534 (nobody) so that RLIMIT_NPROC
-applies (the kernel does not enforce it for root). `sandbox_mode()` says what is in use. This contains
-accidents (infinite loops, fork bombs, stray network calls); it is not a security boundary against
-adversarial code: for that, run the trainer in a container or VM.
+(fork/exec/spawn/subprocess/kill, ctypes), raising rlimits and ``socket.socket``. The network is cut by an
+empty network namespace (``unshare -n``, or ``unshare -r -n`` without root) when that works on this
+machine, else only by the socket patch. Where it works the sandbox also gets its own PID namespace
+(``unshare -p -f --kill-child``): killing it kills every process it started, also one that left the
+process group with setsid(). When run as root it drops to uid/gid 65534 (nobody) so that RLIMIT_NPROC
+applies (the kernel does not enforce it for root); when nobody cannot read the interpreter's files (a
+Python under /root) it keeps only CAP_DAC_READ_SEARCH across the drop, so it can still import modules
+while its process count is capped. ``no_new_privs`` is set, so no setuid program gives privileges back.
+`sandbox_mode()` says what is in use. This contains accidents (infinite loops, fork bombs, memory hogs,
+stray network calls) and keeps them from hanging or killing the training run; it is not a security
+boundary against adversarial code: for that, run the trainer in a container or VM.
 """
 
 from __future__ import annotations
@@ -299,6 +304,24 @@ def describe(exc):
     return type(exc).__name__ + (": " + str(exc) if str(exc) else "")
 def blocked(*args, **kwargs):
     raise PermissionError("process creation and signals are disabled in the verifier sandbox")
+def drop_privileges(uid, read_all_files):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    def call(name, *args):
+        if getattr(libc, name)(*args) != 0:
+            raise OSError(ctypes.get_errno(), name + " failed in the verifier sandbox")
+    if read_all_files:
+        call("prctl", 8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS: the permitted capabilities survive setuid
+    os.setgroups([]); os.setgid(uid); os.setuid(uid)
+    if read_all_files:
+        class Header(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+        class Data(ctypes.Structure):
+            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+        data = (Data * 2)()
+        data[0].effective = data[0].permitted = 1 << 2  # CAP_DAC_READ_SEARCH alone: read files, nothing else
+        call("capset", ctypes.byref(Header(0x20080522, 0)), data)
+    call("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
 def sandbox(job):
     for kind, soft, hard in job["limits"]:
         cur = resource.getrlimit(kind)[1]
@@ -306,7 +329,7 @@ def sandbox(job):
             soft, hard = min(soft, cur), min(hard, cur)
         resource.setrlimit(kind, (soft, hard))
     if job["uid"] is not None:
-        os.setgroups([]); os.setgid(job["uid"]); os.setuid(job["uid"])
+        drop_privileges(job["uid"], job["read_all_files"])
     import socket, posix, _posixsubprocess
     class NoNetworkSocket(socket.socket):
         def __init__(self, *args, **kwargs):
@@ -346,7 +369,16 @@ def main():  # the nonce and the result fd stay local: solution code only sees i
 main()
 '''
 
-_SANDBOX_SETUP: dict[str, tuple[list[str], int | None]] = {}
+
+class SandboxSetup(NamedTuple):
+    """How `PythonTestsVerifier` isolates code on this machine (see `sandbox_setup`)."""
+
+    prefix: list[str]       # command prefix: unshare with network (and PID) namespaces, or nothing
+    uid: int | None         # uid to drop to (root only), None: keep the current one
+    read_all_files: bool    # keep CAP_DAC_READ_SEARCH across the drop (nobody cannot read the interpreter)
+
+
+_SANDBOX_SETUP: dict[str, SandboxSetup] = {}
 _SANDBOX_LOCK = threading.Lock()
 
 
@@ -394,32 +426,44 @@ def _run_sandbox(python: str, prefix: list[str], job: dict[str, Any], timeout: f
     return None, f"Sandbox {reason}" + (f": {stderr[-300:]}" if stderr else "")
 
 
-def sandbox_setup(python: str = sys.executable) -> tuple[list[str], int | None]:
-    """(command prefix, uid to drop to) for `PythonTestsVerifier`, probed once per interpreter and cached.
+def sandbox_setup(python: str = sys.executable) -> SandboxSetup:
+    """How to isolate code run by `python` here, probed once per interpreter and cached.
 
-    Tries, in order, ``unshare -n`` / ``unshare -r -n`` / nothing, each with a drop to uid 65534 when this
-    process is root and then without, and keeps the first that runs a trivial job that imports a module
-    after the drop.
+    Tries, in order, the prefixes ``unshare -n -p -f --kill-child`` / ``unshare -n`` / ``unshare -r -n -p -f
+    --kill-child`` / ``unshare -r -n`` / nothing, each (when this process is root) with a plain drop to uid
+    65534, then a drop that keeps CAP_DAC_READ_SEARCH, then no drop; keeps the first that runs a trivial
+    job importing a module after the drop.
     """
     with _SANDBOX_LOCK:
         if python not in _SANDBOX_SETUP:
             unshare = shutil.which("unshare")
-            prefixes = [[unshare, "-n"], [unshare, "-r", "-n"]] if unshare else []
-            uids = [_NOBODY, None] if os.geteuid() == 0 else [None]
-            _SANDBOX_SETUP[python] = ([], None)
-            for prefix, uid in itertools.product(prefixes + [[]], uids):
-                job = PythonTestsVerifier(timeout=10)._job("import fractions\nx = 1", ["assert x == 1"], uid)
+            pid_namespace = ["-p", "-f", "--kill-child"]
+            prefixes = ([[unshare, "-n", *pid_namespace], [unshare, "-n"], [unshare, "-r", "-n", *pid_namespace],
+                         [unshare, "-r", "-n"]] if unshare else [])
+            drops = [(_NOBODY, False), (_NOBODY, True), (None, False)] if os.geteuid() == 0 else [(None, False)]
+            _SANDBOX_SETUP[python] = SandboxSetup([], None, False)
+            for prefix, (uid, read_all_files) in itertools.product(prefixes + [[]], drops):
+                job = PythonTestsVerifier(timeout=10)._job("import fractions\nx = 1", ["assert x == 1"], uid, read_all_files)
                 if _run_sandbox(python, prefix, job, timeout=10)[0] == {"error": None, "failures": [None]}:
-                    _SANDBOX_SETUP[python] = (prefix, uid)
+                    _SANDBOX_SETUP[python] = SandboxSetup(prefix, uid, read_all_files)
                     break
         return _SANDBOX_SETUP[python]
 
 
 def sandbox_mode(python: str = sys.executable) -> dict[str, Any]:
-    """What the sandbox uses here: ``{"network": "namespace (unshare -n)" | "socket patch only", "uid": ...}``."""
-    prefix, uid = sandbox_setup(python)
-    network = f"namespace ({' '.join(['unshare', *prefix[1:]])}) + socket patch" if prefix else "socket patch only"
-    return {"network": network, "uid": uid if uid is not None else os.geteuid(), "command_prefix": prefix}
+    """What the sandbox uses here.
+
+    ``network``: "namespace (unshare -n) + socket patch" (or ``-r -n``) or "socket patch only";
+    ``pid_namespace``: whether all its processes die with it; ``uid``: the uid the code runs as;
+    ``process_limit``: whether the kernel enforces RLIMIT_NPROC on it (not for root);
+    ``read_all_files``: whether it kept CAP_DAC_READ_SEARCH; ``command_prefix``.
+    """
+    prefix, uid, read_all_files = sandbox_setup(python)
+    network_flags = [flag for flag in prefix[1:] if flag in ("-r", "-n")]
+    network = f"namespace ({' '.join(['unshare', *network_flags])}) + socket patch" if prefix else "socket patch only"
+    uid = uid if uid is not None else os.geteuid()
+    return {"network": network, "pid_namespace": "-p" in prefix, "uid": uid, "process_limit": uid != 0,
+            "read_all_files": read_all_files, "command_prefix": prefix}
 
 
 def extract_code(completion: str) -> str:
@@ -459,8 +503,8 @@ class PythonTestsVerifier:
         tests = [str(test) for test in tests]
         if not tests:
             raise ValueError(f"record[{self.tests_field!r}] holds no tests")
-        prefix, uid = sandbox_setup(self.python)
-        job = self._job(extract_code(completion), tests, uid)
+        prefix, uid, read_all_files = sandbox_setup(self.python)
+        job = self._job(extract_code(completion), tests, uid, read_all_files)
         result, problem = _run_sandbox(self.python, prefix, job, self.timeout)
         if result is None:
             return VerifierResult(0.0, problem)
@@ -475,12 +519,13 @@ class PythonTestsVerifier:
                 return VerifierResult(reward, _short(feedback))
         return VerifierResult(reward, None)
 
-    def _job(self, code: str, tests: list[str], uid: int | None) -> dict[str, Any]:
+    def _job(self, code: str, tests: list[str], uid: int | None, read_all_files: bool = False) -> dict[str, Any]:
         cpu_s, memory, fsize = math.ceil(self.timeout) + 1, self.memory_mb << 20, self.file_mb << 20
         limits = [(resource.RLIMIT_CPU, cpu_s, cpu_s + 1), (resource.RLIMIT_AS, memory, memory),
                   (resource.RLIMIT_FSIZE, fsize, fsize), (resource.RLIMIT_CORE, 0, 0),
                   (resource.RLIMIT_NPROC, self.max_processes, self.max_processes)]
-        return {"code": code, "tests": tests, "limits": limits, "uid": uid, "nonce": secrets.token_hex(16)}
+        return {"code": code, "tests": tests, "limits": limits, "uid": uid, "read_all_files": read_all_files,
+                "nonce": secrets.token_hex(16)}
 
 
 # ---------------------------------------------------------------------------------- loading and safe calls

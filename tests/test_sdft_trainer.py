@@ -1,6 +1,7 @@
 """SDFTTrainer on tiny local models: it trains, the teacher sees what it should, bad input fails early."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -81,7 +82,8 @@ def test_student_and_teacher_score_the_same_ids_at_a_tokenization_boundary(tmp_p
                           train_dataset=rows(quickstart_rows, 2), processing_class=tokenizer,
                           peft_config=LoraConfig(**LORA))
     trainer.train()
-    (student_prompt, student_mask, student_completion), (teacher_prompt, teacher_mask, teacher_completion) = seen
+    # The teacher's no-grad forward runs first (its working memory never meets the student's activations).
+    (teacher_prompt, teacher_mask, teacher_completion), (student_prompt, student_mask, student_completion) = seen
     assert student_completion.tolist() == [completion] * 2
     assert teacher_completion.tolist() == [completion] * 2
 
@@ -216,3 +218,45 @@ def test_skip_invalid_reports_and_keeps_the_bad_rows(tmp_path, tokenizer, quicks
 
     written = [json.loads(line) for line in open(tmp_path / "out" / "invalid_rows_train.jsonl")]
     assert written == [{"row": 1, "reason": "the prompt is empty", "record": {"prompt": "", "demonstration": "x"}}]
+
+
+def liger_step_loss(tmp_path, tokenizer, quickstart_rows, monkeypatch, liger_loss):
+    completion = tokenizer("<answer>C</answer>", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+    def fixed_sample(self, model, prompt_ids, prompt_mask):
+        ids = torch.tensor([completion] * prompt_ids.shape[0])
+        return Rollouts(ids, torch.ones_like(ids), torch.arange(ids.shape[0]), torch.zeros(ids.shape[0], dtype=torch.bool))
+
+    monkeypatch.setattr(SDFTTrainer, "sample", fixed_sample)
+    used = []
+    real = base_module.liger_distillation_loss
+    monkeypatch.setattr(base_module, "liger_distillation_loss", lambda *a, **k: used.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, liger_loss=liger_loss),
+                          train_dataset=rows(quickstart_rows), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(trainer.model, inputs)
+    grads = torch.autograd.grad(loss, [p for p in trainer.model.parameters() if p.requires_grad])
+    return loss.detach(), grads, bool(used)
+
+
+def test_liger_loss_option_gives_the_reference_step(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+    fused, fused_grads, used = liger_step_loss(tmp_path, tokenizer, quickstart_rows, monkeypatch, True)
+    reference, reference_grads, used_reference = liger_step_loss(tmp_path, tokenizer, quickstart_rows, monkeypatch, None)
+    assert used and not used_reference, "auto must not pick Liger on CPU; true must"
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-7)
+    for a, b in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_liger_loss_is_the_default_on_a_gpu(tokenizer):
+    trainer = types.SimpleNamespace(options=SDFTConfig(output_dir="/tmp/unused", report_to="none"))
+    batch = types.SimpleNamespace(ce_rows=torch.zeros(1, dtype=torch.bool), rollouts=types.SimpleNamespace(old_logprobs=None))
+    hidden = torch.zeros(1, 1, 8, device="cuda")
+    assert SDFTTrainer.use_liger_loss(trainer, hidden, batch)
+
+
+def test_liger_loss_true_rejects_topk(tmp_path):
+    with pytest.raises(ValueError, match="liger_loss: true supports distillation_mode: full only"):
+        make_args(tmp_path, liger_loss=True, distillation_mode="topk", distillation_topk=5)

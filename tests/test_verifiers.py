@@ -466,3 +466,175 @@ def test_verify_in_threads_is_independent():
     for thread in threads:
         thread.join()
     assert [results[i].reward for i in range(4)] == [1.0, 0.0, 1.0, 0.0]
+
+
+# ------------------------------------------------------------------ hostile code cannot hang or kill the run
+# Code that gets past the Python-level block (it re-imports ctypes and calls libc's fork) meets the kernel's
+# limits: RLIMIT_NPROC (uid 65534) and the sandbox's PID namespace. Every case below is bounded by itself
+# (a fixed number of forks, children that exit on their own) except the fork bomb, which runs only once the
+# bounded case has shown that the process limit holds here.
+BYPASS_PREAMBLE = (
+    "import sys, time\nfor name in ('ctypes', '_ctypes'):\n    sys.modules.pop(name, None)\n"
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+)
+
+
+def _heartbeat_dir():
+    """A directory uid 65534 can write to, outside pytest's root-only tmp tree."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="sd_verify_test_", dir="/tmp"))
+    path.chmod(0o777)
+    return path
+
+
+def _beats_stopped(path: Path, settle: float = 0.5, window: float = 1.0) -> bool:
+    """True when no process appends to `path` any more (its size stays the same over `window` seconds)."""
+    time.sleep(settle)
+    before = path.stat().st_size if path.exists() else 0
+    time.sleep(window)
+    return (path.stat().st_size if path.exists() else 0) == before
+
+
+def test_python_tests_children_that_leave_the_process_group_die_with_the_sandbox():
+    if not sandbox_mode()["pid_namespace"]:
+        pytest.skip("no PID namespace here (unshare -p): a child that calls setsid() outlives the sandbox")
+    beats_dir = _heartbeat_dir()
+    beats = beats_dir / "beats"
+    beats.touch()
+    beats.chmod(0o666)
+    code = BYPASS_PREAMBLE + (
+        "for _ in range(3):\n"
+        "    if libc.fork() == 0:\n"
+        "        libc.setsid()  # out of the process group that the timeout kills\n"
+        "        for _ in range(200):  # bounded: 20 s at most\n"
+        f"            with open({str(beats)!r}, 'a') as f:\n"
+        "                f.write('.')\n"
+        "            time.sleep(0.1)\n"
+        "        libc._exit(0)\n"
+        "while True:\n    pass\n"
+    )
+    try:
+        start = time.monotonic()
+        assert PythonTestsVerifier(timeout=2.0)("q", _py(code), ADD_TESTS) == (0.0, "Timed out after 2 s")
+        assert time.monotonic() - start < 2.0 + 2.0
+        assert beats.stat().st_size > 0, "the children never ran: the test proves nothing"
+        assert _beats_stopped(beats), "a child of the sandbox is still running"
+    finally:
+        import shutil
+
+        shutil.rmtree(beats_dir, ignore_errors=True)
+
+
+def _bounded_forks(max_processes: int) -> VerifierResult:
+    code = BYPASS_PREAMBLE + (
+        "forked = 0\nfor _ in range(40):\n    pid = libc.fork()\n"
+        "    if pid == 0:\n        time.sleep(30)\n        libc._exit(0)\n"
+        "    if pid < 0:\n        break\n    forked += 1\n"
+    )
+    record = {"tests": [f"assert 1 <= forked < {max_processes}, forked"]}
+    return PythonTestsVerifier(timeout=3.0, max_processes=max_processes)("q", _py(code), record)
+
+
+def test_python_tests_process_limit_caps_forks_that_bypass_the_python_block():
+    if not sandbox_mode()["process_limit"]:
+        pytest.skip("the sandbox runs as root here: the kernel does not enforce RLIMIT_NPROC")
+    assert _bounded_forks(max_processes=8) == (1.0, None)
+
+
+def test_python_tests_fork_bomb_is_contained_and_leaves_nothing_behind():
+    mode = sandbox_mode()
+    if not (mode["process_limit"] and mode["pid_namespace"]):
+        pytest.skip("needs RLIMIT_NPROC enforced and a PID namespace to run a real fork bomb safely")
+    assert _bounded_forks(max_processes=8) == (1.0, None), "the process limit does not hold: no fork bomb"
+    beats_dir = _heartbeat_dir()
+    beats = beats_dir / "beats"
+    beats.touch()
+    beats.chmod(0o666)
+    code = BYPASS_PREAMBLE + (
+        f"beats = open({str(beats)!r}, 'a')\n"
+        "while True:\n    libc.fork()\n    beats.write('.')\n    beats.flush()\n"
+    )
+    try:
+        start = time.monotonic()
+        reward, feedback = PythonTestsVerifier(timeout=2.0, max_processes=16)("q", _py(code), ADD_TESTS)
+        assert reward == 0.0 and feedback == "Timed out after 2 s"
+        assert time.monotonic() - start < 2.0 + 2.0
+        assert beats.stat().st_size > 0
+        assert _beats_stopped(beats), "a process of the fork bomb is still running"
+    finally:
+        import shutil
+
+        shutil.rmtree(beats_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "code,expected",
+    [
+        ("chunks = []\nwhile True:\n    chunks.append(bytearray(32 << 20))", "Solution raised MemoryError"),
+        ("chunks = []\nwhile True:\n    chunks.append('x' * (8 << 20))", "Solution raised MemoryError"),
+        ("chunks = []\ntry:\n    while True:\n        chunks.append(bytearray(32 << 20))\nexcept MemoryError:\n"
+         "    while True:\n        pass", "Timed out after 2 s"),
+        ("import threading\nhog = lambda: bytearray(1 << 31)\nthreading.Thread(target=hog).start()\n"
+         "def add(a, b):\n    return a + b", None),
+    ],
+    ids=["bytearrays", "strings", "hog-then-spin", "hog-in-a-thread"],
+)
+def test_python_tests_memory_hogs_hit_the_limit_not_the_machine(code, expected):
+    start = time.monotonic()
+    reward, feedback = PythonTestsVerifier(timeout=2.0, memory_mb=256)("q", _py(code), ADD_TESTS)
+    assert time.monotonic() - start < 2.0 + 2.0
+    assert reward == 0.0
+    if expected is None:  # the thread's MemoryError stays in the thread; the tests then run and one fails
+        assert feedback.startswith("Test 2 of 3 failed"), feedback
+    else:
+        assert feedback == expected, feedback
+
+
+def test_hostile_code_cannot_hang_or_kill_an_sdpo_training_run(tmp_path, tokenizer):
+    """One SDPO step whose rollouts are an infinite loop, a fork bomb, a memory hog, attempts to kill the
+    trainer, and one correct solution: the step finishes, the bad ones get reward 0 with feedback."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from sd_plugin import SDPOConfig, SDPOTrainer
+    from sd_plugin.rollout import Rollouts
+    from sd_plugin.testing import build_model
+    from sd_plugin.trainers import base as base_module
+
+    completions = [
+        _py("def add(a, b):\n    while True:\n        pass"),
+        _py("import os\nwhile True:\n    os.fork()"),
+        _py("chunks = []\nwhile True:\n    chunks.append(bytearray(32 << 20))"),
+        _py("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)"),
+        _py("import os, signal\nos.killpg(0, signal.SIGKILL)"),
+        _py("def add(a, b):\n    return a + b"),
+    ]
+
+    def hostile_rollouts(self, model, prompt_ids, prompt_mask):
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in completions]
+        ids, mask = base_module.right_pad(ids, tokenizer.pad_token_id)
+        groups = torch.arange(prompt_ids.shape[0]).repeat_interleave(self.options.num_generations)
+        return Rollouts(ids, mask, groups, torch.zeros(len(completions), dtype=torch.bool))
+
+    rows = Dataset.from_list([{"prompt": f"Write add(a, b) in Python ({i}).", "tests": ["assert add(1, 2) == 3"]} for i in range(2)])
+    args = SDPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1, logging_steps=1,
+                      max_completion_length=64, report_to="none", save_strategy="no", use_cpu=True, seed=0,
+                      num_generations=3, verifier="python_tests", verifier_kwargs={"timeout": 2, "memory_mb": 256})
+    trainer = SDPOTrainer(model=build_model("qwen3", tokenizer), args=args, train_dataset=rows, processing_class=tokenizer,
+                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    scored = []
+    real_score = trainer.score
+    trainer.score = lambda inputs, batch: scored.append(real_score(inputs, batch)) or scored[-1]
+    trainer.sample = hostile_rollouts.__get__(trainer)
+    start = time.monotonic()
+    result = trainer.train()
+    assert result.global_step == 1 and time.monotonic() - start < 6 * (2 + 2) + 30
+    (step,) = scored
+    assert step.rewards.tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert step.feedback[0] == "Timed out after 2 s"
+    assert step.feedback[1].startswith("Solution raised PermissionError")
+    assert step.feedback[2] == "Solution raised MemoryError"
+    assert step.feedback[3].startswith("Solution raised PermissionError") and step.feedback[4].startswith("Solution raised PermissionError")
+    assert os.getpid() > 0  # this process (the trainer) is alive

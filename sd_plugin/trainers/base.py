@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
@@ -23,7 +24,7 @@ from transformers import Trainer, TrainerCallback
 
 from sd_plugin.contexts import render_ids
 from sd_plugin.data import Columns, RecordError, prompt_record
-from sd_plugin.losses import DivergenceOptions, chunked_distillation_loss
+from sd_plugin.losses import DivergenceOptions, chunked_distillation_loss, liger_available, liger_distillation_loss
 from sd_plugin.rollout import Rollouts, SamplingOptions, generate_rollouts
 from sd_plugin.teacher import Teacher
 
@@ -56,13 +57,27 @@ class SelfDistillationOptions:
     teacher: str = field(default="base", metadata={"help": "base | ema | live."})
     teacher_ema_rate: float = field(default=0.01, metadata={"help": "EMA rate a in phi <- (1-a) phi + a theta."})
     teacher_sync_steps: int = field(default=0, metadata={"help": "Copy the student into the teacher every N steps (0: never)."})
+    liger_loss: bool | None = field(default=None, metadata={"help": "Liger-Kernel's fused linear JSD for full-vocabulary steps: None = on a GPU when liger-kernel is installed, true = always, false = never."})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (reported, written to invalid_rows_file) instead of failing."})
     invalid_rows_file: str | None = field(default=None, metadata={"help": "Where skipped rows go (default: output_dir/invalid_rows.jsonl)."})
+    max_consecutive_nonfinite_steps: int = field(default=3, metadata={"help": "Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error."})
+    debug_numerics: bool = field(default=False, metadata={"help": "Check every training step that each per-token divergence is >= 0 (tolerance 1e-4); stop at the first that is not."})
 
     def check(self) -> None:
         """Reject contradictory options before any training step (messages name the key)."""
-        DivergenceOptions(self.distillation_alpha, self.distillation_mode, self.distillation_topk,
-                          self.distillation_support, self.distillation_add_tail, self.distillation_temperature)
+        try:
+            DivergenceOptions(self.distillation_alpha, self.distillation_mode, self.distillation_topk,
+                              self.distillation_support, self.distillation_add_tail, self.distillation_temperature)
+        except ValueError as error:  # its messages say "alpha", "mode", ...: name the option's key
+            raise ValueError(f"distillation_{error}") from None
+        for key in ("rollout_temperature", "distillation_temperature", "importance_sampling_clip"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise ValueError(f"{key} must be a finite number > 0, got {getattr(self, key)}")
+        if not 0.0 < self.rollout_top_p <= 1.0:
+            raise ValueError(f"rollout_top_p must be in (0, 1], got {self.rollout_top_p}")
+        for key in ("rollout_top_k", "num_loss_tokens_to_skip", "teacher_sync_steps"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.loss_reduction not in ("sequence", "token"):
             raise ValueError(f"loss_reduction must be 'sequence' or 'token', got {self.loss_reduction!r}")
         if self.teacher not in ("base", "ema", "live"):
@@ -75,8 +90,14 @@ class SelfDistillationOptions:
                 f"max_teacher_prompt_length ({self.max_teacher_prompt_length}) is below max_prompt_length "
                 f"({self.max_prompt_length}): the teacher prompt contains the student prompt"
             )
+        if self.liger_loss and self.distillation_mode != "full":
+            raise ValueError(f"liger_loss: true supports distillation_mode: full only (got {self.distillation_mode!r})")
+        if self.liger_loss and not liger_available():
+            raise ValueError("liger_loss: true needs liger-kernel: pip install 'sd-plugin[liger]'")
         if not 0.0 < self.teacher_ema_rate <= 1.0:
             raise ValueError(f"teacher_ema_rate must be in (0, 1], got {self.teacher_ema_rate}")
+        if self.max_consecutive_nonfinite_steps < 1:
+            raise ValueError(f"max_consecutive_nonfinite_steps must be >= 1, got {self.max_consecutive_nonfinite_steps}")
 
 
 def options_from_args(args, options_cls):
@@ -284,8 +305,7 @@ class SelfDistillationTrainer(Trainer):
         has_teacher = torch.tensor([p is not None for p in batch.teacher_prompts], device=device)
         loss_mask = rollouts.completion_mask * (has_teacher | batch.ce_rows).unsqueeze(-1)
 
-        student_hidden = batch.student_hidden = completion_hidden_states(self.accelerator.unwrap_model(model), model, batch.prompt_ids,
-                                                  batch.prompt_mask, rollouts.completion_ids, rollouts.completion_mask)
+        # Teacher first: its no-grad forward then never coexists with the student's saved activations.
         teacher_hidden, teacher_head = None, None
         distilled = has_teacher & ~batch.ce_rows
         if distilled.any():
@@ -297,23 +317,45 @@ class SelfDistillationTrainer(Trainer):
                                                           rollouts.completion_ids, rollouts.completion_mask)
                 teacher_head = teacher_model.get_output_embeddings()
             self._metrics[mode]["teacher_prompt_length"].append(teacher_mask[distilled].sum(-1).float().mean().item())
+        student_hidden = batch.student_hidden = completion_hidden_states(
+            self.accelerator.unwrap_model(model), model, batch.prompt_ids, batch.prompt_mask,
+            rollouts.completion_ids, rollouts.completion_mask)
 
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         o = self.options
         ce_mask = batch.ce_rows.unsqueeze(-1).expand_as(loss_mask)
-        out = chunked_distillation_loss(
-            student_hidden, teacher_hidden, head.weight, loss_mask,
-            chunk_size=o.loss_chunk_size, alpha=o.distillation_alpha, mode=o.distillation_mode, topk=o.distillation_topk,
-            support=o.distillation_support, add_tail=o.distillation_add_tail, temperature=o.distillation_temperature,
-            sampled_ids=rollouts.completion_ids, reduction=o.loss_reduction, skip_first=o.num_loss_tokens_to_skip,
-            old_logprobs=rollouts.old_logprobs, importance_sampling_clip=o.importance_sampling_clip,
-            ce_mask=ce_mask if batch.ce_rows.any() else None, lm_head_bias=head.bias,
-            teacher_lm_head_weight=None if teacher_head is None else teacher_head.weight,
-            teacher_lm_head_bias=None if teacher_head is None else teacher_head.bias,
-        )
+        if distilled.any() and self.use_liger_loss(student_hidden, batch):
+            out = liger_distillation_loss(
+                student_hidden, teacher_hidden, head.weight, loss_mask, alpha=o.distillation_alpha,
+                temperature=o.distillation_temperature, chunk_size=o.loss_chunk_size, reduction=o.loss_reduction,
+                skip_first=o.num_loss_tokens_to_skip, lm_head_bias=head.bias, teacher_lm_head_weight=teacher_head.weight,
+                teacher_lm_head_bias=teacher_head.bias,
+            )
+        else:
+            out = chunked_distillation_loss(
+                student_hidden, teacher_hidden, head.weight, loss_mask,
+                chunk_size=o.loss_chunk_size, alpha=o.distillation_alpha, mode=o.distillation_mode, topk=o.distillation_topk,
+                support=o.distillation_support, add_tail=o.distillation_add_tail, temperature=o.distillation_temperature,
+                sampled_ids=rollouts.completion_ids, reduction=o.loss_reduction, skip_first=o.num_loss_tokens_to_skip,
+                old_logprobs=rollouts.old_logprobs, importance_sampling_clip=o.importance_sampling_clip,
+                ce_mask=ce_mask if batch.ce_rows.any() else None, lm_head_bias=head.bias,
+                teacher_lm_head_weight=None if teacher_head is None else teacher_head.weight,
+                teacher_lm_head_bias=None if teacher_head is None else teacher_head.bias,
+            )
+        if self.options.debug_numerics and mode == "train":
+            self.check_divergence_values(out)
         loss = self.total_loss(model, batch, out, mode)
         self.record_step_metrics(mode, batch, out, loss_mask, ce_mask)
         return (loss, None) if return_outputs else loss
+
+    def use_liger_loss(self, student_hidden: torch.Tensor, batch: StepBatch) -> bool:
+        """Liger's fused loss covers full-vocabulary distillation without cross-entropy rows or importance weights."""
+        o = self.options
+        if o.liger_loss is False or o.distillation_mode != "full":
+            return False
+        if batch.ce_rows.any() or batch.rollouts.old_logprobs is not None:
+            return False
+        return bool(o.liger_loss) or (student_hidden.is_cuda and liger_available())
 
     def total_loss(self, model, batch: StepBatch, out, mode: str) -> torch.Tensor:
         """The loss to optimize from the distillation output (SDPO adds its GRPO term here)."""
@@ -331,6 +373,9 @@ class SelfDistillationTrainer(Trainer):
         metrics["on_policy_fraction"].append(on_policy.float().mean().item())
         # Diagnostics come back for the tokens in the loss, in row-major order.
         in_loss = loss_mask.bool() & (loss_mask.cumsum(-1) > self.options.num_loss_tokens_to_skip)
+        if out.per_token_divergence is None:  # the Liger path: distilled rows only, loss only
+            metrics["kl"].append(out.loss.item())
+            return
         ce_tokens = ce_mask[in_loss]
         per_token = out.per_token_divergence
         if (~ce_tokens).any():
@@ -340,6 +385,92 @@ class SelfDistillationTrainer(Trainer):
                 metrics["teacher_student_logprob_gap"].append(gap.mean().item())
         if ce_tokens.any():
             metrics["ce_loss"].append(per_token[ce_tokens].mean().item())
+
+    # ------------------------------------------------------------------ numerics guards
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's forward + backward of one micro-batch, then the non-finite guard.
+
+        A micro-batch whose loss is not finite marks its optimizer step (a NaN or inf logit makes the loss
+        non-finite: the loss sums over every logit of the completion tokens). After the last micro-batch of the
+        step, once the gradients are synchronized, `guard_optimizer_step` skips the step when any process saw
+        a non-finite loss or holds a non-finite gradient. The backward of a non-finite loss still runs (every
+        process takes part in the gradient all-reduce); its gradients are dropped, never applied.
+        """
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss).all()):
+            self._nonfinite_loss_in_step = True
+            for values in self._metrics["train"].values():  # keep this micro-batch's NaNs out of the logged means
+                values[:] = [value for value in values if math.isfinite(value)]
+        if self.accelerator.sync_gradients:
+            self.guard_optimizer_step()
+        return loss
+
+    def guard_optimizer_step(self) -> bool:
+        """Skip the optimizer step about to run when it is non-finite on any process; returns whether it is skipped.
+
+        Called once the step's gradients are complete. A skipped step's gradients are dropped (set to None), so
+        the optimizer changes neither the weights nor its own state; global_step and the learning-rate schedule
+        still advance. Skips are counted (`nonfinite_steps_skipped`, logged as `skipped_step_fraction`) and
+        warned about; `max_consecutive_nonfinite_steps` skips in a row stop the run with a RuntimeError.
+        Under DeepSpeed the optimizer steps inside backward: there the skip is DeepSpeed's own overflow check,
+        and this guard only counts and stops.
+        """
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        local_grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+        nonfinite_loss = self.__dict__.pop("_nonfinite_loss_in_step", False)
+        nonfinite_grad = bool(local_grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(local_grads)))
+        # How many processes saw each; every process must take the same decision (FSDP / ZeRO shard gradients).
+        counts = torch.tensor([float(nonfinite_loss), float(nonfinite_grad)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        skipped = bool(counts.sum() > 0)
+        self._metrics["train"]["skipped_step_fraction"].append(float(skipped))
+        if not skipped:
+            self._nonfinite_steps_in_a_row = 0
+            return False
+        for param in params:
+            param.grad = None
+        self._nonfinite_steps_in_a_row = self.__dict__.get("_nonfinite_steps_in_a_row", 0) + 1
+        self._nonfinite_steps_skipped = self.nonfinite_steps_skipped + 1
+        step, in_a_row, limit = self.state.global_step + 1, self._nonfinite_steps_in_a_row, self.options.max_consecutive_nonfinite_steps
+        what = (f"loss on {int(counts[0])} of {self.accelerator.num_processes} process(es)" if counts[0] > 0
+                else "gradient")
+        LOG.warning("step %d skipped: non-finite %s; %d step(s) skipped so far, %d in a row (the run stops at %d)",
+                    step, what, self._nonfinite_steps_skipped, in_a_row, limit)
+        if in_a_row >= limit:
+            raise RuntimeError(
+                f"{in_a_row} optimizer steps in a row (the last: step {step}) had a non-finite {what}; stopping "
+                f"(max_consecutive_nonfinite_steps={limit}). No skipped step changed the weights. See 'Running long "
+                "jobs' in the README: lower the learning rate, look at the rows of these steps, resume from the last "
+                "checkpoint."
+            )
+        return True
+
+    @property
+    def nonfinite_steps_skipped(self) -> int:
+        """Optimizer steps skipped so far for a non-finite loss or gradient (this process's run)."""
+        return self.__dict__.get("_nonfinite_steps_skipped", 0)
+
+    def check_divergence_values(self, out) -> None:
+        """`debug_numerics`: every per-token divergence of the step must be >= 0 within 1e-4, else RuntimeError.
+
+        A divergence (forward / reverse KL, generalized JSD, cross-entropy) is never negative; a value below
+        -1e-4 means the loss is computed wrongly or in too low a precision. The sampled-token estimator of
+        `distillation_mode: sampled` is negative for some tokens by design and is not checked; non-finite
+        values are left to the non-finite guard (the step is skipped).
+        """
+        if self.options.distillation_mode == "sampled" or out.per_token_divergence is None:  # Liger: loss only
+            return
+        tolerance = 1e-4
+        values = out.per_token_divergence.detach().float()
+        values = values[torch.isfinite(values)]
+        if values.numel() and values.min().item() < -tolerance:
+            below = int((values < -tolerance).sum())
+            raise RuntimeError(
+                f"debug_numerics: {below} of {values.numel()} per-token divergences of step {self.state.global_step + 1} "
+                f"are below -{tolerance:g} (min {values.min().item():.4g}); a divergence is never negative, so the "
+                "loss is computed wrongly or in too low a precision"
+            )
 
     # ------------------------------------------------------------------ plumbing
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -359,6 +490,17 @@ class SelfDistillationTrainer(Trainer):
             averaged = {f"eval_{key}": value for key, value in averaged.items()}
         super().log({**logs, **averaged}, start_time)
         self._metrics[mode].clear()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Saves the model (adapter) and, on the final save, `training_config.json` and `trainer_state.json`
+        beside it: what `sd-plugin merge` puts in the model card (hyperparameters and metrics)."""
+        super().save_model(output_dir, _internal_call)
+        if _internal_call or not self.args.should_save:
+            return
+        folder = output_dir or self.args.output_dir
+        with open(os.path.join(folder, "training_config.json"), "w", encoding="utf-8") as handle:
+            json.dump(self.args.to_dict(), handle, indent=2, default=str)
+        self.state.save_to_json(os.path.join(folder, "trainer_state.json"))
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
