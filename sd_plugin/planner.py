@@ -9,7 +9,8 @@ one self-distillation step, term by term:
     lora_params/grads     the adapter in fp32 (peft's default), its gradients
     optimizer_states      AdamW: two fp32 states per trainable parameter (8-bit optimizers: two bytes)
     teacher_state         the teacher's own weights: none for a LoRA base/live teacher (adapter disabled),
-                          fp32 Delta W per LoRA layer for a LoRA EMA/sync teacher, a full copy without LoRA
+                          fp32 Delta W per LoRA layer for a LoRA EMA/sync teacher (or its rank-k factors with
+                          teacher_ema_rank), a full copy without LoRA
     rollout_kv_cache      generation's KV cache at prompt + completion length (full-attention layers only;
                           linear-attention layers keep a fixed-size convolution + recurrent state)
     rollout_working_set   one layer's forward temporaries during the prompt prefill (no grad)
@@ -25,7 +26,7 @@ one self-distillation step, term by term:
 Sequence-proportional training terms (student activations, backward working set, teacher forward, hidden
 states) are divided by the context-parallel size. The rollout is NOT divided: each rank generates its own
 completion over the whole prompt (conservative). The step's phases do not overlap in time, so the peak is
-the largest phase: rollout, teacher forward (runs after the student forward, whose saved tensors are alive),
+the largest phase: rollout, teacher forward (runs before the student forward, so no saved tensors are alive),
 loss, backward, optimizer step.
 
 Calibration: the per-layer saved-tensor counts follow the modules' code (transformers' Qwen3 / Qwen3.5,
@@ -268,6 +269,7 @@ class TrainingSetup:
     distillation_mode: str = "full"
     teacher: str = "base"
     teacher_sync: bool = False
+    teacher_ema_rank: int = 0             # LoRA EMA/sync teacher as rank-k factors (0: dense fp32 Delta W)
     context_parallel: int = 1
     gpus: int = 1
     device: str = "cuda"                 # cuda | cpu (cpu: no framework overhead / allocator margin)
@@ -367,6 +369,7 @@ def setup_from_config(cfg: dict, gpus: int | None = None) -> TrainingSetup:
         distillation_mode=str(block.get("distillation_mode", "full")),
         teacher=teacher,
         teacher_sync=int(block.get("teacher_sync_steps", 0) or 0) > 0,
+        teacher_ema_rank=int(block.get("teacher_ema_rank", 0) or 0),
         context_parallel=context_parallel,
         gpus=int(gpus or max(context_parallel, 1)),
         device=str(cfg.get("device", "cuda")),
@@ -565,9 +568,14 @@ def plan(setup: TrainingSetup, gpu_memory: int = 80 * GiB, *, suggest: bool = Tr
 
     if setup.teacher == "live" or (setup.adapter and setup.teacher == "base" and not setup.teacher_sync):
         teacher_state = 0
+    elif setup.adapter and setup.teacher_ema_rank:
+        # Factors [out, k] and [k, in] per adapted layer, plus the [out, k + r] / [k + r, in] sum during an update.
+        rank = setup.teacher_ema_rank + setup.lora_r
+        teacher_state = sum(rank * (i + o) * n for name, i, o, n in linear_modules(shape) if name in setup.lora_targets) * 4
     elif setup.adapter:
         teacher_state = sum(i * o * n for name, i, o, n in linear_modules(shape) if name in setup.lora_targets) * 4
-        notes.append("the LoRA EMA/sync teacher keeps a dense fp32 Delta W per adapted layer (teacher_state)")
+        notes.append("the LoRA EMA/sync teacher keeps a dense fp32 Delta W per adapted layer (teacher_state); "
+                     "teacher_ema_rank: 2-4x lora_r keeps it as low-rank factors instead")
     else:
         teacher_state = weights
 
@@ -660,6 +668,8 @@ def suggestions(setup: TrainingSetup, gpu_memory: int) -> list[str]:
         candidates.append(("adapter: qlora + load_in_4bit: true", replace(setup, adapter="qlora", weight_format="nf4")))
     if setup.optimizer_state_bytes > 2:
         candidates.append(("optimizer: adamw_bnb_8bit", replace(setup, optimizer_state_bytes=2.0)))
+    if setup.adapter and (setup.teacher == "ema" or setup.teacher_sync) and not setup.teacher_ema_rank:
+        candidates.append((f"teacher_ema_rank: {4 * setup.lora_r}", replace(setup, teacher_ema_rank=4 * setup.lora_r)))
     if not (setup.liger_rms_norm and setup.liger_glu):
         candidates.append(("Axolotl's Liger plugin with liger_rms_norm + liger_glu_activation",
                            replace(setup, liger_rms_norm=True, liger_glu=True)))

@@ -5,7 +5,9 @@ Kinds:
   memory); with full fine-tuning a frozen in-memory copy made at the start (never a reload from disk).
 - "ema": phi <- (1 - rate) phi + rate theta after every optimizer step. With LoRA the EMA is kept for the
   adapter's effective update Delta W = scale * B @ A of every LoRA layer (an EMA of A and B separately is
-  not an EMA of B @ A), and applied through forward hooks while the adapter is disabled. With full
+  not an EMA of B @ A), and applied through forward hooks while the adapter is disabled; as a dense fp32
+  [out, in] matrix per layer (`ema_rank` 0, exact) or as rank-`ema_rank` factors (memory ~ rank x (out + in),
+  exact until the EMA's rank exceeds it, then the best rank-k approximation, its error measured). With full
   fine-tuning it is a frozen copy updated in place.
 - "live": the student itself, without gradient.
 `sync_steps` > 0 additionally copies the student into the teacher every that many steps (hard sync).
@@ -134,23 +136,30 @@ def lora_adapter_parameters(layers: dict[str, torch.nn.Module]) -> list[torch.nn
 class Teacher:
     """Owns the teacher's weights for one trainer; `scoring()` is the context in which to run its forward."""
 
-    def __init__(self, model, kind: str = "base", ema_rate: float = 0.01, sync_steps: int = 0):
+    def __init__(self, model, kind: str = "base", ema_rate: float = 0.01, sync_steps: int = 0, ema_rank: int = 0):
         if kind not in KINDS:
             raise ValueError(f"teacher kind must be one of {KINDS}, got {kind!r}")
         if not 0.0 < ema_rate <= 1.0:
             raise ValueError(f"ema_rate must be in (0, 1], got {ema_rate}")
-        self.kind, self.ema_rate, self.sync_steps = kind, ema_rate, sync_steps
+        self.kind, self.ema_rate, self.sync_steps, self.ema_rank = kind, ema_rate, sync_steps, ema_rank
         self.peft = is_peft_model(model)
         self.copy = None          # full fine-tuning: frozen copy of the student
-        self.deltas = {}          # LoRA with ema/sync: name -> teacher's Delta W (float32)
+        self.deltas = {}          # LoRA with ema/sync, ema_rank 0: name -> teacher's Delta W (float32)
+        self.factors = {}         # LoRA with ema/sync, ema_rank > 0: name -> (up [out, k], down [k, in]), Delta W = up @ down
+        self.truncation_error = 0.0  # largest relative Frobenius error of the last low-rank update
         if kind == "live":
             return
         if self.peft:
             if kind == "ema" or sync_steps:
                 layers = lora_layers(model)
                 with full_parameters(model, lora_adapter_parameters(layers)):
-                    self.deltas = {name: torch.zeros_like(lora_delta(m)) for name, m in layers.items()}
+                    if ema_rank:
+                        self.factors = {name: empty_factors(m) for name, m in layers.items()}
+                    else:
+                        self.deltas = {name: torch.zeros_like(lora_delta(m)) for name, m in layers.items()}
         else:
+            if ema_rank:
+                raise ValueError("teacher_ema_rank applies to LoRA adapters; a fully fine-tuned model's teacher is a full copy")
             if is_zero3_partitioned(model.parameters()):
                 raise ValueError(
                     f"teacher: {kind} with full fine-tuning keeps a full frozen copy of the model, which DeepSpeed "
@@ -173,10 +182,13 @@ class Teacher:
             was_training = model.training
             model.eval()  # no LoRA dropout, no gradient checkpointing recompute for a no-grad forward
             stack.callback(model.train, was_training)
-            if self.deltas:
+            if self.deltas or self.factors:
                 layers = lora_layers_any(model)
                 for name, delta in self.deltas.items():
                     hook = layers[name].register_forward_hook(_add_delta(delta))
+                    stack.callback(hook.remove)
+                for name, (up, down) in self.factors.items():
+                    hook = layers[name].register_forward_hook(_add_low_rank(up, down))
                     stack.callback(hook.remove)
             yield model
 
@@ -196,6 +208,13 @@ class Teacher:
         with full_parameters(model, lora_adapter_parameters(layers)):
             for name, delta in self.deltas.items():
                 delta.lerp_(lora_delta(layers[name]).to(delta.device), rate)
+            errors = [0.0]
+            for name, (up, down) in list(self.factors.items()):
+                new_up, new_down = lora_factors(layers[name])
+                up, down, error = low_rank_ema(up, down, new_up.to(up.device), new_down.to(down.device), rate, self.ema_rank)
+                self.factors[name] = (up, down)
+                errors.append(error)
+            self.truncation_error = max(errors)
 
     def _update_copy(self, model, rate: float) -> None:
         teacher_params = dict(self.copy.named_parameters())
@@ -221,13 +240,22 @@ class Teacher:
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.copy is not None and (self.kind == "ema" or self.sync_steps):
             return {f"copy.{k}": v for k, v in self.copy.state_dict().items()}
-        return {f"delta.{k}": v for k, v in self.deltas.items()}
+        state = {f"delta.{k}": v for k, v in self.deltas.items()}
+        for name, (up, down) in self.factors.items():
+            state[f"up.{name}"], state[f"down.{name}"] = up, down
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.copy is not None and (self.kind == "ema" or self.sync_steps):
             self.copy.load_state_dict({k[len("copy."):]: v for k, v in state.items() if k.startswith("copy.")})
         for name, delta in self.deltas.items():
+            if f"delta.{name}" not in state:
+                raise ValueError(f"the teacher state has no dense delta for {name}: was it saved with teacher_ema_rank > 0?")
             delta.copy_(state[f"delta.{name}"])
+        for name, (up, down) in self.factors.items():
+            if f"up.{name}" not in state:
+                raise ValueError(f"the teacher state has no low-rank factors for {name}: was it saved with teacher_ema_rank 0?")
+            self.factors[name] = (state[f"up.{name}"].to(up.device, up.dtype), state[f"down.{name}"].to(down.device, down.dtype))
 
 
 def lora_layers_any(model) -> dict[str, torch.nn.Module]:
@@ -235,6 +263,53 @@ def lora_layers_any(model) -> dict[str, torch.nn.Module]:
     from peft.tuners.lora import LoraLayer
 
     return {unwrapped_name(name): m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def lora_factors(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale * B, A) of a LoRA layer's active adapter in float32: Delta W = scale * B @ A, never formed."""
+    adapter = module.active_adapters[0]
+    if module.fan_in_fan_out:
+        raise ValueError("teacher_ema_rank > 0 supports nn.Linear LoRA layers (fan_in_fan_out=False) only")
+    up = full_value(module.lora_B[adapter].weight).detach().float() * module.scaling[adapter]
+    return up, full_value(module.lora_A[adapter].weight).detach().float()
+
+
+def empty_factors(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-0 factors (Delta W = 0) shaped for `module`."""
+    up, down = lora_factors(module)
+    return up.new_zeros(up.shape[0], 0), down.new_zeros(0, down.shape[1])
+
+
+@torch.no_grad()
+def low_rank_ema(up, down, new_up, new_down, rate: float, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Factors of (1 - rate) up @ down + rate new_up @ new_down, truncated to `rank`, and the relative error.
+
+    The sum is held in factored form ([out, k + r] @ [k + r, in]); above `rank` it is recompressed through
+    QR of both factors and an SVD of the small [k + r, k + r] core (cost O((out + in) (k + r)^2), no
+    [out, in] matrix). The error is ||dropped|| / ||sum|| in the Frobenius norm: exactly 0 while
+    k + r <= rank.
+    """
+    if rate == 1.0:  # hard sync: the student's own rank-r update
+        return new_up.clone(), new_down.clone(), 0.0
+    up = torch.cat([up * (1.0 - rate), new_up * rate], dim=1)
+    down = torch.cat([down, new_down], dim=0)
+    if up.shape[1] <= rank:
+        return up, down, 0.0
+    q_up, r_up = torch.linalg.qr(up)
+    q_down, r_down = torch.linalg.qr(down.T)
+    u, singular, vh = torch.linalg.svd(r_up @ r_down.T)
+    total = singular.square().sum().sqrt().item()
+    dropped = singular[rank:].square().sum().sqrt().item()
+    up = q_up @ (u[:, :rank] * singular[:rank])
+    down = (q_down @ vh[:rank].T).T.contiguous()
+    return up, down, dropped / total if total > 0 else 0.0
+
+
+def _add_low_rank(up: torch.Tensor, down: torch.Tensor):
+    def hook(module, inputs, output):
+        return output + F.linear(F.linear(inputs[0].to(up.dtype), down), up).to(output.dtype)
+
+    return hook
 
 
 def _add_delta(delta: torch.Tensor):

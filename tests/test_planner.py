@@ -292,3 +292,19 @@ def test_prediction_with_gradient_checkpointing_within_25_percent():
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--measure":
     result = measure_step(int(sys.argv[2]), int(sys.argv[3]), checkpointing=sys.argv[4] == "1")
     print("MEASURED " + json.dumps(result), flush=True)
+
+
+def test_low_rank_ema_teacher_state_is_rank_times_layer_widths():
+    from sd_plugin.planner import load_config, plan_memory
+
+    cfg = load_config(str(EXAMPLES / "sdpo-qwen3-8b-chemistry.yml"))
+    low = plan_memory(cfg, gpu_memory="80GB")
+    cfg["sdpo"]["teacher_ema_rank"] = 0
+    dense = plan_memory(cfg, gpu_memory="80GB")
+    # Qwen3-8B: 36 layers x (q, k, v, o, gate, up, down); rank 256 + lora_r 64 factors vs dense [out, in], fp32.
+    widths = 36 * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + (4096 + 12288) * 3)
+    areas = 36 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 4096 * 12288 * 3)
+    assert low.teacher_state == (256 + 64) * widths * 4
+    assert dense.teacher_state == areas * 4
+    assert dense.peak > 60 * 2**30 > low.peak  # so on a 60 GB budget it is the change that fits
+    assert any(s.startswith("teacher_ema_rank: 256") for s in plan_memory(cfg, gpu_memory="60GB").suggestions)

@@ -260,3 +260,68 @@ def test_liger_loss_is_the_default_on_a_gpu(tokenizer):
 def test_liger_loss_true_rejects_topk(tmp_path):
     with pytest.raises(ValueError, match="liger_loss: true supports distillation_mode: full only"):
         make_args(tmp_path, liger_loss=True, distillation_mode="topk", distillation_topk=5)
+
+
+# ------------------------------------------------------------------ low-rank EMA teacher
+def test_low_rank_ema_is_exact_until_its_rank_then_the_best_approximation():
+    from sd_plugin.teacher import low_rank_ema
+
+    torch.manual_seed(0)
+    out_features, in_features, r, rate = 40, 30, 4, 0.3
+    updates = [(torch.randn(out_features, r), torch.randn(r, in_features)) for _ in range(5)]
+    dense = torch.zeros(out_features, in_features)
+    up, down = torch.zeros(out_features, 0), torch.zeros(0, in_features)
+    for step, (b, a) in enumerate(updates):
+        dense = (1 - rate) * dense + rate * b @ a
+        up, down, error = low_rank_ema(up, down, b, a, rate, rank=16)
+        if (step + 1) * r <= 16:  # the EMA's rank is (step + 1) * r: exact while it fits
+            assert error == 0.0
+            torch.testing.assert_close(up @ down, dense, rtol=1e-4, atol=1e-5)
+        else:
+            assert up.shape[1] == 16 and down.shape[0] == 16
+            # Eckart-Young: the truncation is the best rank-16 approximation, and the reported error is its error.
+            best = torch.linalg.svd(dense)
+            best16 = (best.U[:, :16] * best.S[:16]) @ best.Vh[:16]
+            torch.testing.assert_close(up @ down, best16, rtol=1e-3, atol=1e-4)
+            relative = (torch.linalg.norm(dense - up @ down) / torch.linalg.norm(dense)).item()
+            assert error == pytest.approx(relative, rel=1e-3, abs=1e-6)
+
+
+def test_low_rank_ema_teacher_follows_the_dense_one(tmp_path, tokenizer, quickstart_rows):
+    """The same run with teacher_ema_rank 0 (dense, exact) and 32 (>= 3 steps x lora r 4, so still exact)."""
+    from sd_plugin.teacher import lora_layers
+
+    trainers = {}
+    for rank in (0, 32):
+        torch.manual_seed(0)
+        trainer = SDFTTrainer(model=build_model("qwen3", tokenizer),
+                              args=make_args(tmp_path / str(rank), teacher="ema", teacher_ema_rate=0.3, max_steps=3,
+                                             teacher_ema_rank=rank),
+                              train_dataset=rows(quickstart_rows), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+        trainer.train()
+        trainers[rank] = trainer
+    dense, low = trainers[0].teacher, trainers[32].teacher
+    assert not low.deltas and low.factors.keys() == dense.deltas.keys()
+    for name, delta in dense.deltas.items():
+        up, down = low.factors[name]
+        assert up.shape[1] == 12  # 3 steps x rank 4: still exact
+        torch.testing.assert_close(up @ down, delta, rtol=1e-4, atol=1e-6)
+    assert trainers[32].state.log_history[0]["teacher_ema_truncation_error"] == 0.0
+    # Restored from a checkpoint's state dict, the factors give the same teacher forward.
+    state = {k: v.clone() for k, v in low.state_dict().items()}
+    for name in low.factors:
+        low.factors[name] = (low.factors[name][0] * 0, low.factors[name][1])
+    low.load_state_dict(state)
+    model = trainers[32].model
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), low.scoring(model) as teacher_model:
+        restored = teacher_model(input_ids=ids).logits
+    with torch.no_grad(), dense.scoring(trainers[0].model) as teacher_model:
+        reference = teacher_model(input_ids=ids).logits
+    torch.testing.assert_close(restored, reference, rtol=1e-4, atol=1e-5)
+    assert next(iter(lora_layers(model).values()))  # still a LoRA model
+
+
+def test_teacher_ema_rank_without_an_ema_teacher_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="teacher_ema_rank is set but teacher is 'base'"):
+        make_args(tmp_path, teacher_ema_rank=16)

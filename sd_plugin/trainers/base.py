@@ -56,6 +56,7 @@ class SelfDistillationOptions:
     loss_chunk_size: int = field(default=64, metadata={"help": "Completion tokens per lm_head chunk in the loss (about 3-4 fp32 [chunk, vocab] buffers live at a time)."})
     teacher: str = field(default="base", metadata={"help": "base | ema | live."})
     teacher_ema_rate: float = field(default=0.01, metadata={"help": "EMA rate a in phi <- (1-a) phi + a theta."})
+    teacher_ema_rank: int = field(default=0, metadata={"help": "LoRA EMA/sync teacher kept as rank-k factors instead of a dense fp32 Delta W per layer (0: dense, exact). 2-4x lora_r is typical; the error is logged."})
     teacher_sync_steps: int = field(default=0, metadata={"help": "Copy the student into the teacher every N steps (0: never)."})
     liger_loss: bool | None = field(default=None, metadata={"help": "Liger-Kernel's fused linear JSD for full-vocabulary steps: None = on a GPU when liger-kernel is installed, true = always, false = never."})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (reported, written to invalid_rows_file) instead of failing."})
@@ -75,7 +76,7 @@ class SelfDistillationOptions:
                 raise ValueError(f"{key} must be a finite number > 0, got {getattr(self, key)}")
         if not 0.0 < self.rollout_top_p <= 1.0:
             raise ValueError(f"rollout_top_p must be in (0, 1], got {self.rollout_top_p}")
-        for key in ("rollout_top_k", "num_loss_tokens_to_skip", "teacher_sync_steps"):
+        for key in ("rollout_top_k", "num_loss_tokens_to_skip", "teacher_sync_steps", "teacher_ema_rank"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.loss_reduction not in ("sequence", "token"):
@@ -90,6 +91,8 @@ class SelfDistillationOptions:
                 f"max_teacher_prompt_length ({self.max_teacher_prompt_length}) is below max_prompt_length "
                 f"({self.max_prompt_length}): the teacher prompt contains the student prompt"
             )
+        if self.teacher_ema_rank and self.teacher != "ema" and not self.teacher_sync_steps:
+            raise ValueError(f"teacher_ema_rank is set but teacher is {self.teacher!r} without teacher_sync_steps: nothing to keep")
         if self.liger_loss and self.distillation_mode != "full":
             raise ValueError(f"liger_loss: true supports distillation_mode: full only (got {self.distillation_mode!r})")
         if self.liger_loss and not liger_available():
@@ -218,7 +221,10 @@ class _TeacherUpdate(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        self.trainer.teacher.step(model, state.global_step)
+        teacher = self.trainer.teacher
+        teacher.step(model, state.global_step)
+        if teacher.factors:
+            self.trainer._metrics["train"]["teacher_ema_truncation_error"].append(teacher.truncation_error)
 
 
 class SelfDistillationTrainer(Trainer):
@@ -257,7 +263,8 @@ class SelfDistillationTrainer(Trainer):
                          processing_class=processing_class, data_collator=data_collator, callbacks=callbacks, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.check_against_model()
-        self.teacher = Teacher(self.model, self.options.teacher, self.options.teacher_ema_rate, self.options.teacher_sync_steps)
+        self.teacher = Teacher(self.model, self.options.teacher, self.options.teacher_ema_rate,
+                               self.options.teacher_sync_steps, self.options.teacher_ema_rank)
         self.add_callback(_TeacherUpdate(self))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         eos = processing_class.eos_token_id
