@@ -191,3 +191,66 @@ def sdpo_teacher_messages(
         text += SDPO_FEEDBACK.replace("{feedback}", feedback)
     messages[last_user]["content"] = text + SDPO_SUFFIX
     return messages
+
+
+# SD-Zero's outcome-conditioned control phrases P_r per model family (official code, _P_R_PHRASES): the reviser
+# continues after "y + separator + P_r + separator". Collection, SRT data and the distill teacher must agree.
+CONTROL_PHRASES = {
+    "qwen": {"correct": "Let me rephrase the above solution.",
+             "incorrect": "Wait, this response is wrong. Let me correct it."},
+    "olmo": {"correct": "Let me rephrase the above solution.",
+             "incorrect": "Wrong. I need to redo all."},
+}
+
+
+def control_phrases(family: str = "qwen", correct: str | None = None, incorrect: str | None = None) -> dict[bool, str]:
+    """The control phrase for each verifier outcome ({True: correct, False: incorrect}): the family's, or overrides."""
+    if family not in CONTROL_PHRASES:
+        raise ValueError(f"control_phrase_family must be one of {sorted(CONTROL_PHRASES)}, got {family!r}")
+    phrases = {True: correct or CONTROL_PHRASES[family]["correct"], False: incorrect or CONTROL_PHRASES[family]["incorrect"]}
+    for outcome, phrase in phrases.items():
+        if not phrase.strip():
+            raise ValueError(f"the control phrase for {'correct' if outcome else 'incorrect'} responses is empty")
+    return phrases
+
+
+def sdzero_delimiter_ids(tokenizer, control_phrase: str, separator: str = "\n\n") -> list[int]:
+    """Token ids of separator + P_r + separator, tokenized as one segment (as the official code does)."""
+    return tokenizer(f"{separator}{control_phrase}{separator}", add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class SDZeroTeacherIds:
+    teacher_input_ids: list[int]  # chat(x) + y[:scored_length] (without its end-of-turn token) + delimiter
+    scored_length: int            # tokens of y the teacher scores as its second copy (= the student's loss tokens)
+    truncated_tokens: int         # tokens of y dropped from each copy to fit the cap (0: not shortened)
+
+
+def sdzero_teacher_ids(
+    prompt_ids: list[int],
+    response_ids: list[int],
+    delimiter_ids: list[int],
+    *,
+    max_length: int,
+    end_of_turn_ids: tuple[int, ...] | list[int] = (),
+) -> SDZeroTeacherIds | None:
+    """SD-Zero's teacher input chat(x) + y + separator P_r separator + y; the caller appends the second copy of y.
+
+    `response_ids` is the sampled y (ending with its end-of-turn token when it stopped); the first copy plays
+    the SRT data's y_init, which is text without an end-of-turn token, so a trailing one in `end_of_turn_ids`
+    is left out of it. The loss covers the second copy only. When |x| + |first copy| + |delimiter| + |y| is over
+    `max_length`, y is shortened symmetrically: both copies become y[:L] with L = (max_length - |x| -
+    |delimiter|) // 2, so the student is trained on those L tokens only. x is never cut: when not even one
+    token of y fits, the result is None (the row gets no teacher signal).
+    """
+    first_copy = list(response_ids)
+    if first_copy and first_copy[-1] in end_of_turn_ids:
+        first_copy = first_copy[:-1]
+    total = len(prompt_ids) + len(first_copy) + len(delimiter_ids) + len(response_ids)
+    if total <= max_length:
+        return SDZeroTeacherIds(list(prompt_ids) + first_copy + list(delimiter_ids), len(response_ids), 0)
+    kept = (max_length - len(prompt_ids) - len(delimiter_ids)) // 2
+    if kept < 1:
+        return None
+    return SDZeroTeacherIds(list(prompt_ids) + list(response_ids[:kept]) + list(delimiter_ids), kept,
+                            len(response_ids) - kept)

@@ -4,8 +4,9 @@ Notation (per completion position t): s = log_softmax(student_logits / T), q = l
 
 - alpha = 0: forward KL(teacher || student) = sum_v e^q (q - s)   (the SDFT paper's results)
 - alpha = 1: reverse KL(student || teacher) = sum_v e^s (s - q)
-- otherwise generalized JSD with mixture m = log((1 - alpha) e^s + alpha e^q):
-  (1 - alpha) KL(student || m) + alpha KL(teacher || m)
+- otherwise, family "jsd": generalized JSD with mixture m = log((1 - alpha) e^s + alpha e^q):
+  (1 - alpha) KL(student || m) + alpha KL(teacher || m)   (SDPO)
+  family "mixed": (1 - alpha) forward KL + alpha reverse KL   (SD-Zero; NeMo-RL kl_type=mixed)
 
 Supports ("modes"): "full" vocabulary; "topk" (K indices from the student's or the teacher's logits, both
 distributions renormalized over them, or kept unnormalized plus one tail bucket holding the rest of the
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 MODES = ("full", "topk", "sampled")
 SUPPORTS = ("student", "teacher")
 REDUCTIONS = ("token", "sequence")
+FAMILIES = ("jsd", "mixed")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class DivergenceOptions:
     support: str = "student"
     add_tail: bool = False
     temperature: float = 1.0
+    family: str = "jsd"
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
@@ -52,6 +55,8 @@ class DivergenceOptions:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.support not in SUPPORTS:
             raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"divergence must be one of {FAMILIES}, got {self.family!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.mode == "topk" and (self.topk is None or self.topk < 1):
@@ -66,12 +71,17 @@ class DivergenceOptions:
             raise ValueError(f"topk={self.topk} is larger than the vocabulary ({vocab_size} tokens)")
 
 
-def alpha_divergence(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
+def alpha_divergence(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float,
+                     family: str = "jsd") -> torch.Tensor:
     """D_alpha summed over the last dimension; both inputs are log-probabilities over the same support."""
     if alpha == 0.0:
         return (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
     if alpha == 1.0:
         return (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
+    if family == "mixed":
+        forward = (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
+        reverse = (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
+        return (1.0 - alpha) * forward + alpha * reverse
     mixture = torch.logaddexp(student_logprobs + math.log(1.0 - alpha), teacher_logprobs + math.log(alpha))
     kl_student = (student_logprobs.exp() * (student_logprobs - mixture)).sum(-1)
     kl_teacher = (teacher_logprobs.exp() * (teacher_logprobs - mixture)).sum(-1)
@@ -107,7 +117,7 @@ def _token_terms(
         teacher_token = teacher_logprobs.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
 
     if options.mode == "full":
-        per_token = alpha_divergence(student_logprobs, teacher_logprobs, options.alpha)
+        per_token = alpha_divergence(student_logprobs, teacher_logprobs, options.alpha, options.family)
     elif options.mode == "topk":
         source = student_logits if options.support == "student" else teacher_logits
         index = source.detach().topk(options.topk, dim=-1).indices
@@ -118,7 +128,7 @@ def _token_terms(
         else:
             student_k = student_k - torch.logsumexp(student_k, dim=-1, keepdim=True)
             teacher_k = teacher_k - torch.logsumexp(teacher_k, dim=-1, keepdim=True)
-        per_token = alpha_divergence(student_k, teacher_k, options.alpha)
+        per_token = alpha_divergence(student_k, teacher_k, options.alpha, options.family)
     else:  # sampled
         if sampled_ids is None:
             raise ValueError("mode='sampled' needs sampled_ids (the completion token ids)")
@@ -137,6 +147,7 @@ def divergence(
     add_tail: bool = False,
     temperature: float = 1.0,
     sampled_ids: torch.Tensor | None = None,
+    family: str = "jsd",
 ) -> torch.Tensor:
     """Per-token divergence D_alpha(student || teacher) on logits of shape [..., V]; returns [...].
 
@@ -148,8 +159,9 @@ def divergence(
         add_tail: keep the mass outside the top-K as one extra bucket instead of renormalizing.
         temperature: both logits are divided by it before the softmax.
         sampled_ids: the completion token ids [...], needed for mode "sampled".
+        family: for 0 < alpha < 1, "jsd" (generalized JSD) or "mixed" ((1 - alpha) forward + alpha reverse KL).
     """
-    options = DivergenceOptions(alpha, mode, topk, support, add_tail, temperature)
+    options = DivergenceOptions(alpha, mode, topk, support, add_tail, temperature, family)
     options.check_vocab(student_logits.shape[-1])
     return _token_terms(student_logits, teacher_logits, options, sampled_ids)[0]
 
@@ -214,6 +226,7 @@ def _chunk_loss_and_logit_grad(
       forward KL  sum e^q (q - s):           (p - e^q) / T
       reverse KL  sum p (s - q):             p (s - q - D) / T
       JSD(alpha)  mixture m:                 (1 - alpha) p (s - m - KL(p || m)) / T
+      mixed(alpha):                          ((1 - alpha) (p - e^q) + alpha p (s - q - D_reverse)) / T
       top-K (any divergence of s[I], q[I]):  (scatter_I(g) - p sum(g)) / T, g = d loss / d s[I]
       sampled-token log-prob s_y:            (onehot(y) - p) / T
     Only the per-token part (importance weights, cross-entropy rows, token weights, the top-K renormalization)
@@ -265,6 +278,19 @@ def _chunk_loss_and_logit_grad(
         probs = student_logprobs.exp_()
         direction = teacher_probs.neg_().add_(probs)  # p - e^q
         per_token = leaves["divergence"] = value.requires_grad_(need_grad)
+    elif options.mode == "full" and options.family == "mixed":
+        alpha = options.alpha
+        gap = student_logprobs - teacher_logprobs  # s - q
+        teacher_probs = teacher_logprobs.exp_()
+        forward = -_rowdot(teacher_probs, gap)
+        probs = student_logprobs.exp_()
+        reverse = _rowdot(probs, gap)
+        # (1 - alpha) (p - e^q) + alpha p (s - q - reverse)
+        direction = gap.sub_(reverse.unsqueeze(-1)).mul_(probs).mul_(alpha)
+        direction.add_(probs, alpha=1.0 - alpha).sub_(teacher_probs, alpha=1.0 - alpha)
+        del teacher_probs
+        value = (1.0 - alpha) * forward + alpha * reverse
+        per_token = leaves["divergence"] = value.requires_grad_(need_grad)
     elif options.mode == "full":
         alpha = options.alpha
         mixture = student_logprobs + math.log(1.0 - alpha)
@@ -290,7 +316,7 @@ def _chunk_loss_and_logit_grad(
             else:
                 student_side = student_k - torch.logsumexp(student_k, dim=-1, keepdim=True)
                 teacher_side = teacher_k - torch.logsumexp(teacher_k, dim=-1, keepdim=True)
-            per_token = alpha_divergence(student_side, teacher_side, options.alpha)
+            per_token = alpha_divergence(student_side, teacher_side, options.alpha, options.family)
     else:  # sampled
         if sampled_ids is None:
             raise ValueError("mode='sampled' needs sampled_ids (the completion token ids)")
@@ -431,6 +457,7 @@ def chunked_distillation_loss(
     lm_head_bias: torch.Tensor | None = None,
     teacher_lm_head_weight: torch.Tensor | None = None,
     teacher_lm_head_bias: torch.Tensor | None = None,
+    family: str = "jsd",
 ) -> DistillationOutput:
     """The reduced distillation loss computed from final hidden states, `chunk_size` tokens at a time.
 
@@ -445,7 +472,7 @@ def chunked_distillation_loss(
     Equals (weights * divergence(student_hidden @ W.T, teacher_hidden @ W_t.T, ...)).sum() in value and
     gradient; only the tokens with a non-zero weight are projected.
     """
-    options = DivergenceOptions(alpha, mode, topk, support, add_tail, temperature)
+    options = DivergenceOptions(alpha, mode, topk, support, add_tail, temperature, family)
     options.check_vocab(lm_head_weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

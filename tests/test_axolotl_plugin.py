@@ -40,7 +40,7 @@ def quickstart(tmp_path: Path, **overrides) -> dict:
 def test_every_options_field_is_a_yaml_key_and_back():
     from dataclasses import fields
 
-    for method in ("sdft", "sdpo"):
+    for method in ("sdft", "sdpo", "sdzero"):
         dataclass_fields = {f.name for f in fields(options_class(method))}
         assert set(block_model(method).model_fields) == dataclass_fields
 

@@ -11,7 +11,7 @@ from sd_plugin.losses import chunked_distillation_loss, divergence, loss_token_w
 
 # ---------------------------------------------------------------- naive reference (loops over positions)
 def naive_per_token(student_logits, teacher_logits, *, alpha, mode="full", topk=None, support="student",
-                    add_tail=False, temperature=1.0, sampled_ids=None):
+                    add_tail=False, temperature=1.0, sampled_ids=None, family="jsd"):
     student_logits = student_logits.double() / temperature
     teacher_logits = teacher_logits.double() / temperature
     flat_s = student_logits.reshape(-1, student_logits.shape[-1])
@@ -39,6 +39,8 @@ def naive_per_token(student_logits, teacher_logits, *, alpha, mode="full", topk=
             out.append(kl(p_t, p_s))
         elif alpha == 1:
             out.append(kl(p_s, p_t))
+        elif family == "mixed":
+            out.append((1 - alpha) * kl(p_t, p_s) + alpha * kl(p_s, p_t))
         else:
             m = (1 - alpha) * p_s + alpha * p_t
             out.append((1 - alpha) * kl(p_s, m) + alpha * kl(p_t, m))
@@ -69,6 +71,8 @@ CASES = [
     dict(alpha=1.0, mode="topk", topk=5, support="teacher"),
     dict(alpha=0.5, mode="topk", topk=7, support="student", add_tail=True),
     dict(alpha=0.5, mode="topk", topk=7, support="teacher", add_tail=True),
+    dict(alpha=0.5, mode="full", family="mixed"),
+    dict(alpha=0.3, mode="topk", topk=7, support="teacher", family="mixed"),
     dict(alpha=1.0, mode="sampled"),
 ]
 
@@ -110,6 +114,8 @@ CHUNK_CASES = [
     dict(alpha=1.0, mode="full", reduction="sequence", skip_first=3),
     dict(alpha=0.5, mode="topk", topk=6, support="student", add_tail=True),
     dict(alpha=0.5, mode="topk", topk=6, support="teacher", temperature=1.3),
+    dict(alpha=0.3, mode="full", family="mixed", temperature=1.3),
+    dict(alpha=0.5, mode="topk", topk=64 // 8, support="teacher", family="mixed"),
     dict(alpha=1.0, mode="sampled"),
 ]
 

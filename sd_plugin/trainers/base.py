@@ -44,7 +44,8 @@ class SelfDistillationOptions:
     rollout_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
     rollout_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts."})
     rollout_top_k: int | None = field(default=None, metadata={"help": "Top-k sampling of rollouts (None: off)."})
-    distillation_alpha: float = field(default=0.0, metadata={"help": "0 forward KL (SDFT paper), 1 reverse KL, else generalized JSD."})
+    distillation_alpha: float = field(default=0.0, metadata={"help": "0 forward KL (SDFT paper), 1 reverse KL, in between see distillation_divergence."})
+    distillation_divergence: str = field(default="jsd", metadata={"help": "For 0 < alpha < 1: jsd (generalized JSD, SDPO) | mixed ((1 - alpha) forward KL + alpha reverse KL, SD-Zero)."})
     distillation_mode: str = field(default="full", metadata={"help": "full | topk | sampled."})
     distillation_topk: int | None = field(default=None, metadata={"help": "K for distillation_mode=topk."})
     distillation_support: str = field(default="student", metadata={"help": "Whose top-K: student | teacher."})
@@ -68,7 +69,8 @@ class SelfDistillationOptions:
         """Reject contradictory options before any training step (messages name the key)."""
         try:
             DivergenceOptions(self.distillation_alpha, self.distillation_mode, self.distillation_topk,
-                              self.distillation_support, self.distillation_add_tail, self.distillation_temperature)
+                              self.distillation_support, self.distillation_add_tail, self.distillation_temperature,
+                              self.distillation_divergence)
         except ValueError as error:  # its messages say "alpha", "mode", ...: name the option's key
             raise ValueError(f"distillation_{error}") from None
         for key in ("rollout_temperature", "distillation_temperature", "importance_sampling_clip"):
@@ -95,6 +97,8 @@ class SelfDistillationOptions:
             raise ValueError(f"teacher_ema_rank is set but teacher is {self.teacher!r} without teacher_sync_steps: nothing to keep")
         if self.liger_loss and self.distillation_mode != "full":
             raise ValueError(f"liger_loss: true supports distillation_mode: full only (got {self.distillation_mode!r})")
+        if self.liger_loss and self.distillation_divergence == "mixed" and 0.0 < self.distillation_alpha < 1.0:
+            raise ValueError("liger_loss: true computes the generalized JSD only, not distillation_divergence: mixed")
         if self.liger_loss and not liger_available():
             raise ValueError("liger_loss: true needs liger-kernel: pip install 'sd-plugin[liger]'")
         if not 0.0 < self.teacher_ema_rate <= 1.0:
@@ -348,6 +352,7 @@ class SelfDistillationTrainer(Trainer):
                 ce_mask=ce_mask if batch.ce_rows.any() else None, lm_head_bias=head.bias,
                 teacher_lm_head_weight=None if teacher_head is None else teacher_head.weight,
                 teacher_lm_head_bias=None if teacher_head is None else teacher_head.bias,
+                family=o.distillation_divergence,
             )
         if self.options.debug_numerics and mode == "train":
             self.check_divergence_values(out)
@@ -359,6 +364,8 @@ class SelfDistillationTrainer(Trainer):
         """Liger's fused loss covers full-vocabulary distillation without cross-entropy rows or importance weights."""
         o = self.options
         if o.liger_loss is False or o.distillation_mode != "full":
+            return False
+        if o.distillation_divergence == "mixed" and 0.0 < o.distillation_alpha < 1.0:
             return False
         if batch.ce_rows.any() or batch.rollouts.old_logprobs is not None:
             return False

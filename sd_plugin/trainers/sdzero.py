@@ -1,0 +1,298 @@
+"""SD-Zero (He et al. 2026, arXiv 2604.12002): self-revision turns binary rewards into dense supervision.
+
+Two phases, one trainer (`phase`):
+
+- `srt` (Self-Revision Training): supervised training on revisions collected by `sd-plugin collect-revisions`
+  (rows {"prompt", ..., "y_init", "control_phrase", "y_revised"}). Each row gives a revision objective
+  (cross-entropy on y_revised + end-of-turn, given chat(x) + y_init + separator P_r separator) and/or a
+  generation objective (cross-entropy on the whole turn y_init + separator P_r separator + y_revised +
+  end-of-turn, given chat(x)); `srt_objective` picks joint (the paper's L_revision + L_generation, as the TRL
+  pull request trains it) or one of them (the official code's two stages: generation, then revision).
+- `distill` (self-distillation): the student samples y; a binary verifier picks the control phrase P_r; the
+  frozen SRT model scores chat(x) + y + separator P_r separator + y, and the loss covers only the second copy
+  of y (teacher top-64, both renormalized, 0.5 forward + 0.5 reverse KL, token-level mean by default).
+
+Token sequences are concatenations of separately tokenized segments (chat-template prompt, y, delimiter, y),
+never re-tokenized across a boundary, so the masked positions are exactly the intended tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from sd_plugin.contexts import control_phrases, sdzero_delimiter_ids, sdzero_teacher_ids
+from sd_plugin.data import Columns, RecordError, prompt_record
+from sd_plugin.rollout import Rollouts
+from sd_plugin.trainers.base import (
+    LOG,
+    SelfDistillationOptions,
+    SelfDistillationTrainer,
+    StepBatch,
+    right_pad,
+    tokenize_prompt,
+    tokenize_prompt_rows,
+    tokenize_rows,
+)
+from sd_plugin.verifiers import load_verifier, safe_verify
+
+PHASES = ("srt", "distill")
+SRT_OBJECTIVES = ("joint", "revision", "generation")
+SRT_COLUMNS = ("y_init", "control_phrase", "y_revised")
+# Options that only one phase reads; setting one in the other phase is an error (never a silently ignored knob).
+PHASE_ONLY_OPTIONS = {
+    "distill": (
+        "max_teacher_prompt_length", "num_generations", "rollout_temperature", "rollout_top_p", "rollout_top_k",
+        "distillation_alpha", "distillation_divergence", "distillation_mode", "distillation_topk",
+        "distillation_support", "distillation_add_tail", "distillation_temperature", "num_loss_tokens_to_skip",
+        "importance_sampling_clip", "liger_loss", "teacher", "teacher_ema_rate", "teacher_ema_rank",
+        "teacher_sync_steps", "verifier", "verifier_kwargs", "success_threshold", "control_phrase_family",
+        "control_phrase_correct", "control_phrase_incorrect",
+    ),
+    "srt": ("srt_objective",),
+}
+
+
+@dataclass
+class SDZeroOptions(SelfDistillationOptions):
+    """SD-Zero's options; the shared ones get the paper's defaults (official code: NeMo-RL distillation)."""
+
+    phase: str | None = field(default=None, metadata={"help": "Required: srt (self-revision training on collected revisions) | distill (self-distillation from the frozen SRT model)."})
+    max_completion_length: int = field(default=4096, metadata={"help": "distill: rollout cap (max new tokens); srt: cap on the whole assistant turn y_init + P_r + y_revised (longer rows are refused)."})
+    max_teacher_prompt_length: int = field(default=32768, metadata={"help": "Cap on the teacher's whole input chat(x) + y + P_r + y (official MAX_TEACHER_TOKENS); over it y is shortened in both copies, x is never cut."})
+    distillation_alpha: float = field(default=0.5, metadata={"help": "Weight of the reverse KL: 0 forward, 1 reverse, 0.5 = the paper's 0.5 forward + 0.5 reverse (with distillation_divergence: mixed)."})
+    distillation_divergence: str = field(default="mixed", metadata={"help": "For 0 < alpha < 1: mixed ((1 - alpha) forward KL + alpha reverse KL, SD-Zero) | jsd (generalized JSD)."})
+    distillation_mode: str = field(default="topk", metadata={"help": "full | topk | sampled."})
+    distillation_topk: int | None = field(default=64, metadata={"help": "K for distillation_mode=topk (paper: 64)."})
+    distillation_support: str = field(default="teacher", metadata={"help": "Whose top-K: teacher (paper) | student."})
+    loss_reduction: str = field(default="token", metadata={"help": "token (mean over all tokens of the batch, paper) | sequence."})
+    num_loss_tokens_to_skip: int = field(default=0, metadata={"help": "distill: first completion tokens left out of the loss (paper: 0)."})
+    teacher: str | None = field(default=None, metadata={"help": "distill: base (default: the frozen SRT model, i.e. the model with its LoRA adapter disabled, or a frozen copy) | ema | live; srt trains without a teacher."})
+    srt_objective: str = field(default="joint", metadata={"help": "srt: joint (revision + generation rows, the paper's L_SRT) | revision | generation (the official code's stages 2 and 1)."})
+    verifier: str | None = field(default=None, metadata={"help": "distill (required): multiple_choice | tool_calls | boxed_math | python_tests | package.module:callable."})
+    verifier_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Keyword arguments of the verifier (e.g. answer_field)."})
+    success_threshold: float = field(default=1.0, metadata={"help": "A response with reward >= this is correct (control phrase for correct responses)."})
+    control_phrase_family: str = field(default="qwen", metadata={"help": "Control phrases of this model family: qwen | olmo (official code)."})
+    control_phrase_correct: str | None = field(default=None, metadata={"help": "Override of the phrase after a correct response (must match the SRT data)."})
+    control_phrase_incorrect: str | None = field(default=None, metadata={"help": "Override of the phrase after an incorrect response (must match the SRT data)."})
+    separator: str = field(default="\n\n", metadata={"help": "Text around the control phrase: y + separator + P_r + separator (must match the SRT data)."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (string or messages)."})
+    tools_column: str = field(default="tools", metadata={"help": "Column with tool schemas (optional)."})
+
+    def __post_init__(self):
+        self.resolve_teacher()
+
+    def resolve_teacher(self) -> None:
+        """teacher unset: base (the frozen SRT model) for distill; for srt no teacher is kept (live = no copy)."""
+        if self.teacher is None:
+            self.teacher = "live" if self.phase == "srt" else "base"
+
+    def check(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"phase is required: srt or distill, got {self.phase!r}")
+        defaults = {f.name: f.default for f in fields(self)}
+        other_phase = "distill" if self.phase == "srt" else "srt"
+        for name in PHASE_ONLY_OPTIONS[other_phase]:
+            unset = self.teacher == "live" if name == "teacher" else getattr(self, name) == defaults[name]
+            if not unset:
+                raise ValueError(f"{name} is only used with phase: {other_phase} (phase is {self.phase})")
+        super().check()
+        control_phrases(self.control_phrase_family, self.control_phrase_correct, self.control_phrase_incorrect)
+        if self.srt_objective not in SRT_OBJECTIVES:
+            raise ValueError(f"srt_objective must be one of {SRT_OBJECTIVES}, got {self.srt_objective!r}")
+        if self.phase == "distill" and self.verifier is None:
+            raise ValueError("phase: distill needs a verifier: a built-in name (multiple_choice, tool_calls, boxed_math, "
+                             "python_tests) or 'package.module:callable'")
+        if self.teacher != "ema" and self.teacher_ema_rate != defaults["teacher_ema_rate"]:
+            raise ValueError(f"teacher_ema_rate is set but teacher is {self.teacher!r}: set teacher: ema")
+
+
+@dataclass
+class SDZeroConfig(SDZeroOptions, TrainingArguments):
+    """Training arguments for `SDZeroTrainer`: `transformers.TrainingArguments` plus `SDZeroOptions`."""
+
+    learning_rate: float = field(default=5e-6, metadata={"help": "Paper: 5e-6 (both phases)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+
+    def __post_init__(self):
+        TrainingArguments.__post_init__(self)
+        self.resolve_teacher()
+        self.check()
+
+
+def srt_rows(tokenizer, raw: dict, index: int | None, columns: Columns, options: SDZeroOptions) -> list[dict]:
+    """The SRT training rows of one kept revision: `input_ids` (context) and `completion_ids` (targets).
+
+    revision row:   context chat(x) + y_init + delimiter     targets y_revised + end-of-turn
+    generation row: context chat(x)                          targets y_init + delimiter + y_revised + end-of-turn
+    (delimiter = separator + control_phrase + separator). Both rows are the same token sequence; each segment is
+    tokenized on its own and the ids are concatenated. A prompt over max_prompt_length or a turn over
+    max_completion_length is refused, never cut.
+    """
+    record = prompt_record(raw, index, columns)
+    for key in SRT_COLUMNS:
+        value = record.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise RecordError(index, f"{key!r} must be a non-empty string (SRT rows come from sd-plugin collect-revisions), got {str(value)[:60]!r}")
+    prompt_ids = tokenize_prompt(tokenizer, record, options.max_prompt_length, index)
+    init_ids = tokenizer(record["y_init"], add_special_tokens=False)["input_ids"]
+    delimiter_ids = sdzero_delimiter_ids(tokenizer, record["control_phrase"], options.separator)
+    # The revision ends its turn as a sampled rollout does: with the end-of-turn (eos) token.
+    revised_ids = tokenizer(record["y_revised"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    turn_ids = init_ids + delimiter_ids + revised_ids
+    if len(turn_ids) > options.max_completion_length:
+        raise RecordError(index, f"the assistant turn y_init + control phrase + y_revised has {len(turn_ids)} tokens, "
+                                 f"over max_completion_length={options.max_completion_length}")
+    rows = []
+    if options.srt_objective in ("joint", "revision"):
+        rows.append({"input_ids": prompt_ids + init_ids + delimiter_ids, "completion_ids": revised_ids, "srt_objective": "revision"})
+    if options.srt_objective in ("joint", "generation"):
+        rows.append({"input_ids": prompt_ids, "completion_ids": turn_ids, "srt_objective": "generation"})
+    return rows
+
+
+def tokenize_srt_rows(dataset, tokenizer, options: SDZeroOptions, *, invalid_rows_file: str | None = None):
+    """Kept revisions -> SRT rows (one or two per revision, see `srt_rows`); invalid rows fail with their index."""
+    from datasets import Dataset
+
+    columns = Columns(prompt=options.prompt_column, tools=options.tools_column)
+    nested = tokenize_rows(dataset, lambda raw, index: {"rows": srt_rows(tokenizer, raw, index, columns, options)},
+                           skip_invalid=options.skip_invalid, invalid_rows_file=invalid_rows_file)
+    return Dataset.from_list([row for rows in nested["rows"] for row in rows])
+
+
+@dataclass
+class SRTStepBatch(StepBatch):
+    objectives: list[str] = field(default_factory=list)  # "revision" | "generation" per row
+
+
+@dataclass
+class DistillStepBatch(StepBatch):
+    correct: list[bool] = field(default_factory=list)                            # verifier outcome per rollout
+    sdzero_teacher_prompts: list[list[int] | None] = field(default_factory=list)  # chat(x) + y + delimiter
+
+
+class SDZeroTrainer(SelfDistillationTrainer):
+    """Self-Distillation Zero, both phases (`phase: srt | distill`).
+
+    Example (phase 2, after SRT and merging its adapter into the model):
+        args = SDZeroConfig(output_dir="out", phase="distill", verifier="multiple_choice")
+        trainer = SDZeroTrainer(model=srt_model, args=args, train_dataset=problems, processing_class=tokenizer,
+                                peft_config=LoraConfig(...))   # teacher: base = the frozen SRT model
+        trainer.train()
+
+    `train_dataset` rows: phase srt, the kept revisions of `sd_plugin.revisions.collect_revisions`
+    ({"prompt", "system"?, "tools"?, "y_init", "control_phrase", "y_revised"}) or rows prepared by the Axolotl
+    strategy `sd_plugin.axolotl.strategies.sdzero`; phase distill, prompt rows ({"prompt", "system"?, "tools"?,
+    task fields the verifier reads}) or rows of `sd_plugin.axolotl.strategies.prompts`.
+    """
+
+    options_class = SDZeroOptions
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        o = self.options
+        self.verifier = None
+        self.delimiter_ids = None
+        if o.phase == "distill":
+            self.verifier = load_verifier(o.verifier, o.verifier_kwargs)
+            phrases = control_phrases(o.control_phrase_family, o.control_phrase_correct, o.control_phrase_incorrect)
+            self.delimiter_ids = {outcome: sdzero_delimiter_ids(self.processing_class, phrase, o.separator)
+                                  for outcome, phrase in phrases.items()}
+
+    def prepare_dataset(self, dataset, tokenizer, args, split):
+        o = self.options
+        columns = dataset.column_names
+        invalid_file = o.invalid_rows_file or os.path.join(args.output_dir or ".", f"invalid_rows_{split}.jsonl")
+        if o.phase == "srt":
+            if "completion_ids" in columns:
+                return dataset
+            if "sd_record" in columns:
+                raise ValueError("phase: srt trains on kept revisions (type sd_plugin.axolotl.strategies.sdzero), "
+                                 "but the dataset holds prompt rows (type sd_plugin.axolotl.strategies.prompts)")
+            return tokenize_srt_rows(dataset, tokenizer, o, invalid_rows_file=invalid_file)
+        if "sd_record" in columns:
+            return dataset
+        if "completion_ids" in columns:
+            raise ValueError("phase: distill samples from prompt rows (type sd_plugin.axolotl.strategies.prompts), "
+                             "but the dataset holds SRT rows (type sd_plugin.axolotl.strategies.sdzero)")
+        return tokenize_prompt_rows(dataset, tokenizer, o, invalid_rows_file=invalid_file)
+
+    # ------------------------------------------------------------------ the batch of one step
+    def make_rollouts(self, model, inputs) -> StepBatch:
+        if self.options.phase == "srt":
+            return self.srt_batch(inputs)
+        batch = DistillStepBatch(**vars(super().make_rollouts(model, inputs)))
+        self.add_teacher_inputs(inputs, batch)
+        return batch
+
+    def srt_batch(self, inputs) -> SRTStepBatch:
+        """The rows' targets as completions, every row trained with cross-entropy (no rollout, no teacher)."""
+        prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
+        device = prompt_ids.device
+        completion_ids, completion_mask = right_pad([list(ids) for ids in inputs["completion_ids"]],
+                                                    self.processing_class.pad_token_id)
+        size = prompt_ids.shape[0]
+        rollouts = Rollouts(completion_ids.to(device), completion_mask.to(device), torch.arange(size, device=device),
+                            torch.zeros(size, dtype=torch.bool, device=device))
+        return SRTStepBatch(prompt_ids, prompt_mask, rollouts, torch.ones(size, dtype=torch.bool, device=device),
+                            objectives=list(inputs["srt_objective"]))
+
+    def add_teacher_inputs(self, inputs, batch: DistillStepBatch) -> None:
+        """Verify every rollout, pick its control phrase and build chat(x) + y + delimiter for the teacher.
+
+        When the teacher input would exceed max_teacher_prompt_length, y is shortened symmetrically: the
+        rollout's completion mask is cut to the kept tokens, so student and teacher score the same y[:L].
+        """
+        o = self.options
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        rollouts = batch.rollouts
+        records = [json.loads(r) for r in inputs["sd_record"]]
+        truncated_tokens, without_signal = 0, 0
+        for i, group in enumerate(rollouts.prompt_index.tolist()):
+            length = int(rollouts.completion_mask[i].sum())
+            response = rollouts.completion_ids[i, :length].tolist()
+            text = self.processing_class.decode(response, skip_special_tokens=True)
+            record = records[group]
+            result = safe_verify(self.verifier, record["messages"], text, record, row=record.get("idx", f"batch row {group}"))
+            correct = result.reward >= o.success_threshold
+            prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist()
+            teacher = sdzero_teacher_ids(prompt, response, self.delimiter_ids[correct],
+                                         max_length=o.max_teacher_prompt_length, end_of_turn_ids=self.eos_token_ids)
+            batch.correct.append(correct)
+            if teacher is None:
+                without_signal += 1
+                batch.sdzero_teacher_prompts.append(None)
+                continue
+            rollouts.completion_mask[i, teacher.scored_length:] = 0
+            truncated_tokens += teacher.truncated_tokens
+            batch.sdzero_teacher_prompts.append(teacher.teacher_input_ids)
+        count = len(batch.correct)
+        metrics["correct_fraction"].append(sum(batch.correct) / count)
+        metrics["teacher_truncated_tokens"].append(float(truncated_tokens))
+        metrics["no_teacher_signal_fraction"].append(without_signal / count)
+        if without_signal:
+            LOG.warning("%d SD-Zero teacher inputs do not fit max_teacher_prompt_length=%d even with y cut to one token: "
+                        "those rollouts get no loss (the prompt is never cut)", without_signal, o.max_teacher_prompt_length)
+
+    def teacher_prompts(self, inputs, batch: StepBatch) -> list[list[int] | None]:
+        if self.options.phase == "srt":
+            return [None] * batch.prompt_ids.shape[0]
+        return batch.sdzero_teacher_prompts
+
+    # ------------------------------------------------------------------ metrics
+    def record_step_metrics(self, mode, batch: StepBatch, out, loss_mask, ce_mask) -> None:
+        super().record_step_metrics(mode, batch, out, loss_mask, ce_mask)
+        if self.options.phase != "srt":
+            return
+        # SRT skips no token, so the per-token losses are exactly the mask's tokens in row-major order.
+        per_row = torch.split(out.per_token_divergence, loss_mask.sum(-1).long().tolist())
+        for objective in ("revision", "generation"):
+            losses = [values for values, name in zip(per_row, batch.objectives) if name == objective]
+            if losses:
+                self._metrics[mode][f"{objective}_loss"].append(torch.cat(losses).mean().item())
