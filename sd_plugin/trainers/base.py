@@ -256,7 +256,6 @@ class SelfDistillationTrainer(Trainer):
         self.options = options_from_args(args, self.options_class)
         # The batch has no labels and the loss is a mean per micro-batch: let Trainer divide by accumulation.
         args.remove_unused_columns = False
-        self.tokenizer_for_sd = processing_class
         if train_dataset is not None:
             train_dataset = self.prepare_dataset(train_dataset, processing_class, args, "train")
         if eval_dataset is not None:
