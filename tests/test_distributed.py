@@ -89,6 +89,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # near-equal distributions: summation order moves it by ~1e-4 relative).
     torch.testing.assert_close(torch.tensor(logged(ranks[0], "loss")), torch.tensor(logged(one, "loss")), rtol=1e-3, atol=0)
     torch.testing.assert_close(torch.tensor(logged(ranks[0], "grad_norm")), torch.tensor(logged(one, "grad_norm")), rtol=1e-3, atol=0)
+    # The other metrics are averaged over both processes: every rank logs the same values, and a per-row
+    # mean over 2 + 2 rows equals the one-process mean over 4.
+    for key in ("kl", "completion_length", "teacher_prompt_length"):
+        assert logged(ranks[0], key) == logged(ranks[1], key), key
+    torch.testing.assert_close(torch.tensor(logged(ranks[0], "completion_length")),
+                               torch.tensor(logged(one, "completion_length")))
     assert max_difference(ranks[0]["params"], ranks[1]["params"]) == 0.0  # DDP keeps the replicas identical
     assert max_difference(ranks[0]["params"], one["params"]) < 1e-5  # measured: 9e-7 (Adam steps of 5e-3)
     assert max_difference(ranks[0]["teacher"], one["teacher"]) < 1e-6

@@ -498,7 +498,19 @@ class SelfDistillationTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        averaged = {key: sum(v) / len(v) for key, v in self._metrics[mode].items() if v}
+        sums = {key: (sum(v), len(v)) for key, v in self._metrics[mode].items() if v}
+        if self.accelerator.num_processes > 1:
+            # Every process logs: average each metric over all processes' values (a process may lack a key,
+            # e.g. ce_loss without cross-entropy rows, so the dicts travel whole instead of per-key collectives).
+            from accelerate.utils import gather_object
+
+            merged = {}
+            for part in gather_object([sums]):
+                for key, (total, count) in part.items():
+                    previous = merged.get(key, (0.0, 0))
+                    merged[key] = (previous[0] + total, previous[1] + count)
+            sums = merged
+        averaged = {key: total / count for key, (total, count) in sums.items()}
         if mode == "eval":
             averaged = {f"eval_{key}": value for key, value in averaged.items()}
         super().log({**logs, **averaged}, start_time)
