@@ -94,6 +94,14 @@ def with_tail_bucket(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.cat([logprobs, torch.log(-torch.expm1(captured))], dim=-1)
 
 
+def topk_distributions(student_k: torch.Tensor, teacher_k: torch.Tensor, add_tail: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both top-K log-probabilities as distributions: plus a tail bucket, or renormalized over the K."""
+    if add_tail:
+        return with_tail_bucket(student_k), with_tail_bucket(teacher_k)
+    return (student_k - torch.logsumexp(student_k, dim=-1, keepdim=True),
+            teacher_k - torch.logsumexp(teacher_k, dim=-1, keepdim=True))
+
+
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
     # Softmax statistics in bf16 lose several digits; float64 inputs (tests) stay float64.
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -121,13 +129,8 @@ def _token_terms(
     elif options.mode == "topk":
         source = student_logits if options.support == "student" else teacher_logits
         index = source.detach().topk(options.topk, dim=-1).indices
-        student_k = student_logprobs.gather(-1, index)
-        teacher_k = teacher_logprobs.gather(-1, index)
-        if options.add_tail:
-            student_k, teacher_k = with_tail_bucket(student_k), with_tail_bucket(teacher_k)
-        else:
-            student_k = student_k - torch.logsumexp(student_k, dim=-1, keepdim=True)
-            teacher_k = teacher_k - torch.logsumexp(teacher_k, dim=-1, keepdim=True)
+        student_k, teacher_k = topk_distributions(student_logprobs.gather(-1, index), teacher_logprobs.gather(-1, index),
+                                                  options.add_tail)
         per_token = alpha_divergence(student_k, teacher_k, options.alpha, options.family)
     else:  # sampled
         if sampled_ids is None:
@@ -311,11 +314,7 @@ def _chunk_loss_and_logit_grad(
         leaves["topk"] = student_k
         probs = student_logprobs.exp_()
         with torch.enable_grad():
-            if options.add_tail:
-                student_side, teacher_side = with_tail_bucket(student_k), with_tail_bucket(teacher_k)
-            else:
-                student_side = student_k - torch.logsumexp(student_k, dim=-1, keepdim=True)
-                teacher_side = teacher_k - torch.logsumexp(teacher_k, dim=-1, keepdim=True)
+            student_side, teacher_side = topk_distributions(student_k, teacher_k, options.add_tail)
             per_token = alpha_divergence(student_side, teacher_side, options.alpha, options.family)
     else:  # sampled
         if sampled_ids is None:

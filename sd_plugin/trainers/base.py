@@ -280,6 +280,10 @@ class SelfDistillationTrainer(Trainer):
         """Turn raw records into rows with `input_ids` (+ method columns); rows already prepared pass."""
         return dataset
 
+    def invalid_rows_path(self, args, split: str) -> str:
+        """Where `skip_invalid` writes the rows it drops: `invalid_rows_file`, else output_dir/invalid_rows_{split}.jsonl."""
+        return self.options.invalid_rows_file or os.path.join(args.output_dir or ".", f"invalid_rows_{split}.jsonl")
+
     def make_rollouts(self, model, inputs) -> StepBatch:
         """Sample completions for every prompt of the batch (subclasses may add off-policy rows)."""
         prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]

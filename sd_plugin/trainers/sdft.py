@@ -6,7 +6,6 @@ scores y; the student is trained toward that teacher token by token.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -89,7 +88,7 @@ class SDFTTrainer(SelfDistillationTrainer):
     def prepare_dataset(self, dataset, tokenizer, args, split):
         if "teacher_input_ids" in dataset.column_names:
             return dataset
-        invalid_file = self.options.invalid_rows_file or os.path.join(args.output_dir or ".", f"invalid_rows_{split}.jsonl")
+        invalid_file = self.invalid_rows_path(args, split)
         return tokenize_sdft_rows(dataset, tokenizer, self.options, invalid_rows_file=invalid_file)
 
     def on_policy_rows(self, size: int, device) -> torch.Tensor:

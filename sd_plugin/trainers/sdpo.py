@@ -9,7 +9,6 @@ GRPO only, or GRPO + weight x distillation.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +93,7 @@ class Scored:
 
 @dataclass
 class SDPOStepBatch(StepBatch):
+    records: list[dict] = field(default_factory=list)  # the batch's prompt records (sd_record), parsed once
     scored: Scored | None = None
 
 
@@ -118,19 +118,19 @@ class SDPOTrainer(SelfDistillationTrainer):
     def prepare_dataset(self, dataset, tokenizer, args, split):
         if "sd_record" in dataset.column_names:
             return dataset
-        invalid_file = self.options.invalid_rows_file or os.path.join(args.output_dir or ".", f"invalid_rows_{split}.jsonl")
+        invalid_file = self.invalid_rows_path(args, split)
         return tokenize_prompt_rows(dataset, tokenizer, self.options, invalid_rows_file=invalid_file)
 
     # ------------------------------------------------------------------ rollouts and rewards
     def make_rollouts(self, model, inputs) -> StepBatch:
         batch = SDPOStepBatch(**vars(super().make_rollouts(model, inputs)))
-        batch.scored = self.score(inputs, batch)
+        batch.records = [json.loads(r) for r in inputs["sd_record"]]
+        batch.scored = self.score(batch)
         return batch
 
-    def score(self, inputs, batch: StepBatch) -> Scored:
+    def score(self, batch: SDPOStepBatch) -> Scored:
         """Decode every rollout and run the verifier on it (a verifier error gives reward 0 and a warning)."""
-        rollouts = batch.rollouts
-        records = [json.loads(r) for r in inputs["sd_record"]]
+        rollouts, records = batch.rollouts, batch.records
         rewards, feedback, texts = [], [], []
         for i, group in enumerate(rollouts.prompt_index.tolist()):
             # Drop only the end-of-turn tokens: skip_special_tokens would also drop <think> / </think>, and the
@@ -152,7 +152,7 @@ class SDPOTrainer(SelfDistillationTrainer):
         metrics = self._metrics["train" if self.model.training else "eval"]
         scored: Scored = batch.scored
         groups = batch.rollouts.prompt_index.tolist()
-        records = [json.loads(r) for r in inputs["sd_record"]]
+        records = batch.records
         successful = (scored.rewards >= o.success_threshold).tolist()
         self.record_reward_metrics(metrics, scored.rewards, groups)
         if o.sdpo_mode == "policy":

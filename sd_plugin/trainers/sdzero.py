@@ -19,7 +19,6 @@ never re-tokenized across a boundary, so the masked positions are exactly the in
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -208,7 +207,7 @@ class SDZeroTrainer(SelfDistillationTrainer):
     def prepare_dataset(self, dataset, tokenizer, args, split):
         o = self.options
         columns = dataset.column_names
-        invalid_file = o.invalid_rows_file or os.path.join(args.output_dir or ".", f"invalid_rows_{split}.jsonl")
+        invalid_file = self.invalid_rows_path(args, split)
         if o.phase == "srt":
             if "completion_ids" in columns:
                 return dataset
