@@ -125,10 +125,10 @@ class SDPOTrainer(SelfDistillationTrainer):
     def make_rollouts(self, model, inputs) -> StepBatch:
         batch = SDPOStepBatch(**vars(super().make_rollouts(model, inputs)))
         batch.records = [json.loads(r) for r in inputs["sd_record"]]
-        batch.scored = self.score(batch)
+        batch.scored = self.score(inputs, batch)
         return batch
 
-    def score(self, batch: SDPOStepBatch) -> Scored:
+    def score(self, inputs, batch: SDPOStepBatch) -> Scored:
         """Decode every rollout and run the verifier on it (a verifier error gives reward 0 and a warning)."""
         rollouts, records = batch.rollouts, batch.records
         rewards, feedback, texts = [], [], []
