@@ -13,6 +13,12 @@ from __future__ import annotations
 import importlib
 import sys
 
+
+class UsageError(Exception):
+    """Bad input to a command (missing file, malformed line, unknown field or verifier): `main` prints it as one
+    line `sd-plugin CMD: message` on stderr and exits with status 2. Raise it with file:line and the reason."""
+
+
 # subcommand -> (module, function taking argv); modules are imported only when their command runs.
 COMMANDS = {
     "stats": ("sd_plugin.stats", "stats_main"),
@@ -34,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, function_name = COMMANDS[argv[0]]
     function = getattr(importlib.import_module(module_name), function_name)
-    return int(function(argv[1:]) or 0)
+    try:
+        return int(function(argv[1:]) or 0)
+    except UsageError as error:
+        print(f"sd-plugin {argv[0]}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
