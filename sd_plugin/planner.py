@@ -39,13 +39,14 @@ covered by `allocator_margin`. Treat the result as a plan with a ~10-20% error b
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
+
+from sd_plugin.cli import UsageError, argument_parser
 
 GiB = 2**30
 
@@ -717,16 +718,45 @@ def plan_memory(config: dict | str, *, gpus: int | None = None, gpu_memory: int 
     return plan(setup, parse_bytes(gpu_memory))
 
 
+def read_config_file(path: str) -> dict:
+    """The YAML config at `path` for the CLI; a missing file, invalid YAML or a non-mapping raises UsageError."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path}: not UTF-8 text (byte {error.start + 1})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise UsageError(f"{where}: invalid YAML ({getattr(error, 'problem', None) or error})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: expected a YAML mapping of config keys, got {type(config).__name__}")
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`sd-plugin plan CONFIG.yml [--gpus N] [--gpu-mem 80GB] [--device cuda|cpu] [--json]`; exit 0 if it fits, else 1."""
-    parser = argparse.ArgumentParser(prog="sd-plugin plan", description="Predict the peak GPU memory of a config.")
+    """`sd-plugin plan CONFIG.yml [--gpus N] [--gpu-mem 80GB] [--device cuda|cpu] [--json]`; exit 0 if it fits, 1 if
+    not, 2 on bad input."""
+    parser = argument_parser("plan", "Predict the peak GPU memory of a config (exit 0: fits, 1: does not fit).")
     parser.add_argument("config", help="Axolotl YAML config with the plugin's sdft/sdpo/sdzero block")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs (default: the context-parallel size)")
     parser.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 80GB or 24GB (GB = GiB)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: the config's device:, else cuda")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
-    result = plan_memory(args.config, gpus=args.gpus, gpu_memory=args.gpu_mem, device=args.device)
+    config = read_config_file(args.config)
+    try:
+        result = plan_memory(config, gpus=args.gpus, gpu_memory=args.gpu_mem, device=args.device)
+    except ValueError as error:  # an unknown model, a bad size or option value
+        raise UsageError(f"{args.config}: {error}") from None
     if args.gpus and args.gpus > 1 and result.setup.context_parallel == 1:
         result.notes.append(f"{args.gpus} GPUs, data parallel: each GPU holds whole sequences")
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())

@@ -8,7 +8,6 @@ helpers here are shared with `sd_plugin.mixer`.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -21,7 +20,22 @@ from pathlib import Path
 
 import numpy as np
 
-TEXT_FIELD_CANDIDATES = ("text", "completion", "messages")  # tried in order when no text field is named
+from sd_plugin.cli import UsageError, argument_parser
+from sd_plugin.files import (  # noqa: F401 (RowError and read_jsonl are imported from here by older code)
+    RowError,
+    read_jsonl,
+    read_jsonl_rows,
+    refuse_missing_field,
+    refuse_output_over_input,
+    refuse_row_errors,
+    row_error_lines,
+    write_text_atomic,
+)
+
+# Tried in order when no text field is named: generic corpora (text), SDPO / generation rows (prompt +
+# completion), the project's SDFT records (prompt + demonstration), SD-Zero revisions (y_revised), chat traces.
+TEXT_FIELD_CANDIDATES = ("text", "completion", "demonstration", "y_revised", "messages")
+DEFAULT_GROUP_FIELD = "template_id"  # used when present; without it, groups are near-duplicate clusters
 TOKEN_PATTERN = re.compile(r"\w+|[^\w\s]")
 EXACT_PAIRS_LIMIT = 200  # up to this many distinct texts every pair is compared; above, MinHash LSH
 MINHASH_PERMUTATIONS = 128
@@ -29,43 +43,6 @@ MINHASH_PRIME = (1 << 32) - 5  # largest prime below 2^32: a*x + b with a, x, b 
 
 
 # ----------------------------------------------------------------------------------------- reading rows
-@dataclass(frozen=True)
-class RowError:
-    """A row that cannot be used, with its file and 1-based line number."""
-
-    path: str
-    line: int
-    message: str
-    raw: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.message}"
-
-
-def read_jsonl(path: str | Path) -> tuple[list[tuple[int, dict]], list[RowError]]:
-    """Read a JSONL file into `(line_number, row)` pairs and a `RowError` for every line that is not a JSON object.
-
-    Line numbers are 1-based; blank lines are ignored.
-    """
-    rows, errors = [], []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                message = f"invalid JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
-                errors.append(RowError(str(path), line_number, message, line.rstrip("\n")))
-                continue
-            if not isinstance(row, dict):
-                message = f"expected a JSON object, got {type(row).__name__}"
-                errors.append(RowError(str(path), line_number, message, line.rstrip("\n")))
-                continue
-            rows.append((line_number, row))
-    return rows, errors
-
-
 def reward_error(row: dict, reward_field: str) -> str | None:
     """Why `row[reward_field]` is not a usable reward, or None when it is a finite number (booleans are refused)."""
     if reward_field not in row:
@@ -84,7 +61,8 @@ def group_label(value) -> str:
 
 
 def row_text(row: dict, text_field: str | None = None) -> str | None:
-    """The text of a row: `text_field`, else the first of text / completion / messages; chat messages are joined."""
+    """The text of a row: `text_field`, else the first of TEXT_FIELD_CANDIDATES; chat messages are joined and
+    an assistant message (a demonstration) is its content."""
     for field in (text_field,) if text_field else TEXT_FIELD_CANDIDATES:
         if field in row:
             value = row[field]
@@ -95,6 +73,8 @@ def row_text(row: dict, text_field: str | None = None) -> str | None:
         return value
     if isinstance(value, list) and all(isinstance(message, dict) for message in value):
         return "\n".join(str(message.get("content") or "") for message in value)
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
@@ -210,11 +190,15 @@ def near_duplicates(texts: list[str | None], threshold: float = 0.8, ngram: int 
 
 
 # ------------------------------------------------------------------------------------ corpus statistics
-def row_groups(rows: list[dict], group_field: str, structure: NearDuplicates) -> tuple[list[str], str]:
-    """Group label per row and where it comes from: the group field, or the near-duplicate clusters of the rows'
-    texts (`structure`) when no row has the field. Rows missing a field that others have are the group "null"."""
-    if any(group_field in row for row in rows):
-        return [group_label(row.get(group_field)) for row in rows], f"field {group_field!r}"
+def row_groups(rows: list[dict], group_field: str | None, structure: NearDuplicates) -> tuple[list[str], str]:
+    """Group label per row and where it comes from: the group field, or, when `group_field` is None and no row
+    has DEFAULT_GROUP_FIELD, the near-duplicate clusters of the rows' texts (`structure`). A named field that no
+    row has raises UsageError. Rows missing a field that others have are the group "null"."""
+    field = group_field or DEFAULT_GROUP_FIELD
+    if any(field in row for row in rows):
+        return [group_label(row.get(field)) for row in rows], f"field {field!r}"
+    if group_field is not None:
+        refuse_missing_field(rows, group_field, "group_field", f"{len(rows)} rows")
     clusters = structure.clusters()
     return [f"cluster-{cluster}" for cluster in clusters], f"near-duplicate clusters (Jaccard >= {structure.threshold})"
 
@@ -222,7 +206,7 @@ def row_groups(rows: list[dict], group_field: str, structure: NearDuplicates) ->
 def corpus_stats(
     rows: list[dict],
     name: str = "corpus",
-    group_field: str = "template_id",
+    group_field: str | None = None,
     reward_field: str = "reward",
     text_field: str | None = None,
     catalog_size: int | None = None,
@@ -232,6 +216,7 @@ def corpus_stats(
 ) -> dict:
     """Statistics of one corpus as a JSON-ready dict.
 
+    Groups come from `group_field`, by default template_id when rows have it, else near-duplicate clusters.
     Reward mean/std (population std) over rows with a numeric reward; unique groups, catalog coverage,
     group entropy in nats, effective number of groups exp(entropy), share of the 10 largest groups;
     distinct-1/2 (distinct n-grams / all n-grams over the corpus) and near-duplicate rate (share of rows
@@ -335,30 +320,37 @@ def plot_group_distributions(all_stats: list[dict], out_path: str | Path) -> Non
 
 
 def write_json(path: str | Path, payload) -> None:
-    Path(path).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
 def stats_main(argv: list[str] | None = None) -> int:
     """`sd-plugin stats CORPUS.jsonl [MORE.jsonl ...]`: print a side-by-side table, optional JSON and plot."""
-    parser = argparse.ArgumentParser(prog="sd-plugin stats", description="Corpus statistics.")
+    parser = argument_parser("stats", "Corpus statistics, one column per JSONL corpus.")
     parser.add_argument("corpora", nargs="+", help="JSONL corpora")
-    parser.add_argument("--group-field", default="template_id")
-    parser.add_argument("--reward-field", default="reward")
-    parser.add_argument("--text-field", default=None, help="default: first of text, completion, messages")
+    parser.add_argument("--group-field", default=None,
+                        help=f"field naming each row's group (default: {DEFAULT_GROUP_FIELD} when rows have it, else "
+                             "near-duplicate clusters of the texts)")
+    parser.add_argument("--reward-field", default=None, help="numeric reward field (default: reward, if rows have it)")
+    parser.add_argument("--text-field", default=None,
+                        help=f"text field (default: first of {', '.join(TEXT_FIELD_CANDIDATES)})")
     parser.add_argument("--catalog-size", type=int, default=None, help="number of possible groups (templates)")
     parser.add_argument("--dedup-threshold", type=float, default=0.8, help="word-3-gram Jaccard for near duplicates")
     parser.add_argument("--json", dest="json_out", default=None, help="write the statistics as JSON")
     parser.add_argument("--plot", default=None, help="write a rank/frequency PNG of the group distributions")
+    parser.add_argument("--force", action="store_true", help="allow --json / --plot to overwrite an input file")
     args = parser.parse_args(argv)
+    refuse_output_over_input({"--json": args.json_out, "--plot": args.plot}, args.corpora, args.force)
 
     all_stats = []
     for path in args.corpora:
-        numbered_rows, errors = read_jsonl(path)
-        for error in errors:
-            print(f"warning: {error} (skipped)", file=sys.stderr)
-        stats = corpus_stats([row for _, row in numbered_rows], Path(path).name, args.group_field, args.reward_field,
+        rows = [row for _, row in read_jsonl_rows(path)]
+        named = {"--group-field": args.group_field, "--text-field": args.text_field, "--reward-field": args.reward_field}
+        for option, field in named.items():
+            if field is not None:
+                refuse_missing_field(rows, field, option, path)
+        stats = corpus_stats(rows, Path(path).name, args.group_field, args.reward_field or "reward",
                              args.text_field, args.catalog_size, args.dedup_threshold)
-        stats["n_invalid"] = len(errors)
+        stats["n_invalid"] = 0  # malformed lines are refused above; kept for readers of older JSON
         all_stats.append(stats)
     print(format_table([(stats["name"], stats) for stats in all_stats], CORPUS_TABLE_ROWS))
     print("groups from: " + "; ".join(f"{stats['name']}: {stats['group_source']}" for stats in all_stats))
@@ -477,26 +469,28 @@ def load_scored_rows(paths: list[str], stage_names: list[str] | None, pass_field
 
 def eval_stats_main(argv: list[str] | None = None) -> int:
     """`sd-plugin eval-stats SCORED.jsonl [...]`: per-stage reward, pass-rate and AUC table with bootstrap CIs."""
-    parser = argparse.ArgumentParser(prog="sd-plugin eval-stats", description="Evaluation metrics per model stage.")
+    parser = argument_parser("eval-stats", "Evaluation metrics per model stage.")
     parser.add_argument("scored", nargs="+", help="JSONL rows: stage, scenario_id, label, reward[, pass flags]")
-    parser.add_argument("--stage-names", default=None, help="comma-separated stage name per file (one file per stage)")
+    parser.add_argument("--stage-names", default=None,
+                        help="comma-separated stage name per file (one file per stage; default: the rows' stage "
+                             "field, else the file name)")
     parser.add_argument("--pass-field", action="append", default=[], help="boolean component pass flag (repeatable)")
-    parser.add_argument("--auc-level", choices=["scenario", "generation"], default="scenario")
+    parser.add_argument("--auc-level", choices=["scenario", "generation"], default="scenario",
+                        help="AUC over per-scenario mean rewards or over every generation")
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of scenarios for CIs (0: none)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", dest="json_out", default=None)
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--json", dest="json_out", default=None, help="write the metrics as JSON")
+    parser.add_argument("--force", action="store_true", help="allow --json to overwrite an input file")
     args = parser.parse_args(argv)
+    refuse_output_over_input({"--json": args.json_out}, args.scored, args.force)
 
     stage_names = args.stage_names.split(",") if args.stage_names else None
     if stage_names and len(stage_names) != len(args.scored):
-        print(f"error: {len(stage_names)} --stage-names for {len(args.scored)} files", file=sys.stderr)
-        return 2
+        raise UsageError(f"{len(stage_names)} --stage-names for {len(args.scored)} files")
     stages, errors = load_scored_rows(args.scored, stage_names, args.pass_field)
-    if errors:
-        for error in errors:
-            print(f"error: {error}", file=sys.stderr)
-        print(f"error: {len(errors)} invalid row(s); nothing computed", file=sys.stderr)
-        return 1
+    if len(errors) > 1:
+        print("\n".join(f"  {line}" for line in row_error_lines(errors)), file=sys.stderr)
+    refuse_row_errors(errors, "invalid")
     results = {}
     for stage, by_id in stages.items():
         scenarios = list(by_id.values())
