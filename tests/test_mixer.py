@@ -152,14 +152,15 @@ def malformed(tmp_path, rounds):
 
 def test_malformed_rows_are_refused_with_line_numbers_and_nothing_written(malformed, rounds, tmp_path, capsys):
     out = tmp_path / "mixed.jsonl"
-    assert cli_main(["mix", rounds[0], malformed, "--out", str(out)]) == 1
+    assert cli_main(["mix", rounds[0], malformed, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     for line, reason in [(2, "invalid JSON"), (3, "missing reward field 'reward'"), (4, "non-numeric reward 'high'")]:
         assert f"{malformed}:{line}: {reason}" in err
+    assert err.splitlines()[-1].startswith(f"sd-plugin mix: {malformed}:2: invalid JSON")
     assert "3 malformed row(s)" in err and not out.exists()
     assert list(tmp_path.glob(".mixed.jsonl.*")) == []
     out.write_text("previous mix\n")  # a failed run leaves an earlier output alone
-    assert cli_main(["mix", rounds[0], malformed, "--out", str(out)]) == 1
+    assert cli_main(["mix", rounds[0], malformed, "--out", str(out)]) == 2
     assert out.read_text() == "previous mix\n"
     with pytest.raises(MixError) as raised:
         mix_corpora([CorpusSource(malformed, 1)], MixConfig())
@@ -170,7 +171,8 @@ def test_skip_invalid_writes_rejects(malformed, tmp_path, capsys):
     out, rejects = tmp_path / "mixed.jsonl", tmp_path / "rejects.jsonl"
     argv = ["mix", malformed, "--out", str(out), "--skip-invalid", "--rejects", str(rejects), "--mix-in-ratio", "0"]
     assert cli_main(argv) == 0
-    assert "skipped 3 malformed row(s)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "skipped 3 malformed row(s)" in captured.out and f"{malformed}:4: non-numeric reward" in captured.err
     assert [json.loads(line)["line"] for line in rejects.read_text().splitlines()] == [2, 3, 4]
     assert [json.loads(line)["_provenance"]["line"] for line in out.read_text().splitlines()] == [1, 5]
 

@@ -186,23 +186,23 @@ def test_eval_stats_cli_refuses_invalid_rows_with_line_numbers(tmp_path, capsys)
     rows[1] = {**rows[1], "label": "maybe"}
     rows[4] = {**rows[4], "reward": None}
     path = write_jsonl(tmp_path / "scored.jsonl", rows)
-    assert cli_main(["eval-stats", path, "--bootstrap", "0"]) == 1
+    assert cli_main(["eval-stats", path, "--bootstrap", "0"]) == 2
     err = capsys.readouterr().err
     assert f"{path}:2: label 'maybe'" in err and f"{path}:5: non-numeric reward" in err
+    assert err.splitlines()[-1] == f"sd-plugin eval-stats: {path}:2: label 'maybe' is not good/bad/1/0 (2 invalid rows in all)"
 
 
 def test_stats_cli_table_json_and_plot(tmp_path, capsys):
     rows = [{"template_id": f"t{i % 5}", "reward": i / 10, "text": f"row {i}"} for i in range(10)]
     first = write_jsonl(tmp_path / "r1.jsonl", rows)
-    second = write_jsonl(tmp_path / "r2.jsonl", [{"template_id": "t0", "reward": 0.5, "text": "same"}] * 4 + ["oops"])
+    second = write_jsonl(tmp_path / "r2.jsonl", [{"template_id": "t0", "reward": 0.5, "text": "same"}] * 4)
     code = cli_main(["stats", first, second, "--catalog-size", "540", "--json", str(tmp_path / "s.json"),
                      "--plot", str(tmp_path / "s.png")])
     assert code == 0
     captured = capsys.readouterr()
     assert "r1.jsonl" in captured.out and "catalog coverage" in captured.out
-    assert f"{second}:5" in captured.err
     corpora = json.loads((tmp_path / "s.json").read_text())["corpora"]
     assert [c["unique_groups"] for c in corpora] == [5, 1]
-    assert corpora[1]["n_invalid"] == 1 and corpora[1]["near_dup_rate"] == 1.0
+    assert corpora[1]["near_dup_rate"] == 1.0
     assert corpora[0]["coverage"] == pytest.approx(5 / 540)
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
