@@ -278,15 +278,8 @@ def mix_corpora(sources: list[CorpusSource], config: MixConfig) -> MixResult:
     if config.dedup_threshold is not None:
         # keep the best of each near-duplicate set: higher reward, then newer round, then input order
         ranked = sorted(eligible, key=lambda c: (-c.reward, -c.round, c.source_index, c.line))
-        kept, kept_text_ids = [], set()
-        for candidate in ranked:
-            text_id = structure.text_id[candidate.union_index]
-            is_duplicate = text_id >= 0 and (
-                text_id in kept_text_ids or not kept_text_ids.isdisjoint(structure.neighbors[text_id]))
-            if is_duplicate:
-                continue
-            kept.append(candidate)
-            kept_text_ids.add(text_id)
+        kept_rows = set(structure.keep_first([c.union_index for c in ranked]))
+        kept = [c for c in ranked if c.union_index in kept_rows]
         near_duplicates_removed = len(eligible) - len(kept)
         eligible = sorted(kept, key=lambda c: (c.source_index, c.line))
     else:
