@@ -204,3 +204,25 @@ def test_diversity_penalty_tightens_the_reward_floor(rounds):
     penalised = mix_corpora(sources(rounds), penalised_config)
     assert penalised.counts["below_reward_floor"] > plain.counts["below_reward_floor"]
     assert {row["template_id"] for row in penalised.rows} <= {row["template_id"] for row in plain.rows}
+
+
+def test_the_notebooks_round2_mixer_yaml_trains_sdft_on_the_mixed_rows(rounds, tmp_path, tokenizer):
+    """The `datasets:` entry shown with the `round2_mixer:` block maps the kept completion to the demonstration:
+    the Axolotl SDFT strategy tokenizes every mixed row (it used to stop at "missing column 'demonstration'")."""
+    import nbformat
+    import yaml
+
+    from sd_plugin.axolotl.strategies.sdft import load
+
+    notebook = nbformat.read(str(Path(__file__).parents[1] / "colab" / "round2_mixer.ipynb"), as_version=4)
+    block = next(cell.source for cell in notebook.cells if cell.cell_type == "markdown" and "```yaml" in cell.source)
+    config = yaml.safe_load(block.split("```yaml\n", 1)[1].split("```", 1)[0])
+    dataset = config["datasets"][0]
+    assert dataset["type"] == "sd_plugin.axolotl.strategies.sdft"
+    result = mix_corpora(sources(rounds), MixConfig(size=40))
+    strategy = load(tokenizer, {"trainer_type": "sdft"}, dataset)
+    batch = {key: [row.get(key) for row in result.rows] for key in result.rows[0]}
+    tokenized = strategy.tokenize_prompt(batch)
+    assert len(tokenized["input_ids"]) == len(result.rows) == 40
+    first = result.rows[0]
+    assert tokenizer.decode(tokenized["demonstration_ids"][0]).startswith(first["completion"][:20])
