@@ -51,17 +51,18 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[Ro
             except UnicodeDecodeError as error:
                 errors.append(RowError(str(path), line_number, f"not UTF-8 text (byte {error.start + 1})"))
                 continue
+            line = line.rstrip("\r\n")  # so that an error at the end of a cut line has that line's column
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 message = f"invalid JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
-                errors.append(RowError(str(path), line_number, message, line.rstrip("\n")))
+                errors.append(RowError(str(path), line_number, message, line))
                 continue
             if not isinstance(row, dict):
                 message = f"expected a JSON object, got {type(row).__name__}"
-                errors.append(RowError(str(path), line_number, message, line.rstrip("\n")))
+                errors.append(RowError(str(path), line_number, message, line))
                 continue
             rows.append((line_number, row))
     return rows, errors

@@ -41,7 +41,7 @@ TOKEN_PATTERN = re.compile(r"\w+|[^\w\s]")
 EXACT_PAIRS_LIMIT = 200  # up to this many distinct texts every pair is compared; above, MinHash LSH
 MINHASH_PERMUTATIONS = 128
 MINHASH_PRIME = (1 << 32) - 5  # largest prime below 2^32: a*x + b with a, x, b < p fits in uint64
-CHUNK_SHINGLES = 65_536  # shingles hashed per vectorised MinHash pass: 128 x 65,536 x 8 bytes = 64 MB
+CHUNK_SHINGLES = 16_384  # shingles hashed per vectorised MinHash pass: 128 x 16,384 x 8 bytes = 16 MB
 PROGRESS_FROM = 20_000  # distinct texts from which near-duplicate detection shows a progress bar
 
 
