@@ -22,14 +22,15 @@ import sys
 
 class UsageError(ValueError):
     """Bad input to a command (missing file, malformed line, unknown field or verifier): `main` prints it as one
-    line `sd-plugin CMD: message` on stderr and exits with status 2. Raise it with file:line and the reason."""
+    line `sd-plugin CMD: message` on stderr and exits with status 2. Raise it with file:line and the reason.
+    A ValueError, so the Python API (`mix_corpora`, `collect_revisions`, ...) raises what it always raised."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """`--help` shows every option's default, except for options without one (None) and flags (False)."""
+    """`--help` shows every option's default, except for options without one (None, []) and flags (False)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False:
+        if action.default is None or action.default is False or action.default == []:
             return action.help
         return super()._get_help_string(action)
 

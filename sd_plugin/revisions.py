@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-phrase-family", default=defaults.control_phrase_family, help="qwen | olmo")
     parser.add_argument("--control-phrase-correct", default=None, help="override the family's phrase after a correct y_init")
     parser.add_argument("--control-phrase-incorrect", default=None, help="override the family's phrase after a wrong y_init")
-    parser.add_argument("--separator", default=defaults.separator, help="text around the control phrase; \\n is a newline")
+    parser.add_argument("--separator", default=defaults.separator, help="text around the control phrase, \\n for a newline (default: %(default)r)")
     parser.add_argument("--max-prompt-length", type=int, default=defaults.max_prompt_length, help="prompt tokens")
     parser.add_argument("--max-kept", type=int, default=None, help="stop once this many revisions are kept")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed")

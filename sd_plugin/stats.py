@@ -128,7 +128,7 @@ def minhash_signatures(id_sets: list[np.ndarray], num_perm: int = MINHASH_PERMUT
     rng = np.random.default_rng(seed)
     a = rng.integers(1, MINHASH_PRIME, size=num_perm, dtype=np.uint64)
     b = rng.integers(0, MINHASH_PRIME, size=num_perm, dtype=np.uint64)
-    signatures = np.full((len(id_sets), num_perm), MINHASH_PRIME, dtype=np.uint64)
+    signatures = np.full((len(id_sets), num_perm), MINHASH_PRIME, dtype=np.uint32)  # every value is < p < 2^32
     start = 0
     while start < len(id_sets):
         end, total = start, 0
@@ -314,7 +314,7 @@ def near_duplicates(texts: list[str | None], threshold: float = 0.8, ngram: int 
         signatures = minhash_signatures(id_sets, progress=bar)
         rows_per_band = lsh_rows_per_band(threshold)
         bands = signatures.shape[1] // rows_per_band
-        bucket_of = np.full((len(id_sets), bands), -1, dtype=np.int64)
+        bucket_of = np.full((len(id_sets), bands), -1, dtype=np.int32 if len(id_sets) * bands < 2**31 else np.int64)
         next_bucket = 0
         for band in range(bands):
             keys = np.ascontiguousarray(signatures[:, band * rows_per_band : (band + 1) * rows_per_band])
