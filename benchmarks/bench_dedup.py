@@ -2,6 +2,10 @@
 
     python benchmarks/bench_dedup.py                  # the table in benchmarks/README.md
     python benchmarks/bench_dedup.py --case collapsed:1000 --case diverse:10000
+    # before (commit 836a785, every pair of a bucket listed):
+    git worktree add /tmp/sd-plugin-836a785 836a785
+    PYTHONPATH=/tmp/sd-plugin-836a785 python benchmarks/bench_dedup.py --case collapsed:1000 --case collapsed:2000 \
+        --case diverse:10000
 
 Each case runs in a fresh subprocess (so peak RSS is that case's own) and does what `sd-plugin mix` and
 `sd-plugin stats` do with the structure: detect (shingles, MinHash, LSH buckets), flag rows that have a near
@@ -15,11 +19,13 @@ diverse:N    N random 60-word texts over a 5,000-word vocabulary (nearly no cand
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 DEFAULT_CASES = ["collapsed:1000", "collapsed:10000", "collapsed:100000", "diverse:10000"]
 
@@ -44,16 +50,18 @@ def run_case(case: str) -> dict:
     kind, rows = case.split(":")
     texts = corpus(kind, int(rows))
     started = time.perf_counter()
-    structure = near_duplicates(texts, 0.8, progress=False)
+    quiet = {"progress": False} if "progress" in inspect.signature(near_duplicates).parameters else {}
+    structure = near_duplicates(texts, 0.8, **quiet)
     detected = time.perf_counter()
     flags = structure.has_near_duplicate()
     clusters = structure.clusters()
-    kept = structure.keep_first(list(range(len(texts))))
+    # keep_first: the mixer's dedup; older versions (the "before" row) did it from `neighbors` in the mixer
+    kept = structure.keep_first(list(range(len(texts)))) if hasattr(structure, "keep_first") else None
     finished = time.perf_counter()
     return {
         "case": case, "rows": len(texts), "detect_s": detected - started, "flags_clusters_keep_s": finished - detected,
         "total_s": finished - started, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "with_near_duplicate": sum(flags), "clusters": len(set(clusters)), "kept": len(kept),
+        "with_near_duplicate": sum(flags), "clusters": len(set(clusters)), "kept": None if kept is None else len(kept),
     }
 
 
@@ -65,6 +73,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_case(args.child)))
         return
+    import sd_plugin
+
+    print(f"sd_plugin from {Path(sd_plugin.__file__).parent}")
     header = f"{'case':<18} {'rows':>7} {'detect s':>9} {'flag+cluster+keep s':>20} {'total s':>8} {'peak RSS MB':>12} " \
              f"{'flagged':>8} {'clusters':>9} {'kept':>7}"
     print(header)
@@ -74,7 +85,7 @@ def main() -> None:
         r = json.loads(output.stdout.strip().splitlines()[-1])
         print(f"{r['case']:<18} {r['rows']:>7} {r['detect_s']:>9.2f} {r['flags_clusters_keep_s']:>20.2f} "
               f"{r['total_s']:>8.2f} {r['peak_rss_mb']:>12.0f} {r['with_near_duplicate']:>8} {r['clusters']:>9} "
-              f"{r['kept']:>7}", flush=True)
+              f"{'-' if r['kept'] is None else r['kept']:>7}", flush=True)
 
 
 if __name__ == "__main__":
