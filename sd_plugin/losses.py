@@ -170,7 +170,7 @@ def divergence(
 
 
 def loss_token_weights(mask: torch.Tensor, *, reduction: str = "token", skip_first: int = 0,
-                       unskipped_rows: torch.Tensor | None = None) -> torch.Tensor:
+                       unskipped_rows: torch.Tensor | None = None, normalizer: float | None = None) -> torch.Tensor:
     """Weights w so that sum(w * per_token_loss) is the requested reduction of the loss over `mask`.
 
     mask: [B, T] (1 = completion token in the loss). The first `skip_first` valid tokens of each row are
@@ -178,15 +178,23 @@ def loss_token_weights(mask: torch.Tensor, *, reduction: str = "token", skip_fir
     bool): cross-entropy rows train every demonstration token, as plain SFT does.
     reduction: "token" = mean over every valid token of the batch; "sequence" = mean per sequence, then
     mean over the sequences that have at least one valid token.
+    normalizer: what the mean divides by instead of this batch's token (or sequence) count: the trainer
+    passes the optimizer step's count over all micro-batches and processes, so that gradient accumulation
+    and data parallelism give the same mean as one big batch.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     mask = loss_token_mask(mask, skip_first=skip_first, unskipped_rows=unskipped_rows).float()
     if reduction == "token":
-        return mask / mask.sum().clamp(min=1.0)
+        return mask / (normalizer if normalizer is not None else mask.sum().clamp(min=1.0))
     per_sequence = mask.sum(-1, keepdim=True)
-    sequences = (per_sequence > 0).sum().clamp(min=1)
+    sequences = normalizer if normalizer is not None else (per_sequence > 0).sum().clamp(min=1)
     return mask / per_sequence.clamp(min=1.0) / sequences
+
+
+def loss_units(mask: torch.Tensor, reduction: str) -> int:
+    """What `loss_token_weights` divides by for an already skip-masked [B, T] mask: tokens or sequences."""
+    return int(mask.sum()) if reduction == "token" else int((mask.sum(-1) > 0).sum())
 
 
 def loss_token_mask(mask: torch.Tensor, *, skip_first: int = 0, unskipped_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -469,6 +477,7 @@ def chunked_distillation_loss(
     teacher_lm_head_weight: torch.Tensor | None = None,
     teacher_lm_head_bias: torch.Tensor | None = None,
     family: str = "jsd",
+    normalizer: float | None = None,
 ) -> DistillationOutput:
     """The reduced distillation loss computed from final hidden states, `chunk_size` tokens at a time.
 
@@ -478,7 +487,7 @@ def chunked_distillation_loss(
     the logged log-prob gap need them). old_logprobs: [B, T] log-probs of the sampling policy; when given,
     each token's loss is multiplied by min(exp(s_y - old_y), importance_sampling_clip). ce_mask: [B, T] bool,
     tokens that get next-token cross-entropy (-s_y) instead of the divergence. Other options as in
-    `divergence`; reduction and skip_first as in `loss_token_weights`.
+    `divergence`; reduction, skip_first and normalizer as in `loss_token_weights`.
 
     Equals (weights * divergence(student_hidden @ W.T, teacher_hidden @ W_t.T, ...)).sum() in value and
     gradient; only the tokens with a non-zero weight are projected.
@@ -494,7 +503,8 @@ def chunked_distillation_loss(
     # Cross-entropy rows are plain SFT: every token, temperature 1, no importance weight (the skip and the
     # temperature belong to the distillation term only).
     ce_rows = None if ce_mask is None else ce_mask.any(-1)
-    weights = loss_token_weights(mask, reduction=reduction, skip_first=skip_first, unskipped_rows=ce_rows)
+    weights = loss_token_weights(mask, reduction=reduction, skip_first=skip_first, unskipped_rows=ce_rows,
+                                 normalizer=normalizer)
     in_loss = weights.reshape(-1) != 0
     is_ce = torch.zeros_like(in_loss) if ce_mask is None else ce_mask.reshape(-1).bool()
     hidden_size = student_hidden.shape[-1]
@@ -570,6 +580,7 @@ def liger_distillation_loss(
     lm_head_bias: torch.Tensor | None = None,
     teacher_lm_head_weight: torch.Tensor | None = None,
     teacher_lm_head_bias: torch.Tensor | None = None,
+    normalizer: float | None = None,
 ) -> DistillationOutput:
     """`chunked_distillation_loss(mode="full")` through Liger-Kernel's fused linear JSD (the GPU fast path).
 
@@ -604,6 +615,8 @@ def liger_distillation_loss(
             0.0, 1.0, alpha, -100, temperature, student.is_cuda, chunk_size, False,
         )
     loss = total / max(len(groups), 1)
+    if normalizer is not None:  # Liger averages over this batch: rescale to the step's count
+        loss = loss * (loss_units(in_loss, reduction) / normalizer)
     return DistillationOutput(loss=loss, per_token_divergence=None, student_token_logprobs=None, teacher_token_logprobs=None)
 
 

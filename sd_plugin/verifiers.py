@@ -4,7 +4,7 @@ A verifier is any callable ``verify(prompt, completion, record) -> (reward, feed
 prompt (str or chat messages), ``completion`` the decoded completion text, ``record`` the dataset row (the
 gold answer is in it, e.g. ``record["answer"]``); ``reward`` is a float and ``feedback`` a str or None.
 
-Built-ins (`load_verifier` names): "tool_call", "multiple_choice", "boxed_math", "python_tests".
+Built-ins (`load_verifier` names): "tool_calls" (alias "tool_call"), "multiple_choice", "boxed_math", "python_tests".
 
 `PythonTestsVerifier` runs model code in a subprocess: ``python -I`` in a fresh temp dir with a minimal env,
 its own session (the whole process group is SIGKILLed on timeout), rlimits (CPU, address space, file size,
@@ -530,7 +530,8 @@ class PythonTestsVerifier:
 
 # ---------------------------------------------------------------------------------- loading and safe calls
 BUILTIN_VERIFIERS: dict[str, type] = {
-    "tool_call": ToolCallVerifier,
+    "tool_calls": ToolCallVerifier,
+    "tool_call": ToolCallVerifier,  # alias: the name before the docs' "tool_calls" was registered
     "multiple_choice": MultipleChoiceVerifier,
     "boxed_math": BoxedMathVerifier,
     "python_tests": PythonTestsVerifier,
