@@ -5,8 +5,8 @@
 no key of the trainer's environment gets through), in its own session, and reads its one result line.
 
 Where ``unshare -m`` works (root, or unprivileged user namespaces) the code gets a private view of the file
-system: empty tmpfs over /root, /home, /run, /mnt, /media, /srv, a private size-limited /tmp, /var/tmp and
-/dev/shm, the interpreter bound back read-only, every other mount read-only, a fresh /proc, no network
+system: empty read-only tmpfs over /root, /home, /run, /var/tmp, /mnt, /media, /srv, a private size-limited
+/tmp and /dev/shm (4 x ``file_mb`` each), the interpreter bound back read-only, every other mount read-only, a fresh /proc, no network
 (``unshare -n``), its own PID namespace, and as root uid 65534 without capabilities. Elsewhere it falls back
 to what works (network and PID namespaces, dropping root, only the Python-level blocks) and says loudly what
 is exposed. The mode that keeps CAP_DAC_READ_SEARCH (every file of the machine readable) and running model
@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import resource
-import secrets
 import shutil
 import signal
 import subprocess
@@ -142,8 +141,9 @@ def _exposure_warning(setup: SandboxSetup, why: str) -> str:
     uid = mode["uid"]
     readable = ("EVERY file of this machine (it keeps CAP_DAC_READ_SEARCH)" if setup.read_all_files
                 else "every file of this machine (it runs as root)" if uid == 0
-                else f"every file that uid {uid} can read (with the trainer's uid: its home, ~/.cache/huggingface/token)")
-    network = "the network is cut" if "namespace" in mode["network"] else "the network is blocked only by a Python patch"
+                else f"every file that uid {uid} can read (as the trainer's user: its home, ~/.cache/huggingface/token)")
+    network = ("the network is cut" if "namespace" in mode["network"]
+               else "the network is blocked only by a Python patch")
     pids = ("its processes die with it" if mode["pid_namespace"]
             else "a process it starts with setsid() can outlive it")
     return (f"python_tests sandbox: NO private file-system view here ({why}). Model code can read {readable}, "

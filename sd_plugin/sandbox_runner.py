@@ -27,7 +27,8 @@ MAX_REPORT = 4096  # bytes of one verdict line; the worker cuts its messages to 
 # temp dirs (AF_UNIX sockets, other jobs' files) and /run (daemon sockets, container secrets).
 MASKED_DIRS = ("/root", "/home", "/tmp", "/var/tmp", "/dev/shm", "/run", "/mnt", "/media", "/srv")
 WRITABLE_DIRS = ("/tmp", "/dev/shm")  # writable, size-limited; everything else is read-only
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
+MS_REC, MS_PRIVATE = 16384, 1 << 18
 MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024,
                "nodiratime": 2048, "relatime": 1 << 21}
 CAP_DAC_READ_SEARCH = 2
@@ -97,7 +98,8 @@ def make_private_view(libc, tmp_mb):
         mounts = [line.split() for line in f]
     for fields in mounts:
         target = fields[4].encode().decode("unicode_escape")
-        if target in WRITABLE_DIRS or under_mask(target) and not any(target == p or target.startswith(p + "/") for p in keep):
+        bound_back = any(target == path or target.startswith(path + "/") for path in keep)
+        if target in WRITABLE_DIRS or (under_mask(target) and not bound_back):
             continue
         flags = MS_REMOUNT | MS_BIND | MS_RDONLY
         for option in fields[5].split(","):

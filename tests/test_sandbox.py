@@ -68,7 +68,8 @@ def test_an_exit_after_some_tests_passed_fails_the_running_test_and_the_rest():
 
 def test_an_exit_in_the_solution_before_the_tests_is_a_failed_solution():
     verify = PythonTestsVerifier(partial_credit=True)
-    assert verify("q", _py("import os\nos._exit(0)"), ADD_TESTS) == (0.0, "Solution stopped the sandbox: exited with code 0")
+    stopped = (0.0, "Solution stopped the sandbox: exited with code 0")
+    assert verify("q", _py("import os\nos._exit(0)"), ADD_TESTS) == stopped
     assert verify("q", _py("exit(0)"), ADD_TESTS) == (0.0, "Solution raised SystemExit: 0")
 
 
