@@ -133,6 +133,10 @@ def drop_privileges(libc, uid, read_all_files):
     class Data(ctypes.Structure):
         _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
+    if os.geteuid() == 0:  # no capability can come back through exec either
+        for cap in range(64):
+            if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP; EINVAL past the last capability
+                break
     if uid is not None:
         if read_all_files:
             libc_call(libc, "prctl", 8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS
@@ -142,10 +146,6 @@ def drop_privileges(libc, uid, read_all_files):
     data = (Data * 2)()
     if uid is not None and read_all_files:
         data[0].effective = data[0].permitted = 1 << CAP_DAC_READ_SEARCH
-    elif os.geteuid() == 0:  # root in a user namespace (``unshare -r``): clear the bounding set first
-        for cap in range(64):
-            if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP; EINVAL past the last capability
-                break
     libc_call(libc, "capset", ctypes.byref(Header(0x20080522, 0)), data)
     libc_call(libc, "prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
     libc_call(libc, "prctl", 4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no /proc/<runner>/fd, no ptrace by the worker

@@ -178,6 +178,19 @@ def test_root_only_files_outside_the_hidden_folders_stay_unreadable():
 
 
 @needs_private_view
+def test_model_code_runs_without_capabilities_or_a_way_to_gain_them():
+    """As root the sandbox kept CAP_DAC_READ_SEARCH (read every file); now nothing, and no_new_privs."""
+    code = ("status = dict(line.split(':', 1) for line in open('/proc/self/status'))\n"
+            "caps = {k: status[k].strip() for k in ('CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb', 'NoNewPrivs')}\n"
+            "def add(a, b):\n    raise ValueError(repr(sorted(caps.items())))")
+    feedback = PythonTestsVerifier()("q", _py(code), ADD_TESTS).feedback
+    zero = "0" * 16
+    expected = [("CapAmb", zero), ("CapBnd", zero), ("CapEff", zero), ("CapInh", zero), ("CapPrm", zero),
+                ("NoNewPrivs", "1")]
+    assert feedback.endswith(f"ValueError: {expected!r}"), feedback
+
+
+@needs_private_view
 def test_model_code_sees_neither_the_trainers_processes_nor_its_environment(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_FAKEenv0123456789")
     code = (
