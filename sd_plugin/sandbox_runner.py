@@ -11,9 +11,10 @@ It reads one job (JSON) from stdin and writes one result line (JSON) to stdout. 
   holds a usable token while model code runs, and a verdict the worker did not send (a forged one, a missing
   one because the code called exit or ``os._exit``, one too many) is a failure, never a pass.
 
-Model code that reads the token pipe itself and writes well-formed verdicts can still forge them: the
-verdict is computed in the process that runs the code, so results of a determined policy need a VM or a
-container with tests run out of its reach. The job fields are written by `sd_plugin.sandbox`.
+Model code that reads the token pipe itself and writes well-formed verdicts can still forge them, and so can
+code that rewrites the worker's locals (through ctypes, or on Python 3.13+ through ``frame.f_locals``): the
+verdict is computed in the process that runs the code, so the results of a policy that targets this runner
+cannot be trusted. The job fields are written by `sd_plugin.sandbox`.
 """
 
 import json
@@ -182,7 +183,7 @@ def work(code, tests, tokens, reports, read=os.read, write=os.write, compile=com
     """Run the solution, then each test in its namespace; after each step send ``token + verdict``.
 
     Everything it calls after model code has run is bound here, before, and the steps are a tuple: model
-    code can replace module attributes and builtins, not this frame's locals.
+    code that replaces module attributes or builtins, or mutates what it finds in frames, changes nothing.
     """
     block_python_level()
     steps = (("solution.py", code),) + tuple(("test_%d" % (i + 1), test) for i, test in enumerate(tests))

@@ -32,9 +32,9 @@ from sd_plugin.sandbox import SandboxUnavailable, make_job, run_sandbox, sandbox
 logger = logging.getLogger("sd_plugin.verifiers")
 
 __all__ = [
-    "BUILTIN_VERIFIERS", "BoxedMathVerifier", "MultipleChoiceVerifier", "PythonTestsVerifier",
+    "BUILTIN_VERIFIERS", "BoxedMathVerifier", "MultipleChoiceVerifier", "PythonTestsVerifier", "SandboxUnavailable",
     "ToolCallVerifier", "Verifier", "VerifierResult", "extract_code", "last_boxed", "load_verifier",
-    "normalize_math", "safe_verify", "sandbox_mode", "sandbox_setup", "SandboxUnavailable",
+    "normalize_math", "safe_verify", "sandbox_mode", "sandbox_setup",
 ]
 
 
