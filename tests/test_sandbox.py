@@ -6,6 +6,7 @@ file-system tests need a mount namespace (``unshare -m``); they skip with the re
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sd_plugin import verifiers
-from sd_plugin.verifiers import PythonTestsVerifier, sandbox_mode
+from sd_plugin.verifiers import PythonTestsVerifier
 
 ADD_TESTS = {"tests": ["assert add(1, 2) == 3", "assert add(2, 2) == 5", "assert add(0, 0) == 0"]}
 
@@ -250,3 +251,65 @@ def test_a_unix_socket_in_the_shared_tmp_is_unreachable():
     finally:
         server.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------- as a normal user
+USER = 65534  # a normal user for this test: uid 65534 with a home folder of its own
+AS_USER_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from sd_plugin.verifiers import PythonTestsVerifier
+verify = PythonTestsVerifier(python=sys.executable)
+results = [verify("q", code, {"tests": ["pass"]}) for code in sys.argv[2:]]
+print(json.dumps({"results": results}))
+"""
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _as_user(*command: str) -> subprocess.CompletedProcess:
+    setpriv = ["setpriv", f"--reuid={USER}", f"--regid={USER}", "--clear-groups"]
+    return subprocess.run([*setpriv, "env", "-i", "PATH=/usr/bin:/bin", *command], capture_output=True, text=True)
+
+
+def _python_for_a_normal_user() -> str | None:
+    """A Python that uid 65534 can run and that can import sd_plugin.verifiers, when this test runs as root."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or shutil.which("unshare") is None:
+        return None
+    importable = f"import sys; sys.path.insert(0, {str(REPO)!r}); import sd_plugin.verifiers"
+    for python in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.path.exists(python) and _as_user(python, "-c", importable).returncode == 0:
+            user_namespace = _as_user("unshare", "-r", "-m", "-n", "-p", "-f", "--kill-child", "--mount-proc", "true")
+            return python if user_namespace.returncode == 0 else None
+    return None
+
+
+def test_as_a_normal_user_the_sandbox_neither_reads_nor_overwrites_the_users_files():
+    """Without root to drop, the code ran with the user's permissions: it read and overwrote the user's files.
+    Here uid 65534 plays the user (with a user namespace): its home is hidden, its other files are read-only."""
+    python = _python_for_a_normal_user()
+    if python is None:
+        pytest.skip("needs root (to play a normal user with setpriv), a Python that uid 65534 can run, and "
+                    "unprivileged user namespaces (`unshare -r -m`) allowed here")
+    home = Path(tempfile.mkdtemp(prefix="sd_plugin_test_user_", dir="/home")) if os.path.isdir("/home") else None
+    elsewhere = Path(tempfile.mkdtemp(prefix=".sd_plugin_test_user_", dir=Path(__file__).parent))
+    try:
+        if home is None:
+            pytest.skip("no /home here")
+        token, data = home / "token", elsewhere / "data.txt"
+        token.write_text("hf_FAKEtoken0123456789")
+        data.write_text("the user's data")
+        for path, mode in ((home, 0o700), (token, 0o600), (elsewhere, 0o755), (data, 0o644)):
+            os.chown(path, USER, USER)
+            path.chmod(mode)
+        snippets = [f"raise ValueError(open({str(token)!r}).read())", f"open({str(data)!r}, 'w').write('overwritten')"]
+        run = _as_user(python, "-c", AS_USER_SCRIPT, str(REPO), *snippets)
+        assert run.returncode == 0, run.stderr
+        report = json.loads(run.stdout)
+        (_, read), (_, write) = report["results"]
+        assert read.startswith("Solution raised FileNotFoundError"), read
+        assert write.startswith("Solution raised OSError: [Errno 30] Read-only file system"), write
+        assert data.read_text() == "the user's data"
+    finally:
+        for folder in (home, elsewhere):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
