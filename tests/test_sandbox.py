@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sd_plugin import verifiers
-from sd_plugin.verifiers import PythonTestsVerifier
+from sd_plugin.verifiers import PythonTestsVerifier, sandbox_mode
 
 ADD_TESTS = {"tests": ["assert add(1, 2) == 3", "assert add(2, 2) == 5", "assert add(0, 0) == 0"]}
 
