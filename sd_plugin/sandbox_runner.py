@@ -258,15 +258,21 @@ def collect_verdicts(worker, tokens, reports, steps):
     return None if reports.anything_left() else verdicts
 
 
-def supervise(code, tests, result_fd):
-    """Fork the worker, collect its verdicts and return the result for the trainer."""
+def supervise(job, result_fd):
+    """Fork the worker, collect its verdicts and return the result for the trainer.
+
+    The rlimits apply to the worker only: a process limit on the runner could keep it from forking the
+    worker when other processes of uid 65534 run on the machine.
+    """
+    code, tests = job["code"], job["tests"]
     token_read, token_write = os.pipe()
     report_read, report_write = os.pipe()
     worker = os.fork()
     if worker == 0:
-        for fd in (result_fd, token_write, report_read):
-            os.close(fd)
         try:
+            for fd in (result_fd, token_write, report_read):
+                os.close(fd)
+            set_limits(job["limits"])
             work(code, tests, token_read, report_write)
         finally:
             os._exit(0)
@@ -296,12 +302,11 @@ def main():
         if job["private_files"]:
             make_private_view(libc, job["tmp_mb"])
             os.chdir("/tmp")
-        set_limits(job["limits"])
         drop_privileges(libc, job["uid"], job["read_all_files"])
     except OSError as exc:
         os.write(result_fd, (json.dumps({"setup_error": describe(exc)}) + "\n").encode())
         os._exit(0)
-    result = supervise(job["code"], job["tests"], result_fd)
+    result = supervise(job, result_fd)
     os.write(result_fd, (json.dumps(result) + "\n").encode())
     os._exit(0)
 
