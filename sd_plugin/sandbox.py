@@ -6,11 +6,11 @@ no key of the trainer's environment gets through), in its own session, and reads
 
 Where ``unshare -m`` works (root, or unprivileged user namespaces) the code gets a private view of the file
 system: empty read-only tmpfs over /root, /home, /run, /var/tmp, /mnt, /media, /srv, a private size-limited
-/tmp and /dev/shm (4 x ``file_mb`` each), the interpreter bound back read-only, every other mount read-only, a fresh /proc, no network
-(``unshare -n``), its own PID namespace, and as root uid 65534 without capabilities. Elsewhere it falls back
-to what works (network and PID namespaces, dropping root, only the Python-level blocks) and says loudly what
-is exposed. The mode that keeps CAP_DAC_READ_SEARCH (every file of the machine readable) and running model
-code as root are refused unless ``allow_read_all_files``.
+/tmp and /dev/shm (4 x ``file_mb`` each), the interpreter bound back read-only, every other mount read-only,
+a fresh /proc; no network (``unshare -n``), its own PID namespace, and as root uid 65534 without
+capabilities. Elsewhere it falls back to what works (network and PID namespaces, dropping root, only the
+Python-level blocks) and says loudly what is exposed. The mode that keeps CAP_DAC_READ_SEARCH (every file of
+the machine readable) and running model code as root are refused unless ``allow_read_all_files``.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ import tempfile
 import threading
 from typing import Any, NamedTuple
 
+from sd_plugin.sandbox_runner import MASKED_DIRS
+
 logger = logging.getLogger("sd_plugin.verifiers")
 
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_runner.py")
 NOBODY = 65534
 SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "OMP_NUM_THREADS": "1"}
-MASKED_DIRS = "/root, /home, /tmp, /var/tmp, /dev/shm, /run, /mnt, /media, /srv"
 
 
 class SandboxSetup(NamedTuple):
@@ -141,7 +142,7 @@ def _exposure_warning(setup: SandboxSetup, why: str) -> str:
     uid = mode["uid"]
     readable = ("EVERY file of this machine (it keeps CAP_DAC_READ_SEARCH)" if setup.read_all_files
                 else "every file of this machine (it runs as root)" if uid == 0
-                else f"every file that uid {uid} can read (as the trainer's user: its home, ~/.cache/huggingface/token)")
+                else f"every file that uid {uid} can read (as the trainer's user: its home, its token files)")
     network = ("the network is cut" if "namespace" in mode["network"]
                else "the network is blocked only by a Python patch")
     pids = ("its processes die with it" if mode["pid_namespace"]
@@ -190,13 +191,14 @@ def sandbox_setup(python: str = sys.executable, allow_read_all_files: bool = Fal
 
 
 def sandbox_mode_of(setup: SandboxSetup) -> dict[str, Any]:
+    """`sandbox_mode` of a given setup."""
     prefix, uid, read_all_files, private_files = setup
     network_flags = [flag for flag in prefix[1:] if flag in ("-r", "-n")]
     network = f"namespace ({' '.join(['unshare', *network_flags])}) + socket patch" if prefix else "socket patch only"
     uid = uid if uid is not None else os.geteuid()
     return {"network": network, "pid_namespace": "-p" in prefix, "uid": uid, "process_limit": uid != 0,
             "read_all_files": read_all_files, "private_files": private_files,
-            "hidden": MASKED_DIRS if private_files else "", "command_prefix": prefix}
+            "hidden": ", ".join(MASKED_DIRS) if private_files else "", "command_prefix": prefix}
 
 
 def sandbox_mode(python: str = sys.executable, allow_read_all_files: bool = False) -> dict[str, Any]:
