@@ -23,11 +23,11 @@ from sd_plugin.verifiers import (
     BoxedMathVerifier,
     MultipleChoiceVerifier,
     PythonTestsVerifier,
+    SandboxUnavailable,
     ToolCallVerifier,
     Verifier,
     VerifierResult,
     load_verifier,
-    SandboxUnavailable,
     safe_verify,
     sandbox_mode,
 )
