@@ -291,6 +291,23 @@ def _truthy(value) -> bool:
     return value is True or str(value).lower() in ("true", "1", "yes")
 
 
+def method_defaults(trainer_type: str, given: dict) -> dict:
+    """The method's option defaults, read from its options dataclass (SDPO plans 8 rollouts, SD-Zero 4,096 tokens)."""
+    from dataclasses import MISSING, fields
+
+    from sd_plugin.trainers.sdft import SDFTOptions
+    from sd_plugin.trainers.sdpo import SDPOOptions
+    from sd_plugin.trainers.sdzero import SDZeroOptions
+
+    options = {"sdft": SDFTOptions, "sdpo": SDPOOptions, "sdzero": SDZeroOptions}.get(trainer_type)
+    if options is None:
+        raise ValueError(f"trainer_type must be sdft, sdpo or sdzero, got {trainer_type!r}")
+    defaults = {f.name: f.default for f in fields(options) if f.default is not MISSING}
+    if trainer_type == "sdzero" and defaults["teacher"] is None:  # resolved by phase, as SDZeroOptions does
+        defaults["teacher"] = "live" if given.get("phase") == "srt" else "base"
+    return defaults
+
+
 def setup_from_config(cfg: dict, gpus: int | None = None) -> TrainingSetup:
     """Read a parsed Axolotl YAML config into a `TrainingSetup`."""
     shape = resolve_shape(cfg)
@@ -337,12 +354,14 @@ def setup_from_config(cfg: dict, gpus: int | None = None) -> TrainingSetup:
         state_bytes = 8.0
 
     trainer_type = str(cfg.get("trainer_type") or "sdft")
-    block = cfg.get(trainer_type) or cfg.get("sdft") or cfg.get("sdpo") or cfg.get("sdzero") or {}
+    given = cfg.get(trainer_type) or {}
+    block = {**method_defaults(trainer_type, given), **given}
     sequence_len = int(cfg.get("sequence_len") or 4096)
-    completion = int(block.get("max_completion_length", 256))
-    prompt = int(block.get("max_prompt_length", max(1, sequence_len - completion)))
-    teacher_prompt = int(block.get("max_teacher_prompt_length", prompt))
-    teacher = str(block.get("teacher", "base"))
+    completion = int(block["max_completion_length"])
+    # The caps' defaults are limits, not lengths: plan for what sequence_len allows unless a cap is set.
+    prompt = int(given.get("max_prompt_length", max(1, sequence_len - completion)))
+    teacher_prompt = int(given.get("max_teacher_prompt_length", prompt))
+    teacher = str(block["teacher"])
 
     context_parallel = int(cfg.get("context_parallel_size") or 1)
     if isinstance(cfg.get("context_parallel"), dict):
@@ -361,16 +380,16 @@ def setup_from_config(cfg: dict, gpus: int | None = None) -> TrainingSetup:
         gradient_checkpointing=checkpointing,
         attention=attention,
         micro_batch_size=int(cfg.get("micro_batch_size") or 1),
-        num_generations=int(block.get("num_generations", 1)),
+        num_generations=int(block["num_generations"]),
         optimizer_state_bytes=state_bytes,
         prompt_length=prompt,
         teacher_prompt_length=teacher_prompt,
         completion_length=completion,
-        loss_chunk_size=int(block.get("loss_chunk_size", 64)),  # SelfDistillationOptions.loss_chunk_size
-        distillation_mode=str(block.get("distillation_mode", "full")),
+        loss_chunk_size=int(block["loss_chunk_size"]),
+        distillation_mode=str(block["distillation_mode"]),
         teacher=teacher,
-        teacher_sync=int(block.get("teacher_sync_steps", 0) or 0) > 0,
-        teacher_ema_rank=int(block.get("teacher_ema_rank", 0) or 0),
+        teacher_sync=int(block["teacher_sync_steps"] or 0) > 0,
+        teacher_ema_rank=int(block["teacher_ema_rank"] or 0),
         context_parallel=context_parallel,
         gpus=int(gpus or max(context_parallel, 1)),
         device=str(cfg.get("device", "cuda")),

@@ -35,7 +35,7 @@ import torch
 
 from sd_plugin.cli import UsageError, argument_parser
 from sd_plugin.contexts import control_phrases, sdzero_delimiter_ids, sdzero_teacher_ids
-from sd_plugin.data import Columns, RecordError, prompt_record
+from sd_plugin.data import Columns, RecordError, completion_text, end_of_turn_ids, prompt_record
 from sd_plugin.files import read_jsonl_rows, refuse_output_over_input, write_text_atomic
 from sd_plugin.rollout import SamplingOptions, generate_rollouts
 from sd_plugin.trainers.base import left_pad, tokenize_prompt
@@ -178,9 +178,7 @@ class _Collector:
                               for outcome, phrase in self.phrases.items()}
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        extra = extra if isinstance(extra, list) else [extra]
-        self.eos_token_ids = sorted({e for e in [tokenizer.eos_token_id, *extra] if e is not None})
+        self.eos_token_ids = end_of_turn_ids(tokenizer, model)
         self.device = getattr(model, "device", torch.device("cpu"))
 
     def sample(self, prompts: list[list[int]], num_generations: int) -> list[list[int]]:
@@ -194,7 +192,7 @@ class _Collector:
         return [rollouts.completion_ids[i, :length].tolist() for i, length in enumerate(lengths)]
 
     def verify(self, problem: _Problem, response: list[int]) -> tuple[str, bool]:
-        text = self.tokenizer.decode(response, skip_special_tokens=True)
+        text = completion_text(self.tokenizer, response, self.eos_token_ids)
         result = safe_verify(self.verifier, problem.record["messages"], text, problem.record, row=problem.source_row)
         return text, result.reward >= self.options.success_threshold
 
