@@ -47,7 +47,7 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[Ro
     with handle:
         for line_number, raw_line in enumerate(handle, start=1):
             try:
-                line = raw_line.decode("utf-8")
+                line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a BOM is not a bad row
             except UnicodeDecodeError as error:
                 errors.append(RowError(str(path), line_number, f"not UTF-8 text (byte {error.start + 1})"))
                 continue

@@ -2,8 +2,8 @@
 
 Two questions come up between rounds: has the new corpus collapsed onto a few templates
 (`sd-plugin stats`, `corpus_stats`), and does the trained model still tell good scenarios from bad ones
-(`sd-plugin eval-stats`, `evaluation_metrics`). The JSONL reading, validation and near-duplicate
-helpers here are shared with `sd_plugin.mixer`.
+(`sd-plugin eval-stats`, `evaluation_metrics`). The validation and near-duplicate helpers here are
+shared with `sd_plugin.mixer`; JSONL reading and writing is `sd_plugin.files`.
 """
 
 from __future__ import annotations

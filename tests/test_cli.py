@@ -82,6 +82,14 @@ def test_a_malformed_jsonl_line_is_refused_naming_file_and_line(command, tmp_pat
     assert not (tmp_path / "mixed.jsonl").exists() and not (tmp_path / "revisions.jsonl").exists()
 
 
+def test_a_byte_order_mark_and_crlf_line_ends_are_not_malformed_lines(tmp_path, capsys):
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"".join(json.dumps(row).encode() + b"\r\n" for row in corpus_rows()))
+    code, out, err = run(["stats", str(path)], capsys)
+    assert code == 0 and err == ""
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith(("rows", "unique groups"))] == ["6", "3"]
+
+
 def test_plan_names_the_line_of_invalid_yaml(tmp_path, capsys):
     path = tmp_path / "config.yml"
     path.write_text("base_model: tiny\nsdft: [unclosed\nmicro_batch_size: 1\n")
