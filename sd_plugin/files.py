@@ -125,7 +125,12 @@ def creation_mode() -> int:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to a temporary file next to `path`, fsync it and rename it over `path` only once complete.
+    """`write_bytes_atomic` of `text` as UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file next to `path`, fsync it and rename it over `path` only once complete.
 
     A crash or an error leaves the old file (or none) in place, never a partial one. The file keeps the mode of
     the file it replaces, or gets the umask's mode when new (a bare temporary file would be 0600).
@@ -133,10 +138,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o7777 if path.exists() else creation_mode()
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False)
+    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", delete=False)
     try:
         with handle:
-            handle.write(text)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(handle.name, mode)

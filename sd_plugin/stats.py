@@ -8,6 +8,7 @@ shared with `sd_plugin.mixer`; JSONL reading and writing is `sd_plugin.files`.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -30,6 +31,7 @@ from sd_plugin.files import (  # noqa: F401 (RowError and read_jsonl are importe
     refuse_output_over_input,
     refuse_row_errors,
     row_error_lines,
+    write_bytes_atomic,
     write_text_atomic,
 )
 
@@ -456,7 +458,9 @@ def plot_group_distributions(all_stats: list[dict], out_path: str | Path) -> Non
         axis.set_xlabel("group rank")
     axes[0].set_ylabel("rows per group")
     figure.tight_layout()
-    figure.savefig(out_path, dpi=110)
+    image = io.BytesIO()
+    figure.savefig(image, format=Path(out_path).suffix.lstrip(".").lower() or "png", dpi=110)
+    write_bytes_atomic(out_path, image.getvalue())
 
 
 def write_json(path: str | Path, payload) -> None:

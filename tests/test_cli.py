@@ -286,8 +286,9 @@ def test_atomic_write_gives_a_new_file_the_umasks_mode(tmp_path, umask_022, caps
     assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == 0o644
     first = write_lines(tmp_path / "a.jsonl", corpus_rows())
     assert cli_main(["mix", first, "--out", str(tmp_path / "m.jsonl"), "--summary", str(tmp_path / "s.json")]) == 0
-    assert cli_main(["stats", first, "--json", str(tmp_path / "stats.json")]) == 0
-    for name in ("m.jsonl", "s.json", "stats.json"):
+    assert cli_main(["stats", first, "--json", str(tmp_path / "stats.json"), "--plot", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("m.jsonl", "s.json", "stats.json", "p.png"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
 
 
