@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "tests" / "scripts" / "train_tiny_sdft.py"
 SHARDED = REPO / "tests" / "scripts" / "sharded_teacher.py"
 COMMON = ["--rows", "4", "--top-k", "1", "--max-steps", "3", "--teacher", "ema"]
+TOKEN_MEAN = ["--loss-reduction", "token", "--lambda-on-policy", "0"]
 
 
 def free_port() -> int:
@@ -68,14 +69,27 @@ def logged(result: dict, key: str) -> list[float]:
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     import json
 
+    # SFT rows whose demonstrations differ in length, for the token mean.
+    records = [json.loads(line) for line in (REPO / "example_configs/assets/data/quickstart_sdft.jsonl").read_text().splitlines()[:4]]
+    varied = tmp_path / "varied.jsonl"
+    varied.write_text("".join(json.dumps(dict(r, demonstration=r["demonstration"] + " more" * (5 * i))) + "\n"
+                              for i, r in enumerate(records)))
+    token_mean = [*TOKEN_MEAN, "--data", str(varied)]
     jobs = tmp_path / "jobs.json"
     jobs.write_text(json.dumps([
         [str(tmp_path / "two"), *COMMON, "--batch-size", "2"],
         # A NaN loss on process 1 only, at step 2: both processes must skip that step, and stay in step.
         [str(tmp_path / "two-nan"), *COMMON, "--batch-size", "2", "--nan-at-step", "2", "--nan-rank", "1"],
+        [str(tmp_path / "two-token"), *COMMON, "--batch-size", "2", *token_mean],
     ]))
     torchrun(TRAIN, "--jobs", str(jobs))
-    run([sys.executable, str(TRAIN), str(tmp_path / "one"), *COMMON, "--batch-size", "4"])
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps([
+        [str(tmp_path / "one"), *COMMON, "--batch-size", "4"],
+        [str(tmp_path / "one-token"), *COMMON, "--batch-size", "4", *token_mean],
+        [str(tmp_path / "accumulated-token"), *COMMON, "--batch-size", "1", "--grad-accum", "4", *token_mean],
+    ]))
+    run([sys.executable, str(TRAIN), "--jobs", str(single)])
 
     one = load(tmp_path / "one" / "result_rank0.pt")
     ranks = [load(tmp_path / "two" / f"result_rank{rank}.pt") for rank in (0, 1)]
@@ -99,6 +113,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert max_difference(ranks[0]["params"], one["params"]) < 1e-5  # measured: 9e-7 (Adam steps of 5e-3)
     assert max_difference(ranks[0]["teacher"], one["teacher"]) < 1e-6
     assert max_difference(ranks[0]["teacher"], ranks[1]["teacher"]) == 0.0
+
+    # loss_reduction: token is the mean over the whole step's tokens: 2 processes x 2 rows, 1 x 4 rows and
+    # 4 micro-batches x 1 row take the same step (SFT rows: demonstrations of different lengths).
+    one_token, accumulated = (load(tmp_path / name / "result_rank0.pt") for name in ("one-token", "accumulated-token"))
+    two_token = [load(tmp_path / "two-token" / f"result_rank{rank}.pt") for rank in (0, 1)]
+    assert len({len(c) for c in one_token["completions"][1].values()}) > 1
+    assert accumulated["completions"] == one_token["completions"]
+    for step in (1, 2, 3):
+        assert {**two_token[0]["completions"][step], **two_token[1]["completions"][step]} == one_token["completions"][step]
+    assert max_difference(accumulated["params"], one_token["params"]) < 1e-5
+    assert max_difference(two_token[0]["params"], one_token["params"]) < 1e-5
 
     nan_ranks = [load(tmp_path / "two-nan" / f"result_rank{rank}.pt") for rank in (0, 1)]
     assert [r["nonfinite_steps_skipped"] for r in nan_ranks] == [1, 1]

@@ -51,6 +51,9 @@ def parse_args(argv=None):
     parser.add_argument("--nan-rank", type=int, default=0)
     parser.add_argument("--max-consecutive-nonfinite-steps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss-reduction", default="sequence", choices=["sequence", "token"])
+    parser.add_argument("--data", default=str(DATA), help="SDFT records (jsonl)")
+    parser.add_argument("--lambda-on-policy", type=float, default=1.0, help="0: SFT rows (demonstrations of different lengths)")
     return parser.parse_args(argv)
 
 
@@ -66,7 +69,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     output_dir = Path(args.output_dir)
-    records = read_jsonl(DATA)[: args.rows]
+    records = read_jsonl(args.data)[: args.rows]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "demonstration": r["demonstration"]} for r in records])
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
@@ -77,6 +80,7 @@ def main(argv=None) -> None:
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         max_completion_length=args.max_completion_length, rollout_top_k=args.top_k, teacher=args.teacher,
         teacher_ema_rate=0.3 if args.teacher == "ema" else 0.01, num_loss_tokens_to_skip=1,
+        loss_reduction=args.loss_reduction, lambda_on_policy=args.lambda_on_policy,
         max_consecutive_nonfinite_steps=args.max_consecutive_nonfinite_steps,
         dataloader_num_workers=0, ddp_backend="gloo" if "RANK" in os.environ else None,
     )
