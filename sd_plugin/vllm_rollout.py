@@ -64,15 +64,22 @@ def vllm_generation_kwargs(options, *, per_device_batch_size: int, eos_token_ids
 
 
 class VLLMRollouts:
-    """A `RolloutBackend` over a VLLMGeneration-like engine (`generate`, `sync_weights`)."""
+    """A `RolloutBackend` over a VLLMGeneration-like engine (`generate`, `sync_weights`).
 
-    def __init__(self, engine):
+    push_every_call: colocate sleep mode. VLLMGeneration puts the engine to sleep at level 2 after each
+    generate, and on waking reloads the checkpoint's weights from disk (vLLM issue 29341): the pushed weights
+    are gone, so they are pushed again before every rollout batch (every micro-batch under gradient
+    accumulation). They are still the weights after the last optimizer step.
+    """
+
+    def __init__(self, engine, push_every_call: bool = False):
         self.engine = engine
+        self.push_every_call = push_every_call
         self.synced_step: int | None = None
 
     def sync_weights(self, step: int) -> None:
         """Push the trainer's weights when the optimizer has stepped since the last push (or never pushed)."""
-        if step != self.synced_step:
+        if step != self.synced_step or self.push_every_call:
             self.engine.sync_weights()
             self.synced_step = step
 
@@ -126,4 +133,4 @@ def make_vllm_rollouts(trainer) -> VLLMRollouts:
         **vllm_generation_kwargs(o, per_device_batch_size=trainer.args.per_device_train_batch_size,
                                  eos_token_ids=trainer.eos_token_ids),
     )
-    return VLLMRollouts(engine)
+    return VLLMRollouts(engine, push_every_call=o.vllm_mode == "colocate" and o.vllm_enable_sleep_mode)

@@ -124,7 +124,9 @@ class RecordingEngine:
         return prompts, completions, [[[-1.0]] * 4 for _ in prompts], None
 
 
-def test_weights_reach_vllm_once_per_optimizer_step_before_its_rollouts(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+@pytest.mark.parametrize("sleep_mode", [False, True])
+def test_weights_reach_vllm_once_per_optimizer_step_before_its_rollouts(tmp_path, tokenizer, quickstart_rows, monkeypatch,
+                                                                         sleep_mode):
     import sd_plugin.vllm_rollout as vllm_rollout
     from transformers import TrainerCallback
 
@@ -137,16 +139,19 @@ def test_weights_reach_vllm_once_per_optimizer_step_before_its_rollouts(tmp_path
     data = Dataset.from_list([{"prompt": r["prompt"], "demonstration": r["demonstration"]} for r in quickstart_rows[:6]])
     args = SDFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=1, gradient_accumulation_steps=2,
                       max_steps=3, logging_steps=1, max_completion_length=8, report_to="none", save_strategy="no",
-                      learning_rate=1e-2, use_cpu=True, seed=0, use_vllm=True)
+                      learning_rate=1e-2, use_cpu=True, seed=0, use_vllm=True, vllm_enable_sleep_mode=sleep_mode)
     trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=args, train_dataset=data, processing_class=tokenizer,
                           callbacks=[StepRecorder()])
     engine = RecordingEngine.last
     assert engine.kwargs["mode"] == "colocate" and engine.kwargs["max_num_seqs"] == 1
     trainer.train()
     kinds = [kind for kind, _ in engine.events]
-    assert kinds == ["sync", "generate", "generate", "optimizer_step"] * 3
+    if sleep_mode:  # the sleeping engine forgets pushed weights: pushed again before each micro-batch's rollouts
+        assert kinds == ["sync", "generate", "sync", "generate", "optimizer_step"] * 3
+    else:
+        assert kinds == ["sync", "generate", "generate", "optimizer_step"] * 3
     pushed = [value for kind, value in engine.events if kind == "sync"]
-    assert len(set(pushed)) == 3  # every push carries the weights the last optimizer step made
+    assert len(set(pushed)) == 3  # each push carries the weights the last optimizer step made
     last_push = None
     for kind, value in engine.events:
         if kind == "sync":
