@@ -213,3 +213,21 @@ def test_vllm_colocate_trains_and_reports_importance_weights_near_one(tmp_path, 
     start = time.perf_counter()
     hf.train()
     print(f"3 steps: vLLM colocate {vllm_seconds:.1f}s, HF generate {time.perf_counter() - start:.1f}s")
+
+
+@pytest.mark.parametrize("overrides,active", [
+    (dict(use_vllm=True), True),
+    (dict(use_vllm=True, rollout_temperature=0.8), False),  # the weight would undo the recipe's temperature
+    (dict(use_vllm=True, rollout_temperature=0.8, distillation_temperature=0.8), True),
+    (dict(use_vllm=True, rollout_top_p=0.95), False),
+    (dict(use_vllm=True, rollout_top_k=20), False),
+    (dict(use_vllm=True, rollout_top_p=0.95, importance_sampling_correction=True), True),
+    (dict(use_vllm=True, importance_sampling_correction=False), False),
+    (dict(), False),
+    (dict(importance_sampling_correction=True), True),
+])
+def test_importance_correction_by_default_only_where_it_corrects_the_engine_alone(overrides, active):
+    from sd_plugin.trainers.base import SelfDistillationTrainer
+
+    trainer = types.SimpleNamespace(options=SDFTOptions(**overrides))
+    assert SelfDistillationTrainer.importance_sampling_active(trainer) is active

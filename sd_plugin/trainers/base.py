@@ -54,7 +54,7 @@ class SelfDistillationOptions:
     loss_reduction: str = field(default="sequence", metadata={"help": "sequence (per-sequence mean, then batch mean; SDFT/TRL) | token."})
     num_loss_tokens_to_skip: int = field(default=3, metadata={"help": "First completion tokens left out of the loss."})
     importance_sampling_clip: float = field(default=2.0, metadata={"help": "Cap c of the importance weight min(exp(s_y - s_old_y), c) when the sampler's log-probs are recorded (importance_sampling_correction)."})
-    importance_sampling_correction: bool | None = field(default=None, metadata={"help": "Weight each distilled token by min(exp(s_y - s_old_y), importance_sampling_clip), s_old_y the sampler's log-prob of y: None = with vLLM only (it reports them for free), true = with HF generate too (recorded during generate), false = never."})
+    importance_sampling_correction: bool | None = field(default=None, metadata={"help": "Weight each distilled token by min(exp(s_y - s_old_y), importance_sampling_clip), s_old_y the sampler's log-prob of y: None = with vLLM when it samples the loss's distribution (rollout_temperature == distillation_temperature, no top-p / top-k), true = always (HF generate records them too), false = never."})
     loss_chunk_size: int = field(default=64, metadata={"help": "Completion tokens per lm_head chunk in the loss (about 3-4 fp32 [chunk, vocab] buffers live at a time)."})
     teacher: str = field(default="base", metadata={"help": "base | ema | live."})
     teacher_ema_rate: float = field(default=0.01, metadata={"help": "EMA rate a in phi <- (1-a) phi + a theta."})
@@ -356,9 +356,15 @@ class SelfDistillationTrainer(Trainer):
                                o.num_generations, record_logprobs=self.importance_sampling_active())
 
     def importance_sampling_active(self) -> bool:
-        """Whether rollouts carry the sampler's log-probs (importance_sampling_correction; None: with vLLM only)."""
-        correction = self.options.importance_sampling_correction
-        return self.options.use_vllm if correction is None else correction
+        """Whether rollouts carry the sampler's log-probs (importance_sampling_correction).
+
+        None: with vLLM, when it samples the distribution the loss scores (same temperature, no truncation), so
+        that the weight corrects vLLM's numerics only, as TRL's does; other sampling settings are the recipe's.
+        """
+        o = self.options
+        if o.importance_sampling_correction is not None:
+            return o.importance_sampling_correction
+        return o.use_vllm and o.rollout_temperature == o.distillation_temperature and o.rollout_top_p == 1.0 and not o.rollout_top_k
 
     def sample(self, model, prompt_ids, prompt_mask) -> Rollouts:
         unwrapped = self.accelerator.unwrap_model(model)
