@@ -189,10 +189,19 @@ def make_trainer(spec: dict, tokenizer, *, hidden_size: int, num_layers: int, pr
                           processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
     from sd_plugin.trainers.sdft import SDFTConfig, SDFTTrainer
 
-    model.generation_config.min_new_tokens = completion_tokens
-    # Our rollouts pass top_k=None when rollout_top_k is unset, and generate() then falls back to its global
-    # default top_k=50; TRL passes top_k=0 (off). Turn it off here too so both sample the same distribution.
-    model.generation_config.top_k = 0
+    # Our rollouts sample with an explicit GenerationConfig (the checkpoint's generation_config never reaches
+    # them; top-k is off): give it min_new_tokens so that every rollout has exactly completion_tokens tokens.
+    import sd_plugin.rollout as rollout_module
+
+    plain = getattr(rollout_module.sampling_generation_config, "__wrapped__", rollout_module.sampling_generation_config)
+
+    def exact_length_config(options, eos_token_ids, pad_token_id):
+        config = plain(options, eos_token_ids, pad_token_id)
+        config.min_new_tokens = completion_tokens
+        return config
+
+    exact_length_config.__wrapped__ = plain
+    rollout_module.sampling_generation_config = exact_length_config
     args = SDFTConfig(**common, max_prompt_length=prompt_tokens,
                       max_teacher_prompt_length=max(len(r["teacher_input_ids"]) for r in our_rows),
                       rollout_temperature=1.0, rollout_top_p=1.0, distillation_mode=spec["mode"],

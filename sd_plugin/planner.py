@@ -274,6 +274,9 @@ class TrainingSetup:
     context_parallel: int = 1
     gpus: int = 1
     device: str = "cuda"                 # cuda | cpu (cpu: no framework overhead / allocator margin)
+    vllm_mode: str | None = None         # None: rollouts with HF generate | colocate | server (use_vllm)
+    vllm_gpu_memory_utilization: float = 0.3  # colocate: the GPU share vLLM reserves (TRL's default)
+    vllm_sleep_mode: bool = False        # colocate: vLLM releases its share outside the rollout
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -393,7 +396,17 @@ def setup_from_config(cfg: dict, gpus: int | None = None) -> TrainingSetup:
         context_parallel=context_parallel,
         gpus=int(gpus or max(context_parallel, 1)),
         device=str(cfg.get("device", "cuda")),
+        **vllm_setup(block),
     )
+
+
+def vllm_setup(block: dict) -> dict:
+    """The vLLM fields of `TrainingSetup` from the method's block (defaults: SelfDistillationOptions')."""
+    if not _truthy(block.get("use_vllm", False)):
+        return {}
+    return dict(vllm_mode=str(block.get("vllm_mode", "colocate")),
+                vllm_gpu_memory_utilization=float(block.get("vllm_gpu_memory_utilization", 0.3)),
+                vllm_sleep_mode=_truthy(block.get("vllm_enable_sleep_mode", False)))
 
 
 # ------------------------------------------------------------------------------------------- activations
@@ -497,11 +510,12 @@ class MemoryPlan:
     gpu_memory: int
     fits: bool
     host_offloaded: int = 0
+    vllm_engine: int = 0  # colocate: vLLM's reserved share (its weights + KV cache), beside PyTorch's allocations
     suggestions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     TERMS = ("weights", "lora_params", "lora_grads", "optimizer_states", "teacher_state", "rollout_kv_cache",
-             "rollout_working_set", "student_activations", "backward_working_set", "teacher_forward",
+             "rollout_working_set", "vllm_engine", "student_activations", "backward_working_set", "teacher_forward",
              "hidden_states", "loss_chunks", "framework_overhead", "allocator_margin")
 
     def terms(self) -> dict[str, int]:
@@ -648,9 +662,14 @@ def plan(setup: TrainingSetup, gpu_memory: int = 80 * GiB, *, suggest: bool = Tr
         "optimizer": persistent + lora_grads + optimizer_temp,
     }
     on_gpu = setup.device != "cpu"
+    vllm_engine = vllm_terms(setup, gpu_memory, persistent, rollout_kv_cache, phases, notes)
+    if setup.vllm_mode is not None:
+        rollout_kv_cache = rollout_working_set = 0  # vLLM samples: the trainer runs no generate
     framework_overhead = GPU_FRAMEWORK_OVERHEAD if on_gpu else CPU_FRAMEWORK_OVERHEAD
     peak_phase = max(phases, key=phases.get)
-    allocator_margin = int(GPU_ALLOCATOR_MARGIN * phases[peak_phase]) if on_gpu else 0
+    # vLLM's share is a fixed reservation: the allocator margin covers PyTorch's own allocations only.
+    in_allocator = phases[peak_phase] - (vllm_engine if peak_phase == "rollout" or not setup.vllm_sleep_mode else 0)
+    allocator_margin = int(GPU_ALLOCATOR_MARGIN * in_allocator) if on_gpu else 0
     peak = phases[peak_phase] + framework_overhead + allocator_margin
 
     if setup.attention == "eager" and student_tokens > 8192:
@@ -666,11 +685,38 @@ def plan(setup: TrainingSetup, gpu_memory: int = 80 * GiB, *, suggest: bool = Tr
         backward_working_set=backward_working_set, teacher_forward=teacher_forward, hidden_states=hidden_states,
         loss_chunks=loss_chunks, framework_overhead=framework_overhead, allocator_margin=allocator_margin,
         phases=phases, peak_phase=peak_phase, peak=peak, gpu_memory=gpu_memory, fits=peak <= gpu_memory,
-        host_offloaded=host_offloaded, notes=notes,
+        host_offloaded=host_offloaded, vllm_engine=vllm_engine, notes=notes,
     )
     if suggest and not plan_result.fits:
         plan_result.suggestions = suggestions(setup, gpu_memory)
     return plan_result
+
+
+def vllm_terms(setup: TrainingSetup, gpu_memory: int, persistent: int, rollout_kv_cache: int,
+               phases: dict[str, int], notes: list[str]) -> int:
+    """With vLLM, rewrite the phases in place and return vLLM's share on a training GPU.
+
+    colocate: vLLM reserves `vllm_gpu_memory_utilization` of the GPU for its weights (bf16, adapter merged) and
+    KV cache; the rollout phase holds it instead of generate's KV cache and working set, and every other phase
+    holds it too unless sleep mode releases it (sleep level 2: weights and cache freed; the few hundred MiB it
+    keeps, CUDA graphs and its context, are not counted). server: vLLM runs on its own GPU(s).
+    """
+    if setup.vllm_mode is None:
+        return 0
+    if setup.vllm_mode == "server":
+        phases["rollout"] = persistent
+        notes.append("vllm_mode: server: vLLM runs on its own GPU(s) (`trl vllm-serve`), not counted here")
+        return 0
+    share = int(setup.vllm_gpu_memory_utilization * gpu_memory)
+    needed = count_parameters(setup.shape) * 2 + int(rollout_kv_cache * 2 / setup.compute_bytes)
+    if share < needed:
+        notes.append(f"vLLM's share ({share / GiB:.1f} GiB) is below its bf16 weights + one micro-batch's KV cache "
+                     f"({needed / GiB:.1f} GiB): raise vllm_gpu_memory_utilization")
+    phases["rollout"] = persistent + share
+    for name in phases:
+        if name != "rollout" and not setup.vllm_sleep_mode:
+            phases[name] += share
+    return share
 
 
 def suggestions(setup: TrainingSetup, gpu_memory: int) -> list[str]:
@@ -701,6 +747,10 @@ def suggestions(setup: TrainingSetup, gpu_memory: int) -> list[str]:
         if setup.weight_format in ("bf16", "fp16") and setup.adapter:
             candidates.append(("qlora + gradient_checkpointing: offload",
                                replace(both, adapter="qlora", weight_format="nf4")))
+    if setup.vllm_mode == "colocate" and not setup.vllm_sleep_mode:
+        candidates.append(("vllm_enable_sleep_mode: true", replace(setup, vllm_sleep_mode=True)))
+    if setup.vllm_mode == "colocate":
+        candidates.append(("vllm_mode: server (vLLM on another GPU)", replace(setup, vllm_mode="server")))
     shorter = max(1024, setup.prompt_length // 2)
     if shorter < setup.prompt_length:
         candidates.append((f"max_prompt_length / max_teacher_prompt_length: {shorter}",

@@ -425,7 +425,8 @@ def fixed_rollouts(tokenizer, completions_by_question, *, old_logprob=None):
         ids, mask = base_module.right_pad(completions, tokenizer.pad_token_id)
         index = torch.arange(len(texts)).repeat_interleave(options.num_generations)
         old = None if old_logprob is None else torch.full(ids.shape, old_logprob)
-        self.sampled_with = (options.max_new_tokens, options.temperature, options.top_p, options.top_k, options.num_generations)
+        self.sampled_with = (options.max_new_tokens, options.temperature, options.top_p, options.top_k, options.num_generations,
+                             options.record_logprobs)
         return Rollouts(ids, mask, index, torch.zeros(len(completions), dtype=torch.bool), old)
 
     return sample
@@ -590,6 +591,10 @@ INVALID_FILE = "<tmp>/bad_rows.jsonl"
 # The shared step's numeric guards (skip a non-finite step, check divergences) act the same for every method
 # and are tested with the base trainer.
 BASE_GUARDS = {"max_consecutive_nonfinite_steps", "debug_numerics"}
+# The vLLM backend needs a CUDA GPU; its options are tested in tests/test_vllm_rollout.py.
+VLLM_OPTIONS = {"use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_tensor_parallel_size",
+                "vllm_max_model_length", "vllm_model_impl", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
+                "vllm_server_timeout", "vllm_group_port"}
 # (phase, option, value, baseline overrides, data with an invalid row)
 OPTION_CASES = [
     ("distill", "max_prompt_length", 64, {}, False),
@@ -609,6 +614,7 @@ OPTION_CASES = [
     ("distill", "loss_reduction", "sequence", {}, False),
     ("distill", "num_loss_tokens_to_skip", 2, {}, False),
     ("distill", "importance_sampling_clip", 1.5, {}, False),
+    ("distill", "importance_sampling_correction", True, {}, False),
     ("distill", "loss_chunk_size", 4, {}, False),
     ("distill", "liger_loss", True, {}, False),
     ("distill", "teacher", "ema", {}, False),
@@ -647,7 +653,10 @@ NONDEFAULT = {
     "liger_loss": False, "teacher": "base", "teacher_ema_rate": 0.5, "teacher_ema_rank": 2, "teacher_sync_steps": 1,
     "verifier": "multiple_choice", "verifier_kwargs": {"answer_field": "x"}, "success_threshold": 0.5,
     "control_phrase_family": "olmo", "control_phrase_correct": "Again:", "control_phrase_incorrect": "No:",
-    "srt_objective": "revision",
+    "srt_objective": "revision", "importance_sampling_correction": True, "use_vllm": True, "vllm_mode": "server",
+    "vllm_gpu_memory_utilization": 0.5, "vllm_enable_sleep_mode": True, "vllm_tensor_parallel_size": 2,
+    "vllm_max_model_length": 9000, "vllm_model_impl": "transformers", "vllm_server_base_url": "http://h:1",
+    "vllm_server_host": "h", "vllm_server_port": 1, "vllm_server_timeout": 1.0, "vllm_group_port": 1,
 }
 
 
@@ -659,7 +668,7 @@ def test_every_option_changes_behaviour_or_is_rejected_in_each_phase():
         exercised = {name for case_phase, name, *_ in OPTION_CASES if case_phase == phase}
         rejected = set(PHASE_ONLY_OPTIONS[other])
         assert not exercised & rejected
-        assert exercised | rejected | BASE_GUARDS == names, phase
+        assert exercised | rejected | BASE_GUARDS | (VLLM_OPTIONS if phase == "distill" else set()) == names, phase
 
 
 @pytest.mark.parametrize("phase,other", [("srt", "distill"), ("distill", "srt")])

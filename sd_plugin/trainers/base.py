@@ -27,6 +27,7 @@ from sd_plugin.data import Columns, RecordError, end_of_turn_ids, prompt_record
 from sd_plugin.losses import (
     DivergenceOptions,
     chunked_distillation_loss,
+    importance_weights,
     liger_available,
     liger_distillation_loss,
     loss_token_mask,
@@ -61,7 +62,8 @@ class SelfDistillationOptions:
     distillation_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of both distributions in the loss."})
     loss_reduction: str = field(default="sequence", metadata={"help": "sequence (per-sequence mean, then batch mean; SDFT/TRL) | token."})
     num_loss_tokens_to_skip: int = field(default=3, metadata={"help": "First completion tokens left out of the loss."})
-    importance_sampling_clip: float = field(default=2.0, metadata={"help": "Cap of the importance weight when rollouts come from another policy."})
+    importance_sampling_clip: float = field(default=2.0, metadata={"help": "Cap c of the importance weight min(exp(s_y - s_old_y), c) when the sampler's log-probs are recorded (importance_sampling_correction)."})
+    importance_sampling_correction: bool | None = field(default=None, metadata={"help": "Weight each distilled token by min(exp(s_y - s_old_y), importance_sampling_clip), s_old_y the sampler's log-prob of y: None = with vLLM when it samples the loss's distribution (rollout_temperature == distillation_temperature, no top-p / top-k), true = always (HF generate records them too), false = never."})
     loss_chunk_size: int = field(default=64, metadata={"help": "Completion tokens per lm_head chunk in the loss (about 3-4 fp32 [chunk, vocab] buffers live at a time)."})
     teacher: str = field(default="base", metadata={"help": "base (the model without adapter) | ema | live | initial (the step-0 student, e.g. with a loaded round-1 adapter, frozen)."})
     teacher_ema_rate: float = field(default=0.01, metadata={"help": "EMA rate a in phi <- (1-a) phi + a theta."})
@@ -72,6 +74,19 @@ class SelfDistillationOptions:
     invalid_rows_file: str | None = field(default=None, metadata={"help": "Where skipped rows go (default: output_dir/invalid_rows.jsonl)."})
     max_consecutive_nonfinite_steps: int = field(default=3, metadata={"help": "Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error."})
     debug_numerics: bool = field(default=False, metadata={"help": "Check every training step that each per-token divergence is >= 0 (tolerance 1e-4); stop at the first that is not."})
+    # Rollouts with vLLM through TRL's VLLMGeneration (names and defaults: TRL's GRPOConfig).
+    use_vllm: bool = field(default=False, metadata={"help": "Sample rollouts with vLLM instead of transformers' generate (needs the vllm extra and a CUDA GPU)."})
+    vllm_mode: str = field(default="colocate", metadata={"help": "colocate (a vLLM engine in each training process, sharing its GPU) | server (a separate `trl vllm-serve` process)."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "colocate: share of the GPU's memory vLLM reserves (weights + KV cache); the planner counts it."})
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "colocate: release vLLM's weights and KV cache between rollouts (less memory during the training step, slower rollouts)."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "colocate: GPUs per vLLM engine (must divide the number of processes)."})
+    vllm_max_model_length: int | None = field(default=None, metadata={"help": "vLLM's context length (None: max_prompt_length + max_completion_length)."})
+    vllm_model_impl: str = field(default="vllm", metadata={"help": "colocate: vllm | transformers | auto (vLLM's model implementation)."})
+    vllm_server_base_url: str | None = field(default=None, metadata={"help": "server: the server's URL (e.g. http://localhost:8000); overrides host and port."})
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "server: host of `trl vllm-serve`."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "server: port of `trl vllm-serve`."})
+    vllm_server_timeout: float = field(default=240.0, metadata={"help": "server: seconds to wait for the server to come up."})
+    vllm_group_port: int = field(default=51216, metadata={"help": "server: port of the weight-update process group."})
 
     def check(self) -> None:
         """Reject contradictory options before any training step (messages name the key)."""
@@ -116,6 +131,41 @@ class SelfDistillationOptions:
             raise ValueError(f"teacher_ema_rate is set but teacher is {self.teacher!r}: set teacher: ema")
         if self.max_consecutive_nonfinite_steps < 1:
             raise ValueError(f"max_consecutive_nonfinite_steps must be >= 1, got {self.max_consecutive_nonfinite_steps}")
+        self.check_vllm()
+
+    def check_vllm(self) -> None:
+        """vLLM options: valid values, and none set without use_vllm (never a silently ignored knob)."""
+        vllm_keys = [f for f in fields(SelfDistillationOptions) if f.name.startswith("vllm_")]
+        if not self.use_vllm:
+            for f in vllm_keys:
+                if getattr(self, f.name) != f.default:
+                    raise ValueError(f"{f.name} is set but use_vllm is false: set use_vllm: true or remove {f.name}")
+            return
+        if self.vllm_mode not in ("colocate", "server"):
+            raise ValueError(f"vllm_mode must be 'colocate' or 'server', got {self.vllm_mode!r}")
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_model_impl not in ("vllm", "transformers", "auto"):
+            raise ValueError(f"vllm_model_impl must be vllm, transformers or auto, got {self.vllm_model_impl!r}")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ValueError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
+        for key in ("vllm_server_port", "vllm_group_port"):
+            if not 0 < getattr(self, key) < 65536:
+                raise ValueError(f"{key} must be a port number (1-65535), got {getattr(self, key)}")
+        if not (math.isfinite(self.vllm_server_timeout) and self.vllm_server_timeout > 0):
+            raise ValueError(f"vllm_server_timeout must be a finite number > 0, got {self.vllm_server_timeout}")
+        # Each mode's own keys: the other mode ignores them (the server takes its settings on its command line).
+        only = {"colocate": ("vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_tensor_parallel_size", "vllm_model_impl"),
+                "server": ("vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_group_port")}
+        defaults = {f.name: f.default for f in vllm_keys}
+        for mode, keys in only.items():
+            for key in keys:
+                if self.vllm_mode != mode and getattr(self, key) != defaults[key]:
+                    raise ValueError(f"{key} is only used with vllm_mode: {mode} (vllm_mode is {self.vllm_mode!r})")
+        needed = self.max_prompt_length + self.max_completion_length
+        if self.vllm_max_model_length is not None and self.vllm_max_model_length < needed:
+            raise ValueError(f"vllm_max_model_length ({self.vllm_max_model_length}) is below max_prompt_length + "
+                             f"max_completion_length ({needed}): a rollout would not fit in vLLM's context")
 
 
 def options_from_args(args, options_cls):
@@ -296,6 +346,11 @@ class SelfDistillationTrainer(Trainer):
         self.add_callback(_TeacherUpdate(self))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.eos_token_ids = end_of_turn_ids(processing_class, self.model)
+        self.vllm_rollouts = None
+        if self.options.use_vllm:
+            from sd_plugin.vllm_rollout import make_vllm_rollouts
+
+            self.vllm_rollouts = make_vllm_rollouts(self)
 
     # ------------------------------------------------------------------ hooks for the methods
     def prepare_dataset(self, dataset, tokenizer, args, split):
@@ -320,12 +375,33 @@ class SelfDistillationTrainer(Trainer):
     # ------------------------------------------------------------------ the step
     def sampling_options(self) -> SamplingOptions:
         o = self.options
-        return SamplingOptions(o.max_completion_length, o.rollout_temperature, o.rollout_top_p, o.rollout_top_k, o.num_generations)
+        return SamplingOptions(o.max_completion_length, o.rollout_temperature, o.rollout_top_p, o.rollout_top_k,
+                               o.num_generations, record_logprobs=self.importance_sampling_active())
+
+    def importance_sampling_active(self) -> bool:
+        """Whether rollouts carry the sampler's log-probs (importance_sampling_correction).
+
+        None: with vLLM, when it samples the distribution the loss scores (same temperature, no truncation), so
+        that the weight corrects vLLM's numerics only, as TRL's does; other sampling settings are the recipe's.
+        """
+        o = self.options
+        if o.importance_sampling_correction is not None:
+            return o.importance_sampling_correction
+        return o.use_vllm and o.rollout_temperature == o.distillation_temperature and o.rollout_top_p == 1.0 and not o.rollout_top_k
 
     def sample(self, model, prompt_ids, prompt_mask) -> Rollouts:
         unwrapped = self.accelerator.unwrap_model(model)
-        return generate_rollouts(unwrapped, prompt_ids, prompt_mask, self.sampling_options(),
-                                 self.eos_token_ids, self.processing_class.pad_token_id)
+        if self.vllm_rollouts is not None:
+            # Weights reach vLLM once per optimizer step, before that step's first rollout (TRL's rule).
+            self.vllm_rollouts.sync_weights(self.state.global_step)
+            rollouts = self.vllm_rollouts(unwrapped, prompt_ids, prompt_mask, self.sampling_options(),
+                                          self.eos_token_ids, self.processing_class.pad_token_id)
+        else:
+            rollouts = generate_rollouts(unwrapped, prompt_ids, prompt_mask, self.sampling_options(),
+                                         self.eos_token_ids, self.processing_class.pad_token_id)
+        if not self.importance_sampling_active():
+            rollouts.old_logprobs = None
+        return rollouts
 
     def check_against_model(self) -> None:
         vocab = output_head(self.model)[0].shape[0]  # also refuses LoRA on lm_head
@@ -465,6 +541,9 @@ class SelfDistillationTrainer(Trainer):
             return
         ce_tokens = ce_mask[in_loss]
         per_token = out.per_token_divergence
+        if rollouts.old_logprobs is not None and out.student_token_logprobs is not None and (~ce_tokens).any():
+            self.record_importance_weights(metrics, out.student_token_logprobs[~ce_tokens],
+                                           rollouts.old_logprobs[in_loss][~ce_tokens])
         if (~ce_tokens).any():
             metrics["kl"].append(per_token[~ce_tokens].mean().item())
             if out.teacher_token_logprobs is not None:
@@ -472,6 +551,14 @@ class SelfDistillationTrainer(Trainer):
                 metrics["teacher_student_logprob_gap"].append(gap.mean().item())
         if ce_tokens.any():
             metrics["ce_loss"].append(per_token[ce_tokens].mean().item())
+
+    def record_importance_weights(self, metrics, student_token_logprobs, old_logprobs) -> None:
+        """Mean of the applied weight min(w, c), max of the raw weight w = exp(s_y - s_old_y), share clipped at c."""
+        raw = importance_weights(student_token_logprobs, old_logprobs, float("inf"))
+        clip = self.options.importance_sampling_clip
+        metrics["importance_weight_mean"].append(raw.clamp(max=clip).mean().item())
+        metrics["importance_weight_max"].append(raw.max().item())
+        metrics["importance_weight_clipped_fraction"].append((raw > clip).float().mean().item())
 
     # ------------------------------------------------------------------ numerics guards
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -128,6 +128,11 @@ class SDFTTrainer(SelfDistillationTrainer):
         device = prompt_ids.device
         rollouts = Rollouts(completion_ids.to(device), completion_mask.to(device),
                             torch.arange(len(completions), device=device), truncated.to(device))
+        if on_policy.any() and sampled.old_logprobs is not None:
+            # The sampler's log-probs follow their rows (demonstration rows are cross-entropy: no weight).
+            rollouts.old_logprobs = torch.zeros(completion_ids.shape, device=device)
+            width = min(sampled.old_logprobs.shape[1], completion_ids.shape[1])
+            rollouts.old_logprobs[on_policy, :width] = sampled.old_logprobs[:, :width].to(device)
         return StepBatch(prompt_ids, prompt_mask, rollouts, ~on_policy)
 
     def teacher_prompts(self, inputs, batch: StepBatch):

@@ -51,7 +51,10 @@ PHASE_ONLY_OPTIONS = {
         "distillation_support", "distillation_add_tail", "distillation_temperature", "num_loss_tokens_to_skip",
         "importance_sampling_clip", "liger_loss", "teacher", "teacher_ema_rate", "teacher_ema_rank",
         "teacher_sync_steps", "verifier", "verifier_kwargs", "success_threshold", "control_phrase_family",
-        "control_phrase_correct", "control_phrase_incorrect",
+        "control_phrase_correct", "control_phrase_incorrect", "importance_sampling_correction", "use_vllm", "vllm_mode",
+        "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_tensor_parallel_size", "vllm_max_model_length",
+        "vllm_model_impl", "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
+        "vllm_group_port",
     ),
     "srt": ("srt_objective",),
 }
