@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from sd_plugin.cli import UsageError
 from sd_plugin.model_card import (
     METHODS,
     as_plain_dict,
@@ -80,8 +82,9 @@ DEFAULT_PROMPTS = (
 FOUR_BIT_DEFAULTS = {"quant_type": "nf4", "double_quant": True, "blocksize": 64}
 
 
-class PublishError(Exception):
-    """A problem found before anything is merged or written: bad inputs, no token, offline mode."""
+class PublishError(UsageError):
+    """A problem found before anything is merged or written: bad inputs, no token, offline mode.
+    `sd-plugin merge` prints it as one line on stderr and exits with status 2 (`sd_plugin.cli.main`)."""
 
 
 class PushError(Exception):
@@ -635,12 +638,10 @@ def resolve_inputs(*, base, adapter, out, adapter_only, method, training_config,
     base_dir = local_model_dir(base)
 
     out_dir = Path(out)
-    resolved_out = out_dir.resolve()
-    for protected in (adapter_dir, base_dir):
-        if protected is not None and (resolved_out == protected.resolve() or resolved_out in protected.resolve().parents):
-            raise PublishError(f"--out {out_dir} would overwrite {protected}: choose a new folder")
-    if check_out and out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise PublishError(f"--out {out_dir} exists and is not empty (pass --overwrite to replace it)")
+    if check_out:
+        check_out_dir(out_dir, overwrite, {"--adapter": adapter_dir, "--base": base_dir, "--tokenizer": tokenizer_dir,
+                                           "--config": training_config, "--trainer-state": metrics,
+                                           "--eval-stats": eval_stats})
 
     # Card inputs, read now so a bad file fails before the merge.
     if isinstance(training_config, (str, os.PathLike)):
@@ -678,10 +679,46 @@ def resolve_inputs(*, base, adapter, out, adapter_only, method, training_config,
                           four_bit_settings(adapter_dir, config, base_quant), tokenizer_source, card)
 
 
-def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def check_out_dir(out_dir: Path, overwrite: bool, inputs: dict) -> None:
+    """Refuse an output folder that holds or is held by an input (resolved, so symlinks count), or that is
+    not empty without `overwrite`. `inputs` maps an option name to a path, or to something that is not one."""
+    resolved_out = out_dir.resolve()
+    for option, value in inputs.items():
+        if not isinstance(value, (str, os.PathLike)) or not os.path.exists(value):
+            continue
+        resolved = Path(value).resolve()
+        if resolved == resolved_out or resolved_out in resolved.parents:
+            raise PublishError(f"{option} {value} is inside --out {out_dir}: the output folder is replaced as a whole, "
+                               "so it must not hold an input; choose another --out")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PublishError(f"--out {out_dir} exists and is not a folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise PublishError(f"--out {out_dir} exists and is not empty (pass --overwrite to replace it)")
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """A new empty folder next to `out_dir` (next to its target when `out_dir` is a symlink) to build the output in,
+    so that `out_dir` is only replaced once the new output is complete (see `move_into_place`)."""
+    target = out_dir.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the output gets the mode a plain mkdir would give it
+    return staging
+
+
+def move_into_place(staging: Path, out_dir: Path) -> None:
+    """Replace `out_dir` (or, for a symlink, the folder it points to) by `staging`: the old output is renamed aside
+    and deleted only after the new one is in place."""
+    target = out_dir.resolve()
+    previous = None
+    if target.exists():
+        previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, previous / target.name)
+    os.replace(staging, target)
+    if previous is not None:
+        shutil.rmtree(previous)
 
 
 # ------------------------------------------------------------------------------------ the merge
@@ -809,22 +846,22 @@ def merge_adapter(
     # ---- merge, save once in the target dtype
     model = model.merge_and_unload()
     report.float32_merge_diff = max_abs_diff(float32_logits(model, token_ids), reference)
-    prepare_out_dir(inputs.out_dir, overwrite)
+    staging = staging_dir(inputs.out_dir)
     cast_weights_(model, dtype)
     model.config.use_cache = True
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(str(inputs.out_dir), max_shard_size=max_shard_size)
+    model.save_pretrained(str(staging), max_shard_size=max_shard_size)
     cast_weights_(model, torch.float32)
     rounded_in_memory = float32_logits(model, token_ids)
     del model
     gc.collect()
     if inputs.base_dir is not None and (inputs.base_dir / "generation_config.json").is_file():
-        shutil.copy2(inputs.base_dir / "generation_config.json", inputs.out_dir / "generation_config.json")
-    copy_tokenizer_files(inputs.tokenizer_source, inputs.out_dir, tokenizer)
+        shutil.copy2(inputs.base_dir / "generation_config.json", staging / "generation_config.json")
+    copy_tokenizer_files(inputs.tokenizer_source, staging, tokenizer)
 
     # ---- read back and check
-    reloaded = load_model_float32(str(inputs.out_dir), device)
+    reloaded = load_model_float32(str(staging), device)
     from_disk = float32_logits(reloaded, token_ids)
     del reloaded
     gc.collect()
@@ -837,31 +874,34 @@ def merge_adapter(
         report.tolerance_rule = f"{ROUNDING_TOLERANCE_FACTOR:g} x {dtype_name(dtype)} unit roundoff {UNIT_ROUNDOFF[dtype]:.3g} x max|logit|"
     else:
         report.tolerance, report.tolerance_rule = float(tolerance), "--tolerance"
-    counts, problems = weight_problems(inputs.out_dir, dtype)
+    counts, problems = weight_problems(staging, dtype)
     report.tensor_dtypes = dict(counts)
     if report.float32_merge_diff > FLOAT32_MERGE_TOLERANCE * scale + ABSOLUTE_FLOOR:
         problems.append(f"the float32 merge differs from base + adapter by {report.float32_merge_diff:.3g} "
                         f"(limit {FLOAT32_MERGE_TOLERANCE * scale + ABSOLUTE_FLOOR:.3g}): the merge itself is wrong")
     if report.save_reload_diff > SAVE_RELOAD_TOLERANCE * scale + ABSOLUTE_FLOOR:
-        problems.append(f"the model read back from {inputs.out_dir} differs from the one saved by {report.save_reload_diff:.3g}: "
+        problems.append(f"the model read back from {staging} differs from the one saved by {report.save_reload_diff:.3g}: "
                         "tensors were lost or renamed on save")
     if not math.isfinite(report.max_abs_logit_diff) or report.max_abs_logit_diff > report.tolerance:
         problems.append(f"max |logit difference| vs base + adapter is {report.max_abs_logit_diff:.4g}, above the tolerance "
                         f"{report.tolerance:.4g} ({report.tolerance_rule})")
-    reloaded_tokenizer = AutoTokenizer.from_pretrained(str(inputs.out_dir))
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(str(staging))
     if reloaded_tokenizer.chat_template != tokenizer.chat_template:
         problems.append("the saved tokenizer's chat template differs from the source's")
-    report.files = list_folder_files(inputs.out_dir)
+    report.files = list_folder_files(staging)
     if problems:
         raise MergeVerificationError(
             "merge check failed:\n  - " + "\n  - ".join(problems)
-            + f"\nthe merged files are in {inputs.out_dir} for inspection; nothing was pushed", report)
+            + f"\nthe merged files are in {staging} for inspection; --out {inputs.out_dir} is unchanged; nothing was pushed",
+            report)
 
     # ---- card and push
     if inputs.card["method"] is None:
         report.notes.append("no model card written: the training method is unknown (pass --method)")
     else:
-        report.card = str(write_model_card(inputs.out_dir, **inputs.card, merge_details=report.card_details(), repo_id=push_to_hub))
+        write_model_card(staging, **inputs.card, merge_details=report.card_details(), repo_id=push_to_hub)
+        report.card = str(inputs.out_dir / "README.md")
+    move_into_place(staging, inputs.out_dir)
     report.files = list_folder_files(inputs.out_dir)
     if push_to_hub:
         message = commit_message or f"Upload {inputs.card['method'].upper()} model merged with sd-plugin ({report.dtype})"
@@ -906,25 +946,27 @@ def package_adapter(
                          dtype="", adapter_only=True, trained_in_4bit=inputs.trained_in_4bit,
                          trained_in_4bit_evidence=inputs.trained_in_4bit_evidence,
                          tokenizer_source=inputs.tokenizer_source, repo_id=push_to_hub)
-    prepare_out_dir(inputs.out_dir, overwrite)
+    staging = staging_dir(inputs.out_dir)
     for name in adapter_file_names(inputs.adapter_dir):
-        shutil.copy2(inputs.adapter_dir / name, inputs.out_dir / name)
+        shutil.copy2(inputs.adapter_dir / name, staging / name)
     source_dir = local_model_dir(inputs.tokenizer_source)
     for name in TOKENIZER_FILES:
         if source_dir is not None and (source_dir / name).is_file():
-            shutil.copy2(source_dir / name, inputs.out_dir / name)
+            shutil.copy2(source_dir / name, staging / name)
     hub_base = inputs.card["base_model"]
     if is_hub_id(hub_base) and inputs.adapter_config.get("base_model_name_or_path") != hub_base:
         config = dict(inputs.adapter_config, base_model_name_or_path=hub_base)
-        (inputs.out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         report.notes.append(f"adapter_config.json base_model_name_or_path set to {hub_base} "
                             f"(was {inputs.adapter_config.get('base_model_name_or_path')})")
-    counts, _ = safetensors_dtypes(inputs.out_dir)
+    counts, _ = safetensors_dtypes(staging)
     report.tensor_dtypes = dict(counts)
     if inputs.card["method"] is None:
         report.notes.append("no model card written: the training method is unknown (pass --method)")
     else:
-        report.card = str(write_model_card(inputs.out_dir, **inputs.card, merge_details=report.card_details(), repo_id=push_to_hub))
+        write_model_card(staging, **inputs.card, merge_details=report.card_details(), repo_id=push_to_hub)
+        report.card = str(inputs.out_dir / "README.md")
+    move_into_place(staging, inputs.out_dir)
     report.files = list_folder_files(inputs.out_dir)
     if push_to_hub:
         message = commit_message or f"Upload {inputs.card['method'].upper()} LoRA adapter trained with sd-plugin"
@@ -996,6 +1038,8 @@ def plan_publish(
                             training_config=training_config, metrics=metrics, eval_stats=eval_stats, datasets=datasets,
                             base_model_id=base_model_id, tokenizer_dir=tokenizer_dir, overwrite=overwrite,
                             need_method=push_to_hub is not None)
+    if push_to_hub is not None and not is_hub_id(push_to_hub):
+        raise PublishError(f"--push-to-hub needs a repository id like 'your-name/model-name', got {push_to_hub!r}")
     _, token_source = resolve_hub_token(token)
     plan = PublishPlan(repo_id=push_to_hub, private=private, output_dir=str(inputs.out_dir), adapter_only=adapter_only,
                        files=[], token_source=token_source)
@@ -1186,9 +1230,6 @@ def main(argv: list[str] | None = None) -> int:
             report = merge_adapter(args.base, args.adapter, args.out, args.dtype, max_shard_size=args.max_shard_size,
                                    dequantize_4bit=args.dequantize_4bit, tolerance=args.tolerance, device=args.device,
                                    commit_message=args.commit_message, **common)
-    except PublishError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except MergeVerificationError as error:
         print(error.report.summary(), file=sys.stderr)
         print(f"error: {error}", file=sys.stderr)

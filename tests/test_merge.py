@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sd_plugin import merge as merge_module
+from sd_plugin.cli import main as cli_main
 from sd_plugin.merge import PublishError, merge_adapter, package_adapter, post_lora_merge
 
 ASSETS = Path(__file__).resolve().parents[1] / "example_configs" / "assets"
@@ -243,8 +244,8 @@ def test_adapter_card_from_axolotl_config_with_eval_stats(tmp_path):
 # ------------------------------------------------------------------------------------ token, dry run, push
 def test_push_without_token_fails_before_merging(trained, tmp_path, no_token, no_network, capsys):
     out = tmp_path / "never"
-    code = merge_module.main(["--base", str(BASE), "--adapter", str(trained.adapter), "--out", str(out),
-                              "--push-to-hub", "me/tiny-sdft"])
+    code = cli_main(["merge", "--base", str(BASE), "--adapter", str(trained.adapter), "--out", str(out),
+                     "--push-to-hub", "me/tiny-sdft"])
     assert code == 2
     error = capsys.readouterr().err
     assert "needs a Hugging Face token" in error and "HF_TOKEN" in error and "Nothing was merged" in error
@@ -461,3 +462,54 @@ def test_push_through_the_real_client_to_a_local_hub(tmp_path, monkeypatch):
     sent = {item["value"]["path"]: base64.b64decode(item["value"]["content"]) for item in files}
     assert sent == {name: (folder / name).read_bytes() for name in ("README.md", "config.json", "model.safetensors")}
     assert "arXiv:2604.12002" in sent["README.md"].decode()
+
+
+# ------------------------------------------------------------------------------------ inputs and outputs are safe
+def test_dry_run_refuses_a_repository_that_is_not_a_repo_id(trained, tmp_path, no_network, capsys):
+    code = cli_main(["merge", "--adapter", str(trained.adapter), "--base", str(BASE), "--out", str(tmp_path / "out"),
+                     "--dry-run", "--push-to-hub", "not a repo"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and "'not a repo'" in captured.err and captured.err.startswith("sd-plugin merge: ")
+
+
+@pytest.mark.parametrize("option", ["--config", "--tokenizer", "--trainer-state"])
+def test_overwrite_refuses_an_input_inside_the_output_folder(trained, tmp_path, no_network, capsys, option):
+    import shutil
+
+    out = tmp_path / "out"
+    out.mkdir()
+    inputs = {"--config": out / "training_config.json", "--trainer-state": out / "trainer_state.json",
+              "--tokenizer": out / "tokenizer"}
+    shutil.copy(trained.adapter / "training_config.json", inputs["--config"])
+    shutil.copy(trained.trainer_state, inputs["--trainer-state"])
+    shutil.copytree(BASE, inputs["--tokenizer"])
+    code = cli_main(["merge", "--adapter", str(trained.adapter), "--base", str(BASE), "--out", str(out), "--overwrite",
+                     option, str(inputs[option])])
+    error = capsys.readouterr().err
+    assert code == 2 and f"{option} {inputs[option]} is inside --out" in error
+    assert inputs["--config"].is_file() and inputs["--trainer-state"].is_file() and (inputs["--tokenizer"] / "tokenizer.json").is_file()
+
+
+def test_overwrite_keeps_the_old_output_when_the_merge_fails(trained, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous output")
+    code = cli_main(["merge", "--base", str(BASE), "--adapter", str(trained.adapter), "--out", str(out), "--overwrite",
+                     "--tolerance", "1e-9"])
+    error = capsys.readouterr().err
+    assert code == 1 and f"--out {out} is unchanged" in error
+    assert [path.name for path in out.iterdir()] == ["old.txt"]
+
+
+def test_overwrite_through_a_symlinked_out_replaces_its_target(trained, tmp_path):
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "old.txt").write_text("previous output")
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    report = package_adapter(trained.adapter, link, overwrite=True, method="sdft")
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert not (target / "old.txt").exists() and (target / "adapter_model.safetensors").is_file()
+    assert report.card == str(link / "README.md") and (link / "README.md").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["link", "real"]  # no staging folders left behind
