@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback
 from sd_plugin.contexts import render_ids
 from sd_plugin.data import Columns, RecordError, prompt_record
 from sd_plugin.losses import DivergenceOptions, chunked_distillation_loss, liger_available, liger_distillation_loss
+from sd_plugin.redact import redact_secrets
 from sd_plugin.rollout import Rollouts, SamplingOptions, generate_rollouts
 from sd_plugin.teacher import Teacher
 
@@ -64,6 +65,14 @@ class SelfDistillationOptions:
     invalid_rows_file: str | None = field(default=None, metadata={"help": "Where skipped rows go (default: output_dir/invalid_rows.jsonl)."})
     max_consecutive_nonfinite_steps: int = field(default=3, metadata={"help": "Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error."})
     debug_numerics: bool = field(default=False, metadata={"help": "Check every training step that each per-token divergence is >= 0 (tolerance 1e-4); stop at the first that is not."})
+
+    def to_dict(self) -> dict:
+        """The arguments as saved (training_config.json) and logged (W&B, TensorBoard): secret-looking values
+        such as an API key in `verifier_kwargs` are masked (`sd_plugin.redact`)."""
+        return redact_secrets(super().to_dict() if hasattr(super(), "to_dict") else asdict(self))
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{key}={value!r}' for key, value in sorted(self.to_dict().items()))})"
 
     def check(self) -> None:
         """Reject contradictory options before any training step (messages name the key)."""
@@ -528,7 +537,7 @@ class SelfDistillationTrainer(Trainer):
             return
         folder = output_dir or self.args.output_dir
         with open(os.path.join(folder, "training_config.json"), "w", encoding="utf-8") as handle:
-            json.dump(self.args.to_dict(), handle, indent=2, default=str)
+            json.dump(redact_secrets(self.args.to_dict()), handle, indent=2, default=str)
         self.state.save_to_json(os.path.join(folder, "trainer_state.json"))
 
     def _save_checkpoint(self, model, trial):
