@@ -152,6 +152,20 @@ def find_training_config(adapter_dir: str | os.PathLike) -> tuple[dict, str | No
     return {}, None
 
 
+def write_training_record(folder: str | os.PathLike, training_config, trainer_state=None) -> None:
+    """Write `training_config.json` (secret-looking values masked) and `trainer_state.json` into `folder`: what
+    `find_training_config` and `find_trainer_state` read for the card's hyperparameters and metrics.
+
+    `training_config` is anything `as_plain_dict` takes; `trainer_state` a `transformers.TrainerState`.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = redact_secrets(as_plain_dict(training_config))
+    (folder / "training_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
+    if trainer_state is not None:
+        trainer_state.save_to_json(str(folder / "trainer_state.json"))
+
+
 def find_trainer_state(adapter_dir: str | os.PathLike) -> str | None:
     """trainer_state.json in the adapter directory, else in its latest checkpoint-N folder."""
     adapter_dir = Path(adapter_dir)

@@ -535,10 +535,9 @@ class SelfDistillationTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         if _internal_call or not self.args.should_save:
             return
-        folder = output_dir or self.args.output_dir
-        with open(os.path.join(folder, "training_config.json"), "w", encoding="utf-8") as handle:
-            json.dump(redact_secrets(self.args.to_dict()), handle, indent=2, default=str)
-        self.state.save_to_json(os.path.join(folder, "trainer_state.json"))
+        from sd_plugin.model_card import write_training_record
+
+        write_training_record(output_dir or self.args.output_dir, self.args.to_dict(), self.state)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
