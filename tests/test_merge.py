@@ -15,7 +15,10 @@ import torch
 
 from sd_plugin import merge as merge_module
 from sd_plugin.cli import main as cli_main
-from sd_plugin.merge import PublishError, merge_adapter, package_adapter, post_lora_merge
+from sd_plugin import hub as hub_module
+from sd_plugin import merge_check
+from sd_plugin.axolotl.merge_hook import post_lora_merge
+from sd_plugin.merge import PublishError, merge_adapter, package_adapter
 
 ASSETS = Path(__file__).resolve().parents[1] / "example_configs" / "assets"
 BASE = ASSETS / "tiny-qwen3"
@@ -81,7 +84,7 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(huggingface_hub, "HfApi", refuse)
-    monkeypatch.setattr(merge_module, "load_model_float32", refuse)
+    monkeypatch.setattr(merge_check, "load_model_float32", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +279,7 @@ def test_dry_run_lists_files_and_touches_nothing(trained, merged, tmp_path, no_n
 
 
 def test_adapter_push_retries_transient_errors_in_one_commit(trained, tmp_path, monkeypatch):
-    monkeypatch.setattr(merge_module.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(hub_module.time, "sleep", lambda seconds: None)
     api = FakeHfApi(failures=[http_error(503), ConnectionError("connection reset")])
     out = tmp_path / "adapter_repo"
     report = package_adapter(trained.adapter, out, base_model_id="Qwen/Qwen3-0.6B", push_to_hub="me/tiny-sdft-lora",
@@ -441,7 +444,7 @@ def test_push_through_the_real_client_to_a_local_hub(tmp_path, monkeypatch):
     from sd_plugin.model_card import write_model_card
 
     monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
-    monkeypatch.setattr(merge_module.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(hub_module.time, "sleep", lambda seconds: None)
     for variable in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(variable, raising=False)
     folder = tmp_path / "model"

@@ -82,7 +82,7 @@ class SelfDistillationPlugin(BasePlugin):
         """
         if not cfg.get("trainer_type"):
             return None
-        from sd_plugin.merge import post_lora_merge
+        from sd_plugin.axolotl.merge_hook import post_lora_merge
 
         report = post_lora_merge(cfg, adapter_path, output_path, log=LOG.info)
         LOG.info("sd-plugin: merged model in %s: %s; model card %s",
