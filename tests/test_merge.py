@@ -516,3 +516,94 @@ def test_overwrite_through_a_symlinked_out_replaces_its_target(trained, tmp_path
     assert not (target / "old.txt").exists() and (target / "adapter_model.safetensors").is_file()
     assert report.card == str(link / "README.md") and (link / "README.md").is_file()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["link", "real"]  # no staging folders left behind
+
+
+# ------------------------------------------------------------------------------------ shard by shard
+def adapter_with_every_kind(folder, base):
+    """LoRA on Linear layers (rsLoRA, a rank_pattern) and on the embedding, plus lm_head in modules_to_save; B random."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                        modules_to_save=["lm_head"], use_rslora=True, rank_pattern={"down_proj": 2}, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name or "lora_embedding_B" in name:
+            parameter.data.normal_(0, 0.05)
+        if "modules_to_save" in name:
+            parameter.data.add_(torch.randn_like(parameter) * 0.05)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_shard_merge_equals_peft_merge_and_unload_tensor_for_tensor(tmp_path, monkeypatch):
+    import safetensors.torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "base-sharded"
+    AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32).save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (BASE / name).is_file():
+            (sharded / name).write_bytes((BASE / name).read_bytes())
+    assert len(list(sharded.glob("*.safetensors"))) > 3
+    adapter = adapter_with_every_kind(tmp_path / "adapter", sharded)
+
+    written = []  # (bytes, tensors) of each output shard, as it is written
+    save_file = safetensors.torch.save_file
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda tensors, path, metadata=None: (
+        written.append((sum(t.numel() * t.element_size() for t in tensors.values()), len(tensors))),
+        save_file(tensors, path, metadata=metadata)))
+    report = merge_adapter(str(sharded), adapter, tmp_path / "out", max_shard_size="200KB", verify_layers=1, method="sdft")
+    monkeypatch.undo()
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32), str(adapter))
+    expected = {key: value.to(torch.bfloat16) for key, value in peft_model.merge_and_unload().state_dict().items()}
+    merged = {}
+    for path in (tmp_path / "out").glob("*.safetensors"):
+        merged.update(load_file(str(path)))
+    assert set(merged) == set(expected)
+    assert [key for key in merged if not torch.equal(merged[key], expected[key])] == []
+    # Output shards of at most --max-shard-size (a tensor larger than that alone in its file), with an index.
+    assert len(written) > 1 and all(size <= 200_000 or tensors == 1 for size, tensors in written)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(merged)
+    assert report.checked_layers == ", first 1 of 2 layers" and report.max_abs_logit_diff <= report.tolerance
+    assert report.float32_merge_diff < 1e-4 and report.save_reload_diff == 0.0
+    assert "first 1 of 2 layers" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_dry_run_prints_the_expected_peak_memory(trained, tmp_path, no_network, capsys):
+    code = cli_main(["merge", "--adapter", str(trained.adapter), "--base", str(BASE), "--out", str(tmp_path / "out"),
+                     "--dry-run", "--max-shard-size", "100KB"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    line = next(line for line in printed.splitlines() if line.startswith("expected peak memory: merge ~"))
+    assert "largest base shard" in line and "largest output shard" in line and "logits check ~" in line
+    assert "model-00001-of-" in printed and not (tmp_path / "out").exists()
+
+
+def test_adapters_the_shard_merge_cannot_apply_are_refused_before_writing(trained, tmp_path):
+    import shutil
+
+    dora = tmp_path / "dora"
+    shutil.copytree(trained.adapter, dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(dict(config, use_dora=True)))
+    with pytest.raises(PublishError, match="DoRA adapters are not supported"):
+        merge_adapter(str(BASE), dora, tmp_path / "out")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dora"]
+
+    from safetensors.torch import load_file, save_file
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(trained.adapter, foreign)
+    tensors = load_file(str(foreign / "adapter_model.safetensors"))
+    tensors = {key.replace("q_proj", "query_key_value"): value for key, value in tensors.items()}
+    save_file(tensors, str(foreign / "adapter_model.safetensors"))
+    with pytest.raises(PublishError, match="does not fit this base.*query_key_value"):
+        merge_adapter(str(BASE), foreign, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
