@@ -2,9 +2,11 @@
 
 Builds synthetic Llama-shaped checkpoints with random bf16 weights (default: 12 and 6 layers, hidden 1024,
 vocab 32000: ~220M and ~140M parameters), saves each with several shard sizes, adds a rank-16 LoRA adapter on
-every Linear layer (random, non-zero B), and runs `python -m sd_plugin.cli merge` on each in a fresh process.
-Peak RSS is the merge process's own `ru_maxrss` (printed by the merge report); the baseline row is a process
-that only imports what the merge imports. Rows with "check" run the logits check too (`--verify-layers`).
+every Linear layer (random, non-zero B), and runs `python -m sd_plugin.cli merge` on each in a fresh process
+with `--max-shard-size` equal to the base's shard size.
+Peak RSS is the merge process's own VmHWM (printed by the merge report; not ru_maxrss, which on Linux also counts
+the parent's memory after fork + exec); the baseline row is a process that only imports what the merge imports. Rows with "check" run the logits check too (`--verify-layers`), on the
+smallest shard size.
 
     python benchmarks/bench_merge.py                       # the table in benchmarks/README.md
     python benchmarks/bench_merge.py --layers 2 --shards 20MB,1GB   # quick
@@ -27,8 +29,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-BASELINE = ("import resource, sd_plugin.merge, transformers; from transformers import AutoTokenizer; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+BASELINE = ("import sd_plugin.merge, transformers; from transformers import AutoTokenizer; "
+            "from sd_plugin.shards import peak_rss; print(peak_rss())")
 
 
 def build_base(folder: Path, layers: int, hidden: int, vocab: int, shard_sizes: list[str]) -> dict[str, Path]:
@@ -108,7 +110,8 @@ def main() -> None:
     parser.add_argument("--layers", default="12,6", help="decoder layers of each synthetic model (comma separated)")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--shards", default="50MB,100MB,200MB,2GB", help="base shard sizes (the last: one file)")
+    parser.add_argument("--shards", default="50MB,200MB,2GB", help="base shard sizes (2GB: one file); the logits check "
+                        "runs with the first")
     parser.add_argument("--check-layers", type=int, default=2, help="layers of the logits check in the 'check' rows")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="also write the rows here")
@@ -118,7 +121,7 @@ def main() -> None:
     shard_sizes = args.shards.split(",")
     baseline = subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True,
                               env=dict(os.environ, PYTHONPATH=str(REPO)))
-    baseline_bytes = int(baseline.stdout.split()[-1]) * (1 if sys.platform == "darwin" else 1024)
+    baseline_bytes = int(baseline.stdout.split()[-1])
     rows = [("imports only (baseline)", "-", "-", "-", "-", "-", megabytes(baseline_bytes), "-")]
     records = []
     try:
@@ -126,7 +129,7 @@ def main() -> None:
             bases = build_base(workdir, layers, args.hidden, args.vocab, shard_sizes)
             adapter = build_adapter(bases[shard_sizes[0]], workdir / f"adapter-{layers}l")
             for size, base in bases.items():
-                for verify in (0, args.check_layers):
+                for verify in (0, args.check_layers) if size == shard_sizes[0] else (0,):
                     out = workdir / "merged"
                     estimate = dry_run_estimate(base, adapter, out, size) if verify == 0 else "-"
                     peak, seconds, _ = run_merge(base, adapter, out, verify, size)

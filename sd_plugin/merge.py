@@ -245,7 +245,7 @@ def merge_shards(inputs: ResolvedInputs, request: MergeRequest, out_dir: Path) -
     round_trip = set()
     if request.dequantize_4bit:
         skip = (inputs.base_quantization or {}).get("llm_int8_skip_modules") or ()
-        round_trip = linear_weight_names(inputs.base, skip)
+        round_trip = linear_weight_names(str(inputs.base_dir), skip)
     weight_map, buffer, handle, open_path = {}, {}, None, None
     try:
         for position, entry in enumerate(plan.entries):
@@ -319,6 +319,10 @@ def merge_into(inputs: ResolvedInputs, request: MergeRequest, staging: Path, rep
     if is_4bit_quantization(inputs.base_quantization):
         raise PublishError(f"the base {inputs.base} is a 4-bit checkpoint: `sd-plugin merge` reads 16/32-bit shards; merge "
                            "into the original 16-bit checkpoint (with --dequantize-4bit for the weights QLoRA saw)")
+    if inputs.base_dir is None and is_hub_id(inputs.base):  # not in the local cache: fetch its shards and configs
+        from huggingface_hub import snapshot_download
+
+        inputs.base_dir = Path(snapshot_download(inputs.base, allow_patterns=["*.safetensors", "*.json", *TOKENIZER_FILES]))
     describe_base_weights(inputs, request, report)
     changes, plan = merge_shards(inputs, request, staging)
     tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer_source)
@@ -333,7 +337,7 @@ def merge_into(inputs: ResolvedInputs, request: MergeRequest, staging: Path, rep
         report.notes.append(why)
         return problems
     if layers is not None:
-        report.checked_layers = f", first {layers} of {num_layers(inputs.base)} layers"
+        report.checked_layers = f", first {layers} of {num_layers(str(inputs.base_dir))} layers"
         report.notes.append(why)
     prepare = round_trip_model_(inputs, base_storage_dtype(inputs)) if request.dequantize_4bit else None
     problems += check_merged_logits(report, base=str(inputs.base_dir), adapter_dir=inputs.adapter_dir, merged_dir=staging,

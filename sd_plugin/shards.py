@@ -43,7 +43,14 @@ def available_memory() -> int | None:
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory so far, in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """This process's peak resident memory so far, in bytes: VmHWM on Linux (ru_maxrss there also counts the parent's
+    memory when the process was started by fork + exec), else ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -135,7 +142,7 @@ def adapter_weight_bytes(adapter_dir: Path) -> int:
 def verification_plan(request: MergeRequest, inputs: ResolvedInputs, plan: ShardPlan | None) -> tuple[int | None, int, str]:
     """(layers to load for the logits check or None for all, expected float32 bytes, why): all layers when the whole
     float32 model fits in the memory available, else the first 2; `request.verify_layers` decides when given."""
-    total_layers = num_layers(inputs.base) if inputs.base_dir is not None else None
+    total_layers = num_layers(str(inputs.base_dir)) if inputs.base_dir is not None else None
     if request.verify_layers == 0:
         return 0, 0, "the logits check is off (--verify-layers 0)"
     layers = request.verify_layers
