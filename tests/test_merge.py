@@ -607,3 +607,41 @@ def test_adapters_the_shard_merge_cannot_apply_are_refused_before_writing(traine
     with pytest.raises(PublishError, match="does not fit this base.*query_key_value"):
         merge_adapter(str(BASE), foreign, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_merge_peak_memory_follows_the_largest_shard_not_the_model(tmp_path):
+    """The same random Llama-shaped model (~21M parameters) in 5 MB shards and in one file: the merge of the
+    sharded copy peaks lower by about two copies of the difference (input pages + output buffer)."""
+    import re
+    import subprocess
+    import sys
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=8000, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(BASE)
+    for name, size in (("sharded", "5MB"), ("single", "1GB")):
+        model.save_pretrained(tmp_path / name, max_shard_size=size)
+        tokenizer.save_pretrained(tmp_path / name)
+    lora = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    lora.save_pretrained(tmp_path / "adapter")
+    del model, lora
+
+    def peak(name, shard_size):
+        result = subprocess.run([sys.executable, "-m", "sd_plugin.cli", "merge", "--base", str(tmp_path / name),
+                                 "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / f"out-{name}"),
+                                 "--verify-layers", "0", "--max-shard-size", shard_size],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        value, unit = re.search(r"peak memory \(this process\): ([\d.]+) (KB|MB|GB)", result.stdout).groups()
+        return float(value) * {"KB": 2**10, "MB": 2**20, "GB": 2**30}[unit]
+
+    model_bytes = sum(path.stat().st_size for path in (tmp_path / "single").glob("*.safetensors"))
+    largest_shard = max(path.stat().st_size for path in (tmp_path / "sharded").glob("*.safetensors"))
+    difference = peak("single", "1GB") - peak("sharded", "5MB")
+    assert difference > 0.5 * (model_bytes - largest_shard), (difference, model_bytes, largest_shard)
