@@ -13,10 +13,11 @@ tokenizer and chat template, checked, and renamed into place. A QLoRA adapter is
 checkpoint; only `--dequantize-4bit` merges it into the NF4 round trip it was trained against. The report says which.
 
 Then the logits check (`sd_plugin.merge_check`): float32 forwards of base + adapter (PEFT), of the merge done in
-memory, and of the saved model, over a few prompts; on the whole model when its float32 copy fits in the
-memory available, else on its first 2 decoder layers (`--verify-layers`). Every saved tensor's dtype is read back
-from the safetensors headers. A failed check exits 1, leaves `--out` as it was and pushes nothing. Pushing
-(`sd_plugin.hub`) resolves the token before anything is merged and uploads the folder in one commit.
+memory, and of the saved model, over a few prompts; on the whole model when its float32 copy fits in the memory
+available, else on its first 2 decoder layers, else not at all (`--verify-layers`; the card says which). Every
+saved tensor's dtype is read back from the safetensors headers. A failed check exits 1, leaves `--out` as it was
+and pushes nothing. Pushing (`sd_plugin.hub`) resolves the token before anything is merged and uploads the
+folder in one commit.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class MergeReport:
     tolerance: float | None = None
     tolerance_rule: str = ""
     checked_layers: str = ""  # ", first N of L layers" when the logits check loaded part of the model
+    check_skipped: str = ""   # why the logits check did not run
     peak_memory: str = ""
     tensor_dtypes: dict = field(default_factory=dict)
     files: list = field(default_factory=list)  # (path in folder, bytes)
@@ -133,6 +135,8 @@ class MergeReport:
         shards = sum(1 for name, _ in self.files if name.endswith(".safetensors"))
         lines = [f"Weights: {self.dtype} safetensors ({shards} shard{'s' if shards != 1 else ''})",
                  f"Merged into: {self.base_weights}"]
+        if self.check_skipped:
+            lines.append(f"Merge check: not run: {self.check_skipped}")
         if self.max_abs_logit_diff is not None:
             lines.append(
                 f"Merge check: max |logit difference| between this model (read from disk, computed in float32) and "
@@ -335,6 +339,7 @@ def merge_into(inputs: ResolvedInputs, request: MergeRequest, staging: Path, rep
     layers, _, why = verification_plan(request, inputs, plan)
     if layers == 0:
         report.notes.append(why)
+        report.check_skipped = why
         return problems
     if layers is not None:
         report.checked_layers = f", first {layers} of {num_layers(str(inputs.base_dir))} layers"
@@ -515,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="max |logit difference| allowed (default: max|logit| / 16 for bf16)")
     parser.add_argument("--verify-layers", type=int, default=None, metavar="N",
                         help="decoder layers the logits check loads in float32 (default: all when they fit in the memory "
-                             "available, else 2; 0 skips the check)")
+                             "available, else 2, else none; 0 skips the check)")
     parser.add_argument("--method", choices=list(METHODS), default=None, help="training method (default: from the config)")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="training config used (Axolotl YAML or trainer-arguments JSON); default: found next to the adapter")
@@ -525,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", metavar="DIR", default=None,
                         help="tokenizer / chat template source (default: the adapter folder if it has one, else the base)")
     parser.add_argument("--device", default="cpu", help="device for the merge and the check (default cpu)")
-    parser.add_argument("--overwrite", action="store_true", help="delete --out first if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out (the new output is built next to it and renamed into place)")
     parser.add_argument("--commit-message", default=None)
     return parser
 

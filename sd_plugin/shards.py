@@ -20,6 +20,7 @@ from sd_plugin.merge_inputs import MergeRequest, ResolvedInputs, read_json
 
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 VERIFY_LAYERS_WHEN_SHORT = 2  # the logits check's decoder layers when the whole float32 model does not fit
+CHECK_OVERHEAD = 3            # peak of loading a model in float32 / its float32 size (benchmarks/bench_merge.py)
 
 
 def parse_size(size: str | int) -> int:
@@ -140,24 +141,36 @@ def adapter_weight_bytes(adapter_dir: Path) -> int:
 
 
 def verification_plan(request: MergeRequest, inputs: ResolvedInputs, plan: ShardPlan | None) -> tuple[int | None, int, str]:
-    """(layers to load for the logits check or None for all, expected float32 bytes, why): all layers when the whole
-    float32 model fits in the memory available, else the first 2; `request.verify_layers` decides when given."""
+    """(decoder layers the logits check loads, None for all, 0 for none; its expected peak in bytes; why).
+
+    Loading a float32 model through transformers peaks at about CHECK_OVERHEAD x its float32 size (bf16 copies and
+    the conversion; measured by benchmarks/bench_merge.py). Without `request.verify_layers`: the whole model when
+    that fits in the memory available, else the first 2 layers with the embeddings and head, else no check.
+    """
     total_layers = num_layers(str(inputs.base_dir)) if inputs.base_dir is not None else None
     if request.verify_layers == 0:
         return 0, 0, "the logits check is off (--verify-layers 0)"
-    layers = request.verify_layers
-    float32_all = 4 * plan.float_parameters if plan else 0
+    if plan is None:
+        return request.verify_layers, 0, "the logits check's memory is unknown: the base is not a local safetensors checkpoint"
+
+    def float32_bytes(layers):
+        return sum(4 * math.prod(entry.shape) for entry in plan.entries
+                   if entry.kind in SAFETENSORS_FLOAT_DTYPES and within_layers(entry.name, layers))
+
     available = available_memory()
-    if layers is None:
-        layers = None if (available is None or not plan or 1.5 * float32_all < available) else VERIFY_LAYERS_WHEN_SHORT
+    layers = request.verify_layers
+    if layers is None and available is not None and CHECK_OVERHEAD * float32_bytes(None) > available:
+        layers = VERIFY_LAYERS_WHEN_SHORT
+        if CHECK_OVERHEAD * float32_bytes(layers) > available:
+            return 0, 0, (f"the logits check is skipped: even {layers} layers with the embeddings and head need "
+                          f"~{format_size(CHECK_OVERHEAD * float32_bytes(layers))}, {format_size(available)} available "
+                          "(--verify-layers N forces it)")
     if layers is not None and total_layers is not None and layers >= total_layers:
         layers = None
-    if layers is None or plan is None:
-        return None, float32_all, f"the logits check loads the whole model in float32 (~{format_size(float32_all)})"
-    checked = sum(4 * math.prod(entry.shape) for entry in plan.entries
-                  if entry.kind in SAFETENSORS_FLOAT_DTYPES and within_layers(entry.name, layers))
-    return layers, checked, (f"the logits check loads the first {layers} of {total_layers} decoder layers with the embeddings "
-                             f"and head in float32 (~{format_size(checked)}; the whole model would need "
-                             f"~{format_size(float32_all)}, {format_size(available)} available; --verify-layers N to choose)")
-
-
+    needed = CHECK_OVERHEAD * float32_bytes(layers)
+    if layers is None:
+        return None, needed, f"the logits check loads the whole model in float32 (peak ~{format_size(needed)})"
+    return layers, needed, (f"the logits check loads the first {layers} of {total_layers} decoder layers with the embeddings "
+                            f"and head in float32 (peak ~{format_size(needed)}; the whole model would need "
+                            f"~{format_size(CHECK_OVERHEAD * float32_bytes(None))}, {format_size(available)} available; "
+                            "--verify-layers N to choose)")

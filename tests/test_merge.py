@@ -609,6 +609,20 @@ def test_adapters_the_shard_merge_cannot_apply_are_refused_before_writing(traine
     assert not (tmp_path / "out").exists()
 
 
+
+def test_logits_check_is_skipped_and_the_card_says_so_when_it_cannot_fit(trained, tmp_path, monkeypatch):
+    from sd_plugin import shards
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(shards, "available_memory", lambda: 1024)
+    monkeypatch.setattr(merge_check, "load_model_float32", refuse)
+    report = merge_adapter(str(BASE), trained.adapter, tmp_path / "out", method="sdft")
+    assert report.max_abs_logit_diff is None and report.check_skipped.startswith("the logits check is skipped: even 2 layers")
+    assert "Merge check: not run: the logits check is skipped" in (tmp_path / "out" / "README.md").read_text()
+    assert report.tensor_dtypes == {"BF16": 25}
+
 @pytest.mark.slow
 def test_merge_peak_memory_follows_the_largest_shard_not_the_model(tmp_path):
     """The same random Llama-shaped model (~21M parameters) in 5 MB shards and in one file: the merge of the
