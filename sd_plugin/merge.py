@@ -461,7 +461,7 @@ def plan(request: MergeRequest) -> PublishPlan:
             merge_peak, parts = shards.expected_peak(adapter_weight_bytes(inputs.adapter_dir))
             _, check_bytes, why = verification_plan(request, inputs, shards)
             result.memory = [f"expected peak memory: merge ~{format_size(merge_peak)} ({parts}); logits check "
-                             f"~{format_size(check_bytes)}; plus Python, torch and transformers", f"note: {why}"]
+                             f"~{format_size(check_bytes)}; plus ~550 MB for Python, torch and transformers", f"note: {why}"]
         config_size = (inputs.base_dir / "config.json").stat().st_size if inputs.base_dir else None
         result.files.append(("config.json", config_size, True))
         if inputs.base_dir is not None and (inputs.base_dir / "generation_config.json").is_file():
