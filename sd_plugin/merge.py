@@ -214,7 +214,7 @@ class PublishPlan:
 
 
 # ------------------------------------------------------------------------------------ the merge
-def merged_config(base_dir: Path, dtype: torch.dtype, plan: ShardPlan, replaced: dict) -> dict:
+def merged_config(base_dir: Path, dtype: torch.dtype, shards: ShardPlan, replaced: dict) -> dict:
     """The base's config.json for the merged weights: dtype, no quantization, the vocabulary of resized embeddings."""
     config = read_json(base_dir / "config.json")
     for key in ("dtype", "torch_dtype"):
@@ -222,7 +222,7 @@ def merged_config(base_dir: Path, dtype: torch.dtype, plan: ShardPlan, replaced:
             config[key] = dtype_name(dtype)
     config.pop("quantization_config", None)
     config["use_cache"] = True
-    for entry in plan.entries:
+    for entry in shards.entries:
         if entry.name in replaced and "embed_tokens" in entry.name:
             target = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
             target["vocab_size"] = entry.shape[0]
@@ -236,12 +236,12 @@ def merge_shards(inputs: ResolvedInputs, request: MergeRequest, out_dir: Path) -
 
     dtype = parse_dtype(request.dtype)
     changes = read_adapter(inputs.adapter_dir, inputs.adapter_config)
-    plan = plan_shards(inputs.base_dir, dtype, request.max_shard_size, changes.replaced)
-    if plan is None:
+    shards = plan_shards(inputs.base_dir, dtype, request.max_shard_size, changes.replaced)
+    if shards is None:
         raise PublishError(f"the base {inputs.base} has no safetensors weights on this machine: `sd-plugin merge` reads "
                            "safetensors shards (download the checkpoint, or convert a .bin checkpoint first)")
-    by_tensor = changes_by_tensor(changes, [entry.name for entry in plan.entries])
-    for entry in plan.entries:
+    by_tensor = changes_by_tensor(changes, [entry.name for entry in shards.entries])
+    for entry in shards.entries:
         change = by_tensor.get(entry.name)
         if change is not None and change.replace is not None and tuple(change.replace.shape) != entry.shape:
             raise PublishError(f"the adapter's {entry.name} is {tuple(change.replace.shape)}, the base's {entry.shape}")
@@ -252,7 +252,7 @@ def merge_shards(inputs: ResolvedInputs, request: MergeRequest, out_dir: Path) -
         round_trip = linear_weight_names(str(inputs.base_dir), skip)
     weight_map, buffer, handle, open_path = {}, {}, None, None
     try:
-        for position, entry in enumerate(plan.entries):
+        for position, entry in enumerate(shards.entries):
             if entry.shard != open_path:  # one base shard mapped at a time
                 handle = safe_open(str(entry.shard), framework="pt")
                 open_path = entry.shard
@@ -261,23 +261,23 @@ def merge_shards(inputs: ResolvedInputs, request: MergeRequest, out_dir: Path) -
                 tensor = round_trip_4bit(tensor.float(), inputs.four_bit_settings, storage_dtype)
             merged = merged_tensor(entry.name, tensor, by_tensor.get(entry.name))
             buffer[entry.name] = merged.to(dtype).contiguous() if merged.is_floating_point() else merged.contiguous()
-            weight_map[entry.name] = plan.files[entry.out_file]
+            weight_map[entry.name] = shards.files[entry.out_file]
             del tensor, merged
-            last_of_file = position + 1 == len(plan.entries) or plan.entries[position + 1].out_file != entry.out_file
+            last_of_file = position + 1 == len(shards.entries) or shards.entries[position + 1].out_file != entry.out_file
             if last_of_file:
-                save_file(buffer, str(out_dir / plan.files[entry.out_file]), metadata={"format": "pt"})
+                save_file(buffer, str(out_dir / shards.files[entry.out_file]), metadata={"format": "pt"})
                 buffer = {}
                 gc.collect()
     finally:
         handle = None
-    if len(plan.files) > 1:
-        index = {"metadata": {"total_size": sum(plan.output_bytes())}, "weight_map": weight_map}
+    if len(shards.files) > 1:
+        index = {"metadata": {"total_size": sum(shards.output_bytes())}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    config = merged_config(inputs.base_dir, dtype, plan, changes.replaced)
+    config = merged_config(inputs.base_dir, dtype, shards, changes.replaced)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if (inputs.base_dir / "generation_config.json").is_file():
         shutil.copy2(inputs.base_dir / "generation_config.json", out_dir / "generation_config.json")
-    return changes, plan
+    return changes, shards
 
 
 def base_storage_dtype(inputs: ResolvedInputs) -> torch.dtype:
@@ -328,7 +328,7 @@ def merge_into(inputs: ResolvedInputs, request: MergeRequest, staging: Path, rep
 
         inputs.base_dir = Path(snapshot_download(inputs.base, allow_patterns=["*.safetensors", "*.json", *TOKENIZER_FILES]))
     describe_base_weights(inputs, request, report)
-    changes, plan = merge_shards(inputs, request, staging)
+    changes, shards = merge_shards(inputs, request, staging)
     tokenizer = AutoTokenizer.from_pretrained(inputs.tokenizer_source)
     copy_tokenizer_files(inputs.tokenizer_source, staging, tokenizer)
     counts, problems = weight_problems(staging, dtype)
@@ -336,7 +336,7 @@ def merge_into(inputs: ResolvedInputs, request: MergeRequest, staging: Path, rep
     saved_tokenizer = AutoTokenizer.from_pretrained(str(staging))
     if saved_tokenizer.chat_template != tokenizer.chat_template:
         problems.append("the saved tokenizer's chat template differs from the source's")
-    layers, _, why = verification_plan(request, inputs, plan)
+    layers, _, why = verification_plan(request, inputs, shards)
     if layers == 0:
         report.notes.append(why)
         report.check_skipped = why
