@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from sd_plugin.redact import display_name, redact_secrets
+
 # The three methods: how the card names them and which paper it cites.
 METHODS = {
     "sdft": {
@@ -150,6 +152,20 @@ def find_training_config(adapter_dir: str | os.PathLike) -> tuple[dict, str | No
     return {}, None
 
 
+def write_training_record(folder: str | os.PathLike, training_config, trainer_state=None) -> None:
+    """Write `training_config.json` (secret-looking values masked) and `trainer_state.json` into `folder`: what
+    `find_training_config` and `find_trainer_state` read for the card's hyperparameters and metrics.
+
+    `training_config` is anything `as_plain_dict` takes; `trainer_state` a `transformers.TrainerState`.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = redact_secrets(as_plain_dict(training_config))
+    (folder / "training_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
+    if trainer_state is not None:
+        trainer_state.save_to_json(str(folder / "trainer_state.json"))
+
+
 def find_trainer_state(adapter_dir: str | os.PathLike) -> str | None:
     """trainer_state.json in the adapter directory, else in its latest checkpoint-N folder."""
     adapter_dir = Path(adapter_dir)
@@ -231,9 +247,11 @@ def format_setting(value) -> str:
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, (list, tuple, set)):
-        return ", ".join(str(item) for item in (sorted(value) if isinstance(value, set) else value))
+        return ", ".join(format_setting(item) for item in (sorted(value) if isinstance(value, set) else value))
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True)
+    if isinstance(value, str):
+        return display_name(value)  # a file setting shows the file's name, not the user's directories
     return str(value)
 
 
@@ -360,11 +378,11 @@ def render_model_card(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
     info = METHODS[method]
-    config = as_plain_dict(training_config)
+    config = redact_secrets(as_plain_dict(training_config))  # e.g. a judge's API key in verifier_kwargs
     if isinstance(adapter_config, (str, os.PathLike)):
         adapter_config = json.loads(Path(adapter_config).read_text(encoding="utf-8"))
-    adapter_config = adapter_config or {}
-    datasets = list(datasets or []) or datasets_from_config(config)
+    adapter_config = redact_secrets(adapter_config or {})
+    datasets = [display_name(name) for name in (list(datasets or []) or datasets_from_config(config))]
     log_history = read_log_history(metrics)
     eval_stats = read_eval_stats(eval_stats)
     trained_4bit = bool(config.get("load_in_4bit") or config.get("adapter") == "qlora")
@@ -382,6 +400,7 @@ def render_model_card(
         front_matter["datasets"] = hub_datasets
 
     base_name = base_model if is_hub_id(base_model) else f"{Path(base_model).name} (local checkpoint)"
+    base_model = base_model if is_hub_id(base_model) else display_name(base_model)
     artifact = "LoRA adapter" if adapter_only else "merged model (LoRA folded into the weights)"
     model_ref = repo_id or "path/to/this/model"
     lines = ["---", yaml.safe_dump(front_matter, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]

@@ -14,7 +14,11 @@ import pytest
 import torch
 
 from sd_plugin import merge as merge_module
-from sd_plugin.merge import PublishError, merge_adapter, package_adapter, post_lora_merge
+from sd_plugin.cli import main as cli_main
+from sd_plugin import hub as hub_module
+from sd_plugin import merge_check
+from sd_plugin.axolotl.merge_hook import post_lora_merge
+from sd_plugin.merge import PublishError, merge_adapter, package_adapter
 
 ASSETS = Path(__file__).resolve().parents[1] / "example_configs" / "assets"
 BASE = ASSETS / "tiny-qwen3"
@@ -80,7 +84,7 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(huggingface_hub, "HfApi", refuse)
-    monkeypatch.setattr(merge_module, "load_model_float32", refuse)
+    monkeypatch.setattr(merge_check, "load_model_float32", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +247,8 @@ def test_adapter_card_from_axolotl_config_with_eval_stats(tmp_path):
 # ------------------------------------------------------------------------------------ token, dry run, push
 def test_push_without_token_fails_before_merging(trained, tmp_path, no_token, no_network, capsys):
     out = tmp_path / "never"
-    code = merge_module.main(["--base", str(BASE), "--adapter", str(trained.adapter), "--out", str(out),
-                              "--push-to-hub", "me/tiny-sdft"])
+    code = cli_main(["merge", "--base", str(BASE), "--adapter", str(trained.adapter), "--out", str(out),
+                     "--push-to-hub", "me/tiny-sdft"])
     assert code == 2
     error = capsys.readouterr().err
     assert "needs a Hugging Face token" in error and "HF_TOKEN" in error and "Nothing was merged" in error
@@ -275,7 +279,7 @@ def test_dry_run_lists_files_and_touches_nothing(trained, merged, tmp_path, no_n
 
 
 def test_adapter_push_retries_transient_errors_in_one_commit(trained, tmp_path, monkeypatch):
-    monkeypatch.setattr(merge_module.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(hub_module.time, "sleep", lambda seconds: None)
     api = FakeHfApi(failures=[http_error(503), ConnectionError("connection reset")])
     out = tmp_path / "adapter_repo"
     report = package_adapter(trained.adapter, out, base_model_id="Qwen/Qwen3-0.6B", push_to_hub="me/tiny-sdft-lora",
@@ -440,7 +444,7 @@ def test_push_through_the_real_client_to_a_local_hub(tmp_path, monkeypatch):
     from sd_plugin.model_card import write_model_card
 
     monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
-    monkeypatch.setattr(merge_module.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(hub_module.time, "sleep", lambda seconds: None)
     for variable in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(variable, raising=False)
     folder = tmp_path / "model"
@@ -461,3 +465,197 @@ def test_push_through_the_real_client_to_a_local_hub(tmp_path, monkeypatch):
     sent = {item["value"]["path"]: base64.b64decode(item["value"]["content"]) for item in files}
     assert sent == {name: (folder / name).read_bytes() for name in ("README.md", "config.json", "model.safetensors")}
     assert "arXiv:2604.12002" in sent["README.md"].decode()
+
+
+# ------------------------------------------------------------------------------------ inputs and outputs are safe
+def test_dry_run_refuses_a_repository_that_is_not_a_repo_id(trained, tmp_path, no_network, capsys):
+    code = cli_main(["merge", "--adapter", str(trained.adapter), "--base", str(BASE), "--out", str(tmp_path / "out"),
+                     "--dry-run", "--push-to-hub", "not a repo"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and "'not a repo'" in captured.err and captured.err.startswith("sd-plugin merge: ")
+
+
+@pytest.mark.parametrize("option", ["--config", "--tokenizer", "--trainer-state"])
+def test_overwrite_refuses_an_input_inside_the_output_folder(trained, tmp_path, no_network, capsys, option):
+    import shutil
+
+    out = tmp_path / "out"
+    out.mkdir()
+    inputs = {"--config": out / "training_config.json", "--trainer-state": out / "trainer_state.json",
+              "--tokenizer": out / "tokenizer"}
+    shutil.copy(trained.adapter / "training_config.json", inputs["--config"])
+    shutil.copy(trained.trainer_state, inputs["--trainer-state"])
+    shutil.copytree(BASE, inputs["--tokenizer"])
+    code = cli_main(["merge", "--adapter", str(trained.adapter), "--base", str(BASE), "--out", str(out), "--overwrite",
+                     option, str(inputs[option])])
+    error = capsys.readouterr().err
+    assert code == 2 and f"{option} {inputs[option]} is inside --out" in error
+    assert inputs["--config"].is_file() and inputs["--trainer-state"].is_file() and (inputs["--tokenizer"] / "tokenizer.json").is_file()
+
+
+def test_overwrite_keeps_the_old_output_when_the_merge_fails(trained, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous output")
+    code = cli_main(["merge", "--base", str(BASE), "--adapter", str(trained.adapter), "--out", str(out), "--overwrite",
+                     "--tolerance", "1e-9"])
+    error = capsys.readouterr().err
+    assert code == 1 and f"--out {out} is unchanged" in error
+    assert [path.name for path in out.iterdir()] == ["old.txt"]
+
+
+def test_overwrite_through_a_symlinked_out_replaces_its_target(trained, tmp_path):
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "old.txt").write_text("previous output")
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    report = package_adapter(trained.adapter, link, overwrite=True, method="sdft")
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert not (target / "old.txt").exists() and (target / "adapter_model.safetensors").is_file()
+    assert report.card == str(link / "README.md") and (link / "README.md").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["link", "real"]  # no staging folders left behind
+
+
+# ------------------------------------------------------------------------------------ shard by shard
+def adapter_with_every_kind(folder, base):
+    """LoRA on Linear layers (rsLoRA, a rank_pattern) and on the embedding, plus lm_head in modules_to_save; B random."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                        modules_to_save=["lm_head"], use_rslora=True, rank_pattern={"down_proj": 2}, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name or "lora_embedding_B" in name:
+            parameter.data.normal_(0, 0.05)
+        if "modules_to_save" in name:
+            parameter.data.add_(torch.randn_like(parameter) * 0.05)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_shard_merge_equals_peft_merge_and_unload_tensor_for_tensor(tmp_path, monkeypatch):
+    import safetensors.torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "base-sharded"
+    AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32).save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (BASE / name).is_file():
+            (sharded / name).write_bytes((BASE / name).read_bytes())
+    assert len(list(sharded.glob("*.safetensors"))) > 3
+    adapter = adapter_with_every_kind(tmp_path / "adapter", sharded)
+
+    written = []  # (bytes, tensors) of each output shard, as it is written
+    save_file = safetensors.torch.save_file
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda tensors, path, metadata=None: (
+        written.append((sum(t.numel() * t.element_size() for t in tensors.values()), len(tensors))),
+        save_file(tensors, path, metadata=metadata)))
+    report = merge_adapter(str(sharded), adapter, tmp_path / "out", max_shard_size="200KB", verify_layers=1, method="sdft")
+    monkeypatch.undo()
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32), str(adapter))
+    expected = {key: value.to(torch.bfloat16) for key, value in peft_model.merge_and_unload().state_dict().items()}
+    merged = {}
+    for path in (tmp_path / "out").glob("*.safetensors"):
+        merged.update(load_file(str(path)))
+    assert set(merged) == set(expected)
+    assert [key for key in merged if not torch.equal(merged[key], expected[key])] == []
+    # Output shards of at most --max-shard-size (a tensor larger than that alone in its file), with an index.
+    assert len(written) > 1 and all(size <= 200_000 or tensors == 1 for size, tensors in written)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(merged)
+    assert report.checked_layers == ", first 1 of 2 layers" and report.max_abs_logit_diff <= report.tolerance
+    assert report.float32_merge_diff < 1e-4 and report.save_reload_diff == 0.0
+    assert "first 1 of 2 layers" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_dry_run_prints_the_expected_peak_memory(trained, tmp_path, no_network, capsys):
+    code = cli_main(["merge", "--adapter", str(trained.adapter), "--base", str(BASE), "--out", str(tmp_path / "out"),
+                     "--dry-run", "--max-shard-size", "100KB"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    line = next(line for line in printed.splitlines() if line.startswith("expected peak memory: merge ~"))
+    assert "largest base shard" in line and "largest output shard" in line and "logits check ~" in line
+    assert "model-00001-of-" in printed and not (tmp_path / "out").exists()
+
+
+def test_adapters_the_shard_merge_cannot_apply_are_refused_before_writing(trained, tmp_path):
+    import shutil
+
+    dora = tmp_path / "dora"
+    shutil.copytree(trained.adapter, dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(dict(config, use_dora=True)))
+    with pytest.raises(PublishError, match="DoRA adapters are not supported"):
+        merge_adapter(str(BASE), dora, tmp_path / "out")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dora"]
+
+    from safetensors.torch import load_file, save_file
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(trained.adapter, foreign)
+    tensors = load_file(str(foreign / "adapter_model.safetensors"))
+    tensors = {key.replace("q_proj", "query_key_value"): value for key, value in tensors.items()}
+    save_file(tensors, str(foreign / "adapter_model.safetensors"))
+    with pytest.raises(PublishError, match="does not fit this base.*query_key_value"):
+        merge_adapter(str(BASE), foreign, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+
+def test_logits_check_is_skipped_and_the_card_says_so_when_it_cannot_fit(trained, tmp_path, monkeypatch):
+    from sd_plugin import shards
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(shards, "available_memory", lambda: 1024)
+    monkeypatch.setattr(merge_check, "load_model_float32", refuse)
+    report = merge_adapter(str(BASE), trained.adapter, tmp_path / "out", method="sdft")
+    assert report.max_abs_logit_diff is None and report.check_skipped.startswith("the logits check is skipped: even 2 layers")
+    assert "Merge check: not run: the logits check is skipped" in (tmp_path / "out" / "README.md").read_text()
+    assert report.tensor_dtypes == {"BF16": 25}
+
+@pytest.mark.slow
+def test_merge_peak_memory_follows_the_largest_shard_not_the_model(tmp_path):
+    """The same random Llama-shaped model (~21M parameters) in 5 MB shards and in one file: the merge of the
+    sharded copy peaks lower by about two copies of the difference (input pages + output buffer)."""
+    import re
+    import subprocess
+    import sys
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=8000, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(BASE)
+    for name, size in (("sharded", "5MB"), ("single", "1GB")):
+        model.save_pretrained(tmp_path / name, max_shard_size=size)
+        tokenizer.save_pretrained(tmp_path / name)
+    lora = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    lora.save_pretrained(tmp_path / "adapter")
+    del model, lora
+
+    def peak(name, shard_size):
+        result = subprocess.run([sys.executable, "-m", "sd_plugin.cli", "merge", "--base", str(tmp_path / name),
+                                 "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / f"out-{name}"),
+                                 "--verify-layers", "0", "--max-shard-size", shard_size],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        value, unit = re.search(r"peak memory \(this process\): ([\d.]+) (KB|MB|GB)", result.stdout).groups()
+        return float(value) * {"KB": 2**10, "MB": 2**20, "GB": 2**30}[unit]
+
+    model_bytes = sum(path.stat().st_size for path in (tmp_path / "single").glob("*.safetensors"))
+    largest_shard = max(path.stat().st_size for path in (tmp_path / "sharded").glob("*.safetensors"))
+    difference = peak("single", "1GB") - peak("sharded", "5MB")
+    assert difference > 0.5 * (model_bytes - largest_shard), (difference, model_bytes, largest_shard)

@@ -115,3 +115,9 @@ class SelfDistillationTrainingArgs:
     """Training-arguments mixin: the method's options travel to the trainer as one dict."""
 
     sd_options: Optional[dict] = None
+
+    def to_dict(self) -> dict:
+        """TrainingArguments.to_dict (what W&B and TensorBoard log) with secrets in `sd_options` masked."""
+        from sd_plugin.redact import redact_secrets
+
+        return redact_secrets(super().to_dict())

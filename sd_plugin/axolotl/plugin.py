@@ -70,6 +70,26 @@ class SelfDistillationPlugin(BasePlugin):
 
         return SelfDistillationCollator, {}
 
+    def post_trainer_create(self, cfg, trainer):
+        if cfg.get("trainer_type"):
+            self.trainer = trainer  # post_train gets the model only; its record (state, arguments) lives here
+
+    def post_train(self, cfg, model):
+        """Write `training_config.json` (this Axolotl config, secrets masked) and `trainer_state.json` (the logged
+        metrics) into `output_dir`, where `sd-plugin merge` finds them for the model card.
+
+        Axolotl saves the adapter with `model.save_pretrained`, so the trainer's own `save_model` (which writes
+        both in the standalone API) never runs. Axolotl calls this hook after training and again after the save;
+        writing both times is harmless. Inert without `trainer_type`.
+        """
+        trainer = getattr(self, "trainer", None)
+        if not cfg.get("trainer_type") or trainer is None or not trainer.args.should_save:
+            return None
+        from sd_plugin.model_card import as_plain_dict, write_training_record
+
+        write_training_record(cfg.output_dir, as_plain_dict(cfg), trainer.state)
+        return None
+
     def post_lora_merge(self, cfg, adapter_path, output_path):
         """After `axolotl merge-lora` (Axolotl 0.21+; 0.19 never calls it): dtype check and model card.
 
@@ -79,7 +99,7 @@ class SelfDistillationPlugin(BasePlugin):
         """
         if not cfg.get("trainer_type"):
             return None
-        from sd_plugin.merge import post_lora_merge
+        from sd_plugin.axolotl.merge_hook import post_lora_merge
 
         report = post_lora_merge(cfg, adapter_path, output_path, log=LOG.info)
         LOG.info("sd-plugin: merged model in %s: %s; model card %s",

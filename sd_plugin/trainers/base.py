@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -33,6 +33,7 @@ from sd_plugin.losses import (
     loss_token_mask,
     loss_units,
 )
+from sd_plugin.redact import redact_secrets
 from sd_plugin.rollout import Rollouts, SamplingOptions, generate_rollouts
 from sd_plugin.teacher import KINDS as TEACHER_KINDS
 from sd_plugin.teacher import Teacher, output_head
@@ -87,6 +88,14 @@ class SelfDistillationOptions:
     vllm_server_port: int = field(default=8000, metadata={"help": "server: port of `trl vllm-serve`."})
     vllm_server_timeout: float = field(default=240.0, metadata={"help": "server: seconds to wait for the server to come up."})
     vllm_group_port: int = field(default=51216, metadata={"help": "server: port of the weight-update process group."})
+
+    def to_dict(self) -> dict:
+        """The arguments as saved (training_config.json) and logged (W&B, TensorBoard): secret-looking values
+        such as an API key in `verifier_kwargs` are masked (`sd_plugin.redact`)."""
+        return redact_secrets(super().to_dict() if hasattr(super(), "to_dict") else asdict(self))
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{key}={value!r}' for key, value in sorted(self.to_dict().items()))})"
 
     def check(self) -> None:
         """Reject contradictory options before any training step (messages name the key)."""
@@ -683,10 +692,9 @@ class SelfDistillationTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         if _internal_call or not self.args.should_save:
             return
-        folder = output_dir or self.args.output_dir
-        with open(os.path.join(folder, "training_config.json"), "w", encoding="utf-8") as handle:
-            json.dump(self.args.to_dict(), handle, indent=2, default=str)
-        self.state.save_to_json(os.path.join(folder, "trainer_state.json"))
+        from sd_plugin.model_card import write_training_record
+
+        write_training_record(output_dir or self.args.output_dir, self.args.to_dict(), self.state)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
