@@ -6,6 +6,7 @@
     sd-plugin merge --base B --adapter A ...  merge a LoRA adapter to bf16, optional Hub push (sd_plugin.merge)
     sd-plugin plan CONFIG.yml [...]           peak-memory planner (sd_plugin.planner)
     sd-plugin collect-revisions ...           SD-Zero revision data collection (sd_plugin.revisions)
+    sd-plugin demo-model [--out DIR]          SmolLM2-135M-Instruct as a local checkpoint (sd_plugin.demo_model)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ COMMANDS = {
     "merge": ("sd_plugin.merge", "main"),
     "plan": ("sd_plugin.planner", "main"),
     "collect-revisions": ("sd_plugin.revisions", "main"),
+    "demo-model": ("sd_plugin.demo_model", "main"),
 }
 
 
