@@ -7,6 +7,7 @@
     sd-plugin plan CONFIG.yml [...]           peak-memory planner (sd_plugin.planner)
     sd-plugin collect-revisions ...           SD-Zero revision data collection (sd_plugin.revisions)
     sd-plugin generate --model M --prompts P  sample a (scored) corpus, resumable (sd_plugin.generate)
+    sd-plugin demo-model [--out DIR]          SmolLM2-135M-Instruct as a local checkpoint (sd_plugin.demo_model)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ COMMANDS = {
     "plan": ("sd_plugin.planner", "main"),
     "collect-revisions": ("sd_plugin.revisions", "main"),
     "generate": ("sd_plugin.generate", "main"),
+    "demo-model": ("sd_plugin.demo_model", "main"),
 }
 
 
