@@ -216,3 +216,27 @@ def test_bad_input_is_refused_with_file_line_before_the_model_loads(tmp_path, mo
     assert error.count("\n") == 1 and error.startswith("sd-plugin generate: ")
     assert __import__("re").search(message, error), error
     assert not list(tmp_path.glob("out*"))  # nothing written
+
+
+@pytest.mark.slow  # the whole loop on the tiny model, ~1 min
+def test_iterated_loop_smoke_runs_every_stage_and_resumes(tmp_path):
+    """benchmarks/bench_iterated.py --smoke: generate, SFT round 1, round-2 corpora, stats, mix, round 2 naive and
+    mixed, eval-stats; a second run reuses every corpus and adapter."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_iterated.py"), "--smoke", "--out", str(tmp_path)]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["eval"]) == ["base", "r1", "r2-naive", "r2-mixed"]
+    assert set(results["corpora"]) == {"corpus_base_T.kept.jsonl", "corpus_r1_T.kept.jsonl", "corpus_r1_hot.kept.jsonl"}
+    for name in ("adapter_r1", "adapter_r2_naive", "adapter_r2_mixed"):
+        assert (tmp_path / name / "adapter_model.safetensors").exists()
+    assert (tmp_path / "coverage.png").stat().st_size > 0
+    for row in read_jsonl(tmp_path / "corpus_r1_T.jsonl"):
+        assert row["provenance"]["adapter"] == str(tmp_path / "adapter_r1") and row["round"] == "r1"
+    assert all(row["_provenance"]["round"] in (1, 2) for row in read_jsonl(tmp_path / "corpus_r2_mixed.jsonl"))
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("0 samples generated now") == 7  # 3 corpora + 4 evaluations, all from the logs
+    assert second.stdout.count("trained in an earlier run, kept") == 3
