@@ -1,7 +1,7 @@
 """Iterated self-distillation end to end on a real model: generate, measure, mix, train round 2, evaluate.
 
-The task: a prompt names a category ("Name one fruit. Reply with just the name.") and the model has to pick
-an item; the catalog is the 144 items of 6 categories (CATALOG below). The reward (`catalog_reward`, used as
+The task: a prompt names a category ("Name one fruit. Reply with just the name.", after one worked example)
+and the model has to pick an item; the catalog is the 144 items of 6 categories (CATALOG below). The reward (`catalog_reward`, used as
 `--verifier benchmarks.bench_iterated:catalog_reward`) is 1.0 for an answer that is exactly one catalog item
 of the asked category in at most 4 words, 0.5 when such an item is named in a longer answer, 0 otherwise. The
 group of a sample (its "template") is the catalog item it picked, so `sd-plugin stats` measures how much of
@@ -64,11 +64,13 @@ CATALOG = {
               "fencing", "rowing", "archery", "karate", "skateboarding", "football"],
 }
 CATALOG_SIZE = sum(len(items) for items in CATALOG.values())
+# One worked example before the question: without it the 135M model rarely answers with just a name.
+ONE_SHOT = [{"role": "user", "content": "Name one color. Reply with just the name."},
+            {"role": "assistant", "content": "Blue"}]
 TRAIN_PHRASINGS = [
     "Name one {c}. Reply with just the name.",
     "Give me an example of a {c}. Answer in one or two words.",
     "What is a {c} you can think of? Just say its name.",
-    "Tell me a single {c}, nothing else.",
 ]
 EVAL_PHRASINGS = [  # held out: never seen in training
     "Suggest any {c}. Only the name, please.",
@@ -110,9 +112,9 @@ class Settings:
     hot_temperature: float = 1.2    # the "higher temperature" round-2 corpus
     num_samples: int = 8            # per training prompt
     eval_samples: int = 4           # per held-out prompt and stage
-    max_new_tokens: int = 16
+    max_new_tokens: int = 12
     min_reward: float = 1.0         # rejection sampling: kept samples
-    train_steps: int = 12
+    train_steps: int = 10
     batch_size: int = 8
     learning_rate: float = 1e-3
     lora_r: int = 16
@@ -138,7 +140,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def prompt_rows(phrasings: list[str], prefix: str) -> list[dict]:
-    return [{"id": f"{prefix}-{category.replace(' ', '_')}-{k}", "category": category, "prompt": phrasing.format(c=category)}
+    return [{"id": f"{prefix}-{category.replace(' ', '_')}-{k}", "category": category, "prompt": ONE_SHOT + [{"role": "user", "content": phrasing.format(c=category)}]}
             for category in CATALOG for k, phrasing in enumerate(phrasings)]
 
 
