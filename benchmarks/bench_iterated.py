@@ -36,6 +36,7 @@ import re
 import shlex
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -168,6 +169,28 @@ def annotate(corpus: Path, min_reward: float | None = None, **extra) -> Path:
     return out
 
 
+def rarefied_coverage(corpora: dict[str, Path], draws: int = 1000, seed: int = 0) -> dict:
+    """Unique groups and top-10 share of each corpus in random subsamples of the smallest corpus's size: a
+    corpus with more rows covers more groups by chance alone, so coverage is compared at equal size."""
+    import numpy as np
+
+    groups = {name: [row["template_id"] for row in read_jsonl(path)] for name, path in corpora.items()}
+    size = min(len(g) for g in groups.values())
+    rng = np.random.default_rng(seed)
+    result = {}
+    for name, labels in groups.items():
+        unique, top10 = [], []
+        for _ in range(draws if size else 0):
+            sample = [labels[i] for i in rng.choice(len(labels), size, replace=False)]
+            counts = sorted(Counter(sample).values(), reverse=True)
+            unique.append(len(counts))
+            top10.append(sum(counts[:10]) / size)
+        result[name] = {"rows": size, "unique_groups": float(np.mean(unique)) if unique else 0.0,
+                        "unique_groups_95": [float(np.percentile(unique, 2.5)), float(np.percentile(unique, 97.5))]
+                        if unique else None, "top10_share": float(np.mean(top10)) if top10 else None}
+    return result
+
+
 def generate(s: Settings, prompts: Path, output: Path, round_label: str, temperature: float, num_samples: int,
              adapter: Path | None = None) -> Path:
     argv = ["generate", "--model", s.model, "--prompts", str(prompts), "--output", str(output),
@@ -270,6 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     sd_plugin("stats", str(base_kept), str(r1_t_kept), str(r1_hot_kept), "--catalog-size", str(CATALOG_SIZE),
               "--json", str(out / "corpus_stats.json"), "--plot", str(out / "coverage.png"))
 
+    rarefied = rarefied_coverage({p.name: p for p in (base_kept, r1_t_kept, r1_hot_kept)}, seed=s.seed)
+    print(f"\n# coverage at equal size ({next(iter(rarefied.values()))['rows']} rows drawn without replacement, "
+          "1000 draws: mean unique groups [95% range], mean top-10 share)")
+    for name, value in rarefied.items():
+        interval = value["unique_groups_95"] or [0, 0]
+        print(f"#   {name:28s} {value['unique_groups']:6.1f} [{interval[0]:.0f}, {interval[1]:.0f}]  "
+              f"{value['top10_share'] or 0:.3f}")
+
     # 5. The diversity-preserving round-2 corpus: round 1 mixed in, every catalog item capped.
     mixed = out / "corpus_r2_mixed.jsonl"
     size = max(1, len(read_jsonl(r1_t_kept)))
@@ -309,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": round(time.perf_counter() - started, 1),
         "corpora": {c["name"]: {k: c[k] for k in ("n", "reward_mean", "unique_groups", "coverage", "group_entropy",
                                                  "effective_groups", "top10_share")} for c in corpus_stats},
+        "coverage_at_equal_size": rarefied,
         "raw_samples": {p.name: len(read_jsonl(p)) for p in (base, r1_t, r1_hot)},
         "mix": json.loads((out / "mix_summary.json").read_text()).get("counts"),
         "eval": json.loads((out / "eval_stats.json").read_text())["stages"],
