@@ -8,17 +8,38 @@
     sd-plugin collect-revisions ...           SD-Zero revision data collection (sd_plugin.revisions)
     sd-plugin generate --model M --prompts P  sample a (scored) corpus, resumable (sd_plugin.generate)
     sd-plugin demo-model [--out DIR]          SmolLM2-135M-Instruct as a local checkpoint (sd_plugin.demo_model)
+    sd-plugin --version                       the installed version
+
+`sd-plugin CMD --help` lists a command's options with their defaults. Bad input (a missing file, a malformed
+line, an unknown field or verifier, an output that would overwrite an input) is one line on stderr naming
+file:line and the reason, with exit status 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad input to a command (missing file, malformed line, unknown field or verifier): `main` prints it as one
-    line `sd-plugin CMD: message` on stderr and exits with status 2. Raise it with file:line and the reason."""
+    line `sd-plugin CMD: message` on stderr and exits with status 2. Raise it with file:line and the reason.
+    A ValueError, so the Python API (`mix_corpora`, `collect_revisions`, ...) raises what it always raised."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows every option's default, except for options without one (None, []) and flags (False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def argument_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The parser every subcommand's `main(argv)` starts from: `sd-plugin COMMAND` as prog, defaults in --help."""
+    return argparse.ArgumentParser(prog=f"sd-plugin {command}", description=description, formatter_class=HelpFormatter)
 
 
 # subcommand -> (module, function taking argv); modules are imported only when their command runs.
@@ -39,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
+    if argv[0] in ("-V", "--version"):
+        from sd_plugin import __version__
+
+        print(f"sd-plugin {__version__}")
+        return 0
     if argv[0] not in COMMANDS:
         print(f"sd-plugin: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
@@ -52,4 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m sd_plugin.cli`: run the package's copy of this module, whose UsageError the commands raise
+    from sd_plugin.cli import main as package_main
+
+    sys.exit(package_main())

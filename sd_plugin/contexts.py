@@ -10,6 +10,7 @@ completions are appended as token ids, never re-tokenized from text.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,13 @@ def resolve_template(template: str) -> str:
             "nor a string containing {demonstration}"
         )
     return text
+
+
+def fill(template: str, **values: str) -> str:
+    """Substitute `{name}` placeholders in one pass: a value that itself contains `{question}` (an f-string
+    in a code demonstration) is left as it is, and braces that name no value stay literal."""
+    pattern = re.compile("|".join(re.escape("{" + name + "}") for name in values))
+    return pattern.sub(lambda match: values[match.group(0)[1:-1]], template)
 
 
 def render_ids(tokenizer, messages: list[dict[str, Any]], tools=None, *, add_generation_prompt=True) -> list[int]:
@@ -88,10 +96,9 @@ def sdft_teacher_messages(messages: list[dict[str, Any]], demonstration: str, te
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
         if last_user is None or not isinstance(messages[last_user].get("content"), str):
             raise RecordError(None, "the template needs {question} but the prompt has no text user message")
-        filled = template.replace("{demonstration}", demonstration)
-        messages[last_user]["content"] = filled.replace("{question}", messages[last_user]["content"])
+        messages[last_user]["content"] = fill(template, demonstration=demonstration, question=messages[last_user]["content"])
         return messages
-    block = template.replace("{demonstration}", demonstration)
+    block = fill(template, demonstration=demonstration)
     if messages[0]["role"] == "system":
         messages[0]["content"] = f"{messages[0]['content']}\n\n{block}"
     else:
@@ -173,7 +180,12 @@ def _cut_demonstration_middle(tokenizer, demo: str, teacher_ids_for, cap: int, r
 
 
 def strip_thinking(text: str) -> str:
-    return THINK_BLOCK.sub("", text).strip()
+    """The text without reasoning: <think>...</think> blocks, and everything up to a lone </think> (chat
+    templates that open <think> in the generation prompt produce completions that start inside the thought)."""
+    text = THINK_BLOCK.sub("", text)
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    return text.strip()
 
 
 def sdpo_teacher_messages(
@@ -186,9 +198,9 @@ def sdpo_teacher_messages(
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
     text = messages[last_user]["content"]
     if solution is not None:
-        text += SDPO_SOLUTION.replace("{solution}", strip_thinking(solution))
+        text += fill(SDPO_SOLUTION, solution=strip_thinking(solution))
     if feedback is not None:
-        text += SDPO_FEEDBACK.replace("{feedback}", feedback)
+        text += fill(SDPO_FEEDBACK, feedback=feedback)
     messages[last_user]["content"] = text + SDPO_SUFFIX
     return messages
 

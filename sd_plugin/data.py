@@ -185,3 +185,19 @@ def split_trace(messages: list[dict[str, Any]], tools: Any = None, row: int | No
     if not records:
         raise RecordError(row, "the trace has no assistant turn after a user message")
     return records
+
+
+def end_of_turn_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end a completion: the tokenizer's eos plus the model's generation_config eos ids."""
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    extra = extra if isinstance(extra, list) else [extra]
+    return sorted({e for e in [tokenizer.eos_token_id, *extra] if e is not None})
+
+
+def completion_text(tokenizer, ids: list[int], end_of_turn: list[int]) -> str:
+    """A completion's text as a verifier should read it: only end-of-turn ids are dropped.
+
+    `skip_special_tokens=True` would also drop tokens a tokenizer marks special but that carry the answer
+    (<tool_call>, <think>, </think>): a correct tool call would then score 0.
+    """
+    return tokenizer.decode([t for t in ids if t not in end_of_turn], skip_special_tokens=False)

@@ -14,13 +14,10 @@ Everything is seeded; each output row is its source row plus a `_provenance` fie
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import json
 import math
-import os
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field, fields
@@ -28,13 +25,22 @@ from pathlib import Path
 
 import numpy as np
 
+from sd_plugin.cli import UsageError, argument_parser
+from sd_plugin.files import (
+    RowError,
+    read_jsonl,
+    refuse_missing_field,
+    refuse_output_over_input,
+    row_error_lines,
+    write_text_atomic,
+)
 from sd_plugin.stats import (
     CORPUS_TABLE_ROWS,
-    RowError,
+    DEFAULT_GROUP_FIELD,
+    TEXT_FIELD_CANDIDATES,
     corpus_stats,
     format_table,
     near_duplicates,
-    read_jsonl,
     reward_error,
     row_groups,
     row_text,
@@ -57,12 +63,12 @@ class MixConfig:
     seed: int = 0
     mix_in_ratio: float = 0.5  # target share of output rows from earlier rounds (coverage comes first)
     group_cap: int | None = None  # at most this many output rows per group; None: no cap
-    group_field: str = "template_id"  # when no row has it, groups are near-duplicate clusters of the text
+    group_field: str | None = None  # None: template_id when rows have it, else near-duplicate clusters of the text
     reward_field: str = "reward"
     reward_floor: float | None = None  # drop rows whose (diversity-penalised) reward is below this
     diversity_penalty: float = 0.0  # floor test on reward - penalty * log2(group size / mean group size)
     dedup_threshold: float | None = 0.8  # word-3-gram Jaccard at which rows are near duplicates; None: off
-    text_field: str | None = None  # default: first of text, completion, messages
+    text_field: str | None = None  # None: first of text, completion, demonstration, y_revised, messages
     catalog_size: int | None = None  # number of possible groups, only for coverage in the summary
     skip_invalid: bool = False  # False: any malformed row aborts the mix
 
@@ -96,10 +102,9 @@ class MixError(ValueError):
 
     def __init__(self, errors: list[RowError]):
         self.errors = errors
-        shown = "\n".join(f"  {error}" for error in errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        shown = "\n".join(f"  {line}" for line in row_error_lines(errors))
         message = f"{len(errors)} malformed row(s); refusing to mix (--skip-invalid / skip_invalid: true drops them)"
-        super().__init__(f"{message}:\n{shown}{more}")
+        super().__init__(f"{message}:\n{shown}")
 
 
 # ----------------------------------------------------------------------------- diversity-penalised reward
@@ -251,6 +256,11 @@ def mix_corpora(sources: list[CorpusSource], config: MixConfig) -> MixResult:
     # near duplicates over the union, once: for the groups when there is no group field (clusters shared by all
     # rounds), for the dedup, and for the summary's near-duplicate rates of every subset
     union_rows = [row for _, _, row in valid]
+    # a named field must exist: a typo would silently find no text (no near duplicates) or fall back to clusters
+    for key in ("text_field", "group_field"):
+        if getattr(config, key) is not None:
+            option = f"{key} / --{key.replace('_', '-')}"
+            refuse_missing_field(union_rows, getattr(config, key), option, "the input corpora")
     texts = [row_text(row, config.text_field) for row in union_rows]
     structure = near_duplicates(texts, config.dedup_threshold or 0.8)
     groups, group_source = row_groups(union_rows, config.group_field, structure)
@@ -268,15 +278,8 @@ def mix_corpora(sources: list[CorpusSource], config: MixConfig) -> MixResult:
     if config.dedup_threshold is not None:
         # keep the best of each near-duplicate set: higher reward, then newer round, then input order
         ranked = sorted(eligible, key=lambda c: (-c.reward, -c.round, c.source_index, c.line))
-        kept, kept_text_ids = [], set()
-        for candidate in ranked:
-            text_id = structure.text_id[candidate.union_index]
-            is_duplicate = text_id >= 0 and (
-                text_id in kept_text_ids or not kept_text_ids.isdisjoint(structure.neighbors[text_id]))
-            if is_duplicate:
-                continue
-            kept.append(candidate)
-            kept_text_ids.add(text_id)
+        kept_rows = set(structure.keep_first([c.union_index for c in ranked]))
+        kept = [c for c in ranked if c.union_index in kept_rows]
         near_duplicates_removed = len(eligible) - len(kept)
         eligible = sorted(kept, key=lambda c: (c.source_index, c.line))
     else:
@@ -333,20 +336,6 @@ def mix_corpora(sources: list[CorpusSource], config: MixConfig) -> MixResult:
     return MixResult(output_rows, rejects, counts, summary, warnings)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary file next to `path` and rename it over `path` only once complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-        os.replace(handle.name, path)
-    except BaseException:
-        os.unlink(handle.name)
-        raise
-
-
 def jsonl_text(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
@@ -394,6 +383,9 @@ def mix_from_config(block: dict) -> str:
         raise ValueError(f"round2_mixer: unknown key(s) {unknown}")
     sources = [CorpusSource(str(item["path"]), int(item.get("round", index + 1))) if isinstance(item, dict)
                else CorpusSource(str(item), index + 1) for index, item in enumerate(inputs)]
+    outputs = {"round2_mixer.output_path": output_path, "round2_mixer.summary_path": summary_path,
+               "round2_mixer.rejects_path": rejects_path}
+    refuse_output_over_input(outputs, [source.path for source in sources])
     result = mix_corpora(sources, MixConfig(**settings))
     write_mix_outputs(result, output_path, rejects_path, summary_path)
     return output_path
@@ -401,33 +393,43 @@ def mix_from_config(block: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`sd-plugin mix ROUND1.jsonl ROUND2.jsonl ... --out MIXED.jsonl`."""
-    parser = argparse.ArgumentParser(prog="sd-plugin mix", description="Diversity-preserving mix of rounds.")
+    defaults = MixConfig()
+    parser = argument_parser("mix", "Diversity-preserving mix of self-distillation rounds.")
     parser.add_argument("inputs", nargs="+", help="corpora, earliest round first (or give --rounds)")
     parser.add_argument("--out", required=True, help="mixed JSONL (written only if the mix succeeds)")
-    parser.add_argument("--rounds", default=None, help="comma-separated round per input (default 1, 2, ...)")
+    parser.add_argument("--rounds", default=None, help="comma-separated round per input (default: 1, 2, ...)")
     parser.add_argument("--size", type=int, default=None,
                         help="output rows (default: eligible latest-round rows / (1 - ratio), at most all eligible)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mix-in-ratio", type=float, default=0.5, help="share of earlier-round rows (default 0.5)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="selection seed")
+    parser.add_argument("--mix-in-ratio", type=float, default=defaults.mix_in_ratio, help="share of earlier-round rows")
     parser.add_argument("--group-cap", type=int, default=None, help="max rows per group")
-    parser.add_argument("--group-field", default="template_id")
-    parser.add_argument("--reward-field", default="reward")
-    parser.add_argument("--text-field", default=None, help="default: first of text, completion, messages")
-    parser.add_argument("--reward-floor", type=float, default=None)
-    parser.add_argument("--diversity-penalty", type=float, default=0.0,
+    parser.add_argument("--group-field", default=None,
+                        help=f"field naming each row's group (default: {DEFAULT_GROUP_FIELD} when rows have it, else "
+                             "near-duplicate clusters of the texts)")
+    parser.add_argument("--reward-field", default=defaults.reward_field, help="numeric reward field (every row needs it)")
+    parser.add_argument("--text-field", default=None,
+                        help=f"text compared for near duplicates (default: first of {', '.join(TEXT_FIELD_CANDIDATES)})")
+    parser.add_argument("--reward-floor", type=float, default=None, help="drop rows whose reward is below this")
+    parser.add_argument("--diversity-penalty", type=float, default=defaults.diversity_penalty,
                         help="test the floor on reward - P * log2(group size / mean group size)")
-    parser.add_argument("--dedup-threshold", type=float, default=0.8, help="near-duplicate Jaccard (default 0.8)")
+    parser.add_argument("--dedup-threshold", type=float, default=defaults.dedup_threshold,
+                        help="word-3-gram Jaccard at which rows are near duplicates")
     parser.add_argument("--no-dedup", action="store_true", help="keep near duplicates")
     parser.add_argument("--catalog-size", type=int, default=None, help="number of possible groups (summary only)")
     parser.add_argument("--skip-invalid", action="store_true", help="drop malformed rows instead of refusing")
     parser.add_argument("--rejects", default=None, help="JSONL of the dropped malformed rows (with --skip-invalid)")
     parser.add_argument("--summary", default=None, help="before/after statistics as JSON")
+    parser.add_argument("--force", action="store_true", help="allow an output to overwrite an input file")
     args = parser.parse_args(argv)
+    refuse_output_over_input({"--out": args.out, "--rejects": args.rejects, "--summary": args.summary}, args.inputs,
+                             args.force)
 
-    rounds = [int(r) for r in args.rounds.split(",")] if args.rounds else list(range(1, len(args.inputs) + 1))
+    try:
+        rounds = [int(r) for r in args.rounds.split(",")] if args.rounds else list(range(1, len(args.inputs) + 1))
+    except ValueError:
+        raise UsageError(f"--rounds {args.rounds!r}: expected comma-separated integers") from None
     if len(rounds) != len(args.inputs):
-        print(f"error: {len(rounds)} --rounds for {len(args.inputs)} inputs", file=sys.stderr)
-        return 2
+        raise UsageError(f"{len(rounds)} --rounds for {len(args.inputs)} inputs")
     config = MixConfig(size=args.size, seed=args.seed, mix_in_ratio=args.mix_in_ratio, group_cap=args.group_cap,
                        group_field=args.group_field, reward_field=args.reward_field, reward_floor=args.reward_floor,
                        diversity_penalty=args.diversity_penalty,
@@ -435,9 +437,14 @@ def main(argv: list[str] | None = None) -> int:
                        text_field=args.text_field, catalog_size=args.catalog_size, skip_invalid=args.skip_invalid)
     try:
         result = mix_corpora([CorpusSource(path, r) for path, r in zip(args.inputs, rounds)], config)
-    except (MixError, ValueError, OSError) as error:
-        print(f"error: {error}\nnothing written to {args.out}", file=sys.stderr)
-        return 1
+    except MixError as error:
+        print("\n".join(f"  {line}" for line in row_error_lines(error.errors)), file=sys.stderr)
+        raise UsageError(f"{error.errors[0]} ({len(error.errors)} malformed row(s); --skip-invalid drops them); "
+                         f"nothing written to {args.out}") from None
+    except ValueError as error:  # UsageError included: a missing file, an unknown field, a bad setting
+        raise UsageError(f"{error}; nothing written to {args.out}") from None
+    if result.rejects:
+        print("skipped rows:\n" + "\n".join(f"  {line}" for line in row_error_lines(result.rejects)), file=sys.stderr)
     write_mix_outputs(result, args.out, args.rejects, args.summary)
     print(format_summary(result))
     print(f"wrote {len(result.rows)} rows to {args.out}")

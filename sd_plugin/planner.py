@@ -39,13 +39,14 @@ covered by `allocator_margin`. Treat the result as a plan with a ~10-20% error b
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
+
+from sd_plugin.cli import UsageError, argument_parser
 
 GiB = 2**30
 
@@ -290,6 +291,23 @@ def _truthy(value) -> bool:
     return value is True or str(value).lower() in ("true", "1", "yes")
 
 
+def method_defaults(trainer_type: str, given: dict) -> dict:
+    """The method's option defaults, read from its options dataclass (SDPO plans 8 rollouts, SD-Zero 4,096 tokens)."""
+    from dataclasses import MISSING, fields
+
+    from sd_plugin.trainers.sdft import SDFTOptions
+    from sd_plugin.trainers.sdpo import SDPOOptions
+    from sd_plugin.trainers.sdzero import SDZeroOptions
+
+    options = {"sdft": SDFTOptions, "sdpo": SDPOOptions, "sdzero": SDZeroOptions}.get(trainer_type)
+    if options is None:
+        raise ValueError(f"trainer_type must be sdft, sdpo or sdzero, got {trainer_type!r}")
+    defaults = {f.name: f.default for f in fields(options) if f.default is not MISSING}
+    if trainer_type == "sdzero" and defaults["teacher"] is None:  # resolved by phase, as SDZeroOptions does
+        defaults["teacher"] = "live" if given.get("phase") == "srt" else "base"
+    return defaults
+
+
 def setup_from_config(cfg: dict, gpus: int | None = None) -> TrainingSetup:
     """Read a parsed Axolotl YAML config into a `TrainingSetup`."""
     shape = resolve_shape(cfg)
@@ -336,12 +354,14 @@ def setup_from_config(cfg: dict, gpus: int | None = None) -> TrainingSetup:
         state_bytes = 8.0
 
     trainer_type = str(cfg.get("trainer_type") or "sdft")
-    block = cfg.get(trainer_type) or cfg.get("sdft") or cfg.get("sdpo") or cfg.get("sdzero") or {}
+    given = cfg.get(trainer_type) or {}
+    block = {**method_defaults(trainer_type, given), **given}
     sequence_len = int(cfg.get("sequence_len") or 4096)
-    completion = int(block.get("max_completion_length", 256))
-    prompt = int(block.get("max_prompt_length", max(1, sequence_len - completion)))
-    teacher_prompt = int(block.get("max_teacher_prompt_length", prompt))
-    teacher = str(block.get("teacher", "base"))
+    completion = int(block["max_completion_length"])
+    # The caps' defaults are limits, not lengths: plan for what sequence_len allows unless a cap is set.
+    prompt = int(given.get("max_prompt_length", max(1, sequence_len - completion)))
+    teacher_prompt = int(given.get("max_teacher_prompt_length", prompt))
+    teacher = str(block["teacher"])
 
     context_parallel = int(cfg.get("context_parallel_size") or 1)
     if isinstance(cfg.get("context_parallel"), dict):
@@ -360,16 +380,16 @@ def setup_from_config(cfg: dict, gpus: int | None = None) -> TrainingSetup:
         gradient_checkpointing=checkpointing,
         attention=attention,
         micro_batch_size=int(cfg.get("micro_batch_size") or 1),
-        num_generations=int(block.get("num_generations", 1)),
+        num_generations=int(block["num_generations"]),
         optimizer_state_bytes=state_bytes,
         prompt_length=prompt,
         teacher_prompt_length=teacher_prompt,
         completion_length=completion,
-        loss_chunk_size=int(block.get("loss_chunk_size", 64)),  # SelfDistillationOptions.loss_chunk_size
-        distillation_mode=str(block.get("distillation_mode", "full")),
+        loss_chunk_size=int(block["loss_chunk_size"]),
+        distillation_mode=str(block["distillation_mode"]),
         teacher=teacher,
-        teacher_sync=int(block.get("teacher_sync_steps", 0) or 0) > 0,
-        teacher_ema_rank=int(block.get("teacher_ema_rank", 0) or 0),
+        teacher_sync=int(block["teacher_sync_steps"] or 0) > 0,
+        teacher_ema_rank=int(block["teacher_ema_rank"] or 0),
         context_parallel=context_parallel,
         gpus=int(gpus or max(context_parallel, 1)),
         device=str(cfg.get("device", "cuda")),
@@ -717,16 +737,45 @@ def plan_memory(config: dict | str, *, gpus: int | None = None, gpu_memory: int 
     return plan(setup, parse_bytes(gpu_memory))
 
 
+def read_config_file(path: str) -> dict:
+    """The YAML config at `path` for the CLI; a missing file, invalid YAML or a non-mapping raises UsageError."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path}: not UTF-8 text (byte {error.start + 1})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise UsageError(f"{where}: invalid YAML ({getattr(error, 'problem', None) or error})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: expected a YAML mapping of config keys, got {type(config).__name__}")
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`sd-plugin plan CONFIG.yml [--gpus N] [--gpu-mem 80GB] [--device cuda|cpu] [--json]`; exit 0 if it fits, else 1."""
-    parser = argparse.ArgumentParser(prog="sd-plugin plan", description="Predict the peak GPU memory of a config.")
+    """`sd-plugin plan CONFIG.yml [--gpus N] [--gpu-mem 80GB] [--device cuda|cpu] [--json]`; exit 0 if it fits, 1 if
+    not, 2 on bad input."""
+    parser = argument_parser("plan", "Predict the peak GPU memory of a config (exit 0: fits, 1: does not fit).")
     parser.add_argument("config", help="Axolotl YAML config with the plugin's sdft/sdpo/sdzero block")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs (default: the context-parallel size)")
     parser.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 80GB or 24GB (GB = GiB)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: the config's device:, else cuda")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
-    result = plan_memory(args.config, gpus=args.gpus, gpu_memory=args.gpu_mem, device=args.device)
+    config = read_config_file(args.config)
+    try:
+        result = plan_memory(config, gpus=args.gpus, gpu_memory=args.gpu_mem, device=args.device)
+    except ValueError as error:  # an unknown model, a bad size or option value
+        raise UsageError(f"{args.config}: {error}") from None
     if args.gpus and args.gpus > 1 and result.setup.context_parallel == 1:
         result.notes.append(f"{args.gpus} GPUs, data parallel: each GPU holds whole sequences")
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())

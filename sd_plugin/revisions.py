@@ -33,8 +33,10 @@ from typing import Any
 
 import torch
 
+from sd_plugin.cli import UsageError, argument_parser
 from sd_plugin.contexts import control_phrases, sdzero_delimiter_ids, sdzero_teacher_ids
-from sd_plugin.data import Columns, RecordError, prompt_record
+from sd_plugin.data import Columns, RecordError, completion_text, end_of_turn_ids, prompt_record
+from sd_plugin.files import read_jsonl_rows, refuse_output_over_input, write_text_atomic
 from sd_plugin.rollout import SamplingOptions, generate_rollouts
 from sd_plugin.trainers.base import left_pad, tokenize_prompt
 from sd_plugin.verifiers import load_verifier, safe_verify
@@ -114,8 +116,7 @@ def _fingerprint(raw: dict[str, Any]) -> str:
 
 def _load_problems(problems) -> list[dict[str, Any]]:
     if isinstance(problems, (str, os.PathLike)):
-        with open(problems, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+        return [row for _, row in read_jsonl_rows(problems)]  # a malformed line: UsageError naming file:line
     return [dict(row) for row in problems]
 
 
@@ -163,10 +164,7 @@ def _write_output(path: Path, problems: list[_Problem], attempts: dict[int, dict
                          "initially_correct": attempt["initially_correct"],
                          "control_phrase": attempt["control_phrase"], "y_revised": revision})
     rows = rows[:max_kept] if max_kept is not None else rows
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
-    os.replace(temporary, path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
     return len(rows)
 
 
@@ -180,9 +178,7 @@ class _Collector:
                               for outcome, phrase in self.phrases.items()}
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        extra = extra if isinstance(extra, list) else [extra]
-        self.eos_token_ids = sorted({e for e in [tokenizer.eos_token_id, *extra] if e is not None})
+        self.eos_token_ids = end_of_turn_ids(tokenizer, model)
         self.device = getattr(model, "device", torch.device("cpu"))
 
     def sample(self, prompts: list[list[int]], num_generations: int) -> list[list[int]]:
@@ -196,7 +192,7 @@ class _Collector:
         return [rollouts.completion_ids[i, :length].tolist() for i, length in enumerate(lengths)]
 
     def verify(self, problem: _Problem, response: list[int]) -> tuple[str, bool]:
-        text = self.tokenizer.decode(response, skip_special_tokens=True)
+        text = completion_text(self.tokenizer, response, self.eos_token_ids)
         result = safe_verify(self.verifier, problem.record["messages"], text, problem.record, row=problem.source_row)
         return text, result.reward >= self.options.success_threshold
 
@@ -290,37 +286,50 @@ def collect_revisions(model, tokenizer, problems, output_path: str | os.PathLike
     )
 
 
+def json_object(text: str) -> dict[str, Any]:
+    """argparse type of --verifier-kwargs: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error.msg} at column {error.colno}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}: {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """`sd-plugin collect-revisions`: see the module docstring and `--help`."""
     defaults = RevisionOptions()
-    parser = argparse.ArgumentParser(prog="sd-plugin collect-revisions",
-                                     description="Collect SD-Zero self-revision data (kept, verified-correct revisions).")
+    parser = argument_parser("collect-revisions", "Collect SD-Zero self-revision data (kept, verified-correct revisions).")
     parser.add_argument("--model", required=True, help="model path or Hub id (the model SRT will train)")
     parser.add_argument("--problems", required=True, help="JSONL of prompt rows: prompt, optional system / tools, task fields")
     parser.add_argument("--output", required=True, help="JSONL of kept revisions (the attempts log goes next to it)")
     parser.add_argument("--verifier", required=True, help="multiple_choice | tool_calls | boxed_math | python_tests | package.module:callable")
-    parser.add_argument("--verifier-kwargs", type=json.loads, default=None, help="JSON object of verifier keyword arguments")
-    parser.add_argument("--num-revisions", type=int, default=defaults.num_revisions)
+    parser.add_argument("--verifier-kwargs", type=json_object, default=None, help="JSON object of verifier keyword arguments")
+    parser.add_argument("--num-revisions", type=int, default=defaults.num_revisions, help="revisions sampled per problem")
     parser.add_argument("--only-revise-incorrect", action="store_true", help="revise incorrect y_init only (default: both outcomes)")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="per sampled response")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="problems per generate call")
-    parser.add_argument("--success-threshold", type=float, default=defaults.success_threshold)
+    parser.add_argument("--success-threshold", type=float, default=defaults.success_threshold,
+                        help="a reward at or above this is correct")
     parser.add_argument("--control-phrase-family", default=defaults.control_phrase_family, help="qwen | olmo")
-    parser.add_argument("--control-phrase-correct", default=None)
-    parser.add_argument("--control-phrase-incorrect", default=None)
-    parser.add_argument("--separator", default=defaults.separator, help="text around the control phrase; \\n is a newline")
-    parser.add_argument("--max-prompt-length", type=int, default=defaults.max_prompt_length)
+    parser.add_argument("--control-phrase-correct", default=None, help="override the family's phrase after a correct y_init")
+    parser.add_argument("--control-phrase-incorrect", default=None, help="override the family's phrase after a wrong y_init")
+    parser.add_argument("--separator", default=defaults.separator, help="text around the control phrase, \\n for a newline (default: %(default)r)")
+    parser.add_argument("--max-prompt-length", type=int, default=defaults.max_prompt_length, help="prompt tokens")
     parser.add_argument("--max-kept", type=int, default=None, help="stop once this many revisions are kept")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--prompt-column", default=defaults.prompt_column)
-    parser.add_argument("--tools-column", default=defaults.tools_column)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed")
+    parser.add_argument("--prompt-column", default=defaults.prompt_column, help="prompt field of the problems")
+    parser.add_argument("--tools-column", default=defaults.tools_column, help="tool schemas field of the problems")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--force", action="store_true", help="allow --output to overwrite the --problems file")
     args = parser.parse_args(argv)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    # Everything that can be refused is checked before the model loads (minutes on a large model).
+    outputs = {"--output": args.output, "--output's attempts log": attempts_path(args.output)}
+    refuse_output_over_input(outputs, [args.problems], args.force)
     options = RevisionOptions(
         verifier=args.verifier, verifier_kwargs=args.verifier_kwargs, num_revisions=args.num_revisions,
         revise_correct=not args.only_revise_incorrect, max_new_tokens=args.max_new_tokens,
@@ -330,7 +339,20 @@ def main(argv: list[str] | None = None) -> int:
         separator=args.separator.replace("\\n", "\n"), max_prompt_length=args.max_prompt_length,
         max_kept=args.max_kept, seed=args.seed, prompt_column=args.prompt_column, tools_column=args.tools_column,
     )
-    options.check()
+    try:
+        options.check()
+        load_verifier(args.verifier, args.verifier_kwargs)
+    except (ValueError, ImportError, TypeError) as error:
+        raise UsageError(str(error)) from None
+    columns = Columns(prompt=args.prompt_column, tools=args.tools_column)
+    for line, row in read_jsonl_rows(args.problems):
+        try:
+            prompt_record(row, None, columns)
+        except RecordError as error:
+            raise UsageError(f"{args.problems}:{line}: {error.reason}") from None
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
     model.to("cuda" if torch.cuda.is_available() else "cpu")

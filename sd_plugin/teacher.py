@@ -9,7 +9,11 @@ Kinds:
   [out, in] matrix per layer (`ema_rank` 0, exact) or as rank-`ema_rank` factors (memory ~ rank x (out + in),
   exact until the EMA's rank exceeds it, then the best rank-k approximation, its error measured). With full
   fine-tuning it is a frozen copy updated in place.
-- "live": the student itself, without gradient.
+- "live": the student itself, without gradient (scored in eval mode: no dropout).
+- "initial": the student as it is at step 0, frozen. Equal to "base" for a fresh LoRA adapter or full
+  fine-tuning; with a loaded adapter (round 2 continuing from round 1: `lora_model_dir`,
+  `PeftModel.from_pretrained`) it is the model WITH that adapter, where "base" is the model without any
+  adapter. The EMA and sync teachers also start from the student's current update, never from zero.
 `sync_steps` > 0 additionally copies the student into the teacher every that many steps (hard sync).
 
 Sharded training: the EMA / sync update reads the student's parameters in full. Under DeepSpeed ZeRO-3 they
@@ -28,7 +32,10 @@ from contextlib import ExitStack, contextmanager
 import torch
 import torch.nn.functional as F
 
-KINDS = ("base", "ema", "live")
+KINDS = ("base", "ema", "live", "initial")
+# LoRA initialisations that rewrite the base weights (a residual): "adapter disabled" is then not the model
+# the run started from.
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def is_peft_model(model) -> bool:
@@ -150,13 +157,16 @@ class Teacher:
         if kind == "live":
             return
         if self.peft:
-            if kind == "ema" or sync_steps:
+            check_adapter_for_teacher(model, kind, sync_steps)
+            if kind in ("ema", "initial") or sync_steps:
+                # The teacher starts at the student's current effective update (zero for a fresh adapter; a
+                # loaded round-1 adapter's update, or a PiSSA/OLoRA residual's complement, otherwise).
                 layers = lora_layers(model)
                 with full_parameters(model, lora_adapter_parameters(layers)):
                     if ema_rank:
-                        self.factors = {name: empty_factors(m) for name, m in layers.items()}
+                        self.factors = {name: current_factors(m) for name, m in layers.items()}
                     else:
-                        self.deltas = {name: torch.zeros_like(lora_delta(m)) for name, m in layers.items()}
+                        self.deltas = {name: lora_delta(m).clone() for name, m in layers.items()}
         else:
             if ema_rank:
                 raise ValueError("teacher_ema_rank applies to LoRA adapters; a fully fine-tuned model's teacher is a full copy")
@@ -172,7 +182,12 @@ class Teacher:
     def scoring(self, model):
         """Yields the module whose forward is the teacher's (run it under torch.no_grad())."""
         if self.kind == "live":
-            yield model
+            was_training = model.training
+            model.eval()  # the same input scores the same way twice: no dropout
+            try:
+                yield model
+            finally:
+                model.train(was_training)
             return
         if self.copy is not None:
             yield self.copy
@@ -195,7 +210,7 @@ class Teacher:
     @torch.no_grad()
     def step(self, model, global_step: int) -> None:
         """Called after every optimizer step: EMA update and/or hard sync."""
-        if self.kind == "live" or (self.kind == "base" and not self.sync_steps):
+        if self.kind == "live" or (self.kind in ("base", "initial") and not self.sync_steps):
             return
         sync = bool(self.sync_steps) and global_step % self.sync_steps == 0
         rate = 1.0 if sync else (self.ema_rate if self.kind == "ema" else 0.0)
@@ -258,6 +273,51 @@ class Teacher:
             self.factors[name] = (state[f"up.{name}"].to(up.device, up.dtype), state[f"down.{name}"].to(down.device, down.dtype))
 
 
+def check_adapter_for_teacher(model, kind: str, sync_steps: int) -> None:
+    """Refuse the PEFT setups whose teacher would silently differ from what `kind` promises."""
+    follows_student = kind in ("ema", "initial") or sync_steps > 0
+    for name, config in model.peft_config.items():
+        init = str(getattr(config, "init_lora_weights", "")).lower()
+        if kind == "base" and init.startswith(RESIDUAL_INITS):
+            raise ValueError(
+                f"teacher: base with init_lora_weights={init!r} (adapter {name!r}): that initialisation rewrites the "
+                "base weights, so the model without the adapter is not the model training started from; use "
+                "teacher: initial (the step-0 student, frozen) or ema"
+            )
+        if follows_student and getattr(config, "use_dora", False):
+            raise ValueError(
+                f"teacher: {kind}{' with teacher_sync_steps' if sync_steps else ''} with DoRA (use_dora, adapter "
+                f"{name!r}) is not supported: the teacher follows LoRA's B @ A update, and DoRA also rescales each "
+                "weight's magnitude; use teacher: base or live"
+            )
+        if follows_student and getattr(config, "modules_to_save", None):
+            raise ValueError(
+                f"teacher: {kind} with modules_to_save={list(config.modules_to_save)} (adapter {name!r}) is not "
+                "supported: the teacher follows the LoRA layers only, so those fully trained modules would stay at "
+                "their base weights in the teacher; use teacher: base or live, or leave them out of modules_to_save"
+            )
+
+
+def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (weight, bias) that the model's forward projects hidden states with right now: with lm_head in
+    PEFT's modules_to_save, the trained copy, or the original while the adapter is disabled. Read it inside
+    the teacher's `scoring()` block, not after it."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    head = model.get_output_embeddings()
+    if isinstance(head, LoraLayer):
+        raise ValueError(
+            "LoRA on lm_head (lm_head in lora_target_modules / target_modules) is not supported: the loss projects "
+            "hidden states with the head's weight, which would leave the LoRA untrained; put lm_head in "
+            "modules_to_save (lora_modules_to_save) or leave it out"
+        )
+    if isinstance(head, ModulesToSaveWrapper):
+        head = head.original_module if head.disable_adapters or not head.active_adapters else \
+            head.modules_to_save[head.active_adapters[0]]
+    return head.weight, head.bias
+
+
 def lora_layers_any(model) -> dict[str, torch.nn.Module]:
     # Same names as `lora_layers`, also while the adapter is disabled (and once FSDP has wrapped the layers).
     from peft.tuners.lora import LoraLayer
@@ -272,6 +332,14 @@ def lora_factors(module) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError("teacher_ema_rank > 0 supports nn.Linear LoRA layers (fan_in_fan_out=False) only")
     up = full_value(module.lora_B[adapter].weight).detach().float() * module.scaling[adapter]
     return up, full_value(module.lora_A[adapter].weight).detach().float()
+
+
+def current_factors(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's current update as factors; rank 0 while it is zero (a fresh adapter), so no rank is spent on it."""
+    up, down = lora_factors(module)
+    if not up.any() or not down.any():
+        return empty_factors(module)
+    return up.clone(), down.clone()
 
 
 def empty_factors(module) -> tuple[torch.Tensor, torch.Tensor]:

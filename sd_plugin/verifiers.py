@@ -4,51 +4,35 @@ A verifier is any callable ``verify(prompt, completion, record) -> (reward, feed
 prompt (str or chat messages), ``completion`` the decoded completion text, ``record`` the dataset row (the
 gold answer is in it, e.g. ``record["answer"]``); ``reward`` is a float and ``feedback`` a str or None.
 
-Built-ins (`load_verifier` names): "tool_call", "multiple_choice", "boxed_math", "python_tests".
+Built-ins (`load_verifier` names): "tool_calls" (alias "tool_call"), "multiple_choice", "boxed_math", "python_tests".
 
-`PythonTestsVerifier` runs model code in a subprocess: ``python -I`` in a fresh temp dir with a minimal env,
-its own session (the whole process group is SIGKILLed on timeout), rlimits (CPU, address space, file size,
-processes, no core files), stdout discarded, and a preamble that blocks process creation and signals
-(fork/exec/spawn/subprocess/kill, ctypes), raising rlimits and ``socket.socket``. The network is cut by an
-empty network namespace (``unshare -n``, or ``unshare -r -n`` without root) when that works on this
-machine, else only by the socket patch. Where it works the sandbox also gets its own PID namespace
-(``unshare -p -f --kill-child``): killing it kills every process it started, also one that left the
-process group with setsid(). When run as root it drops to uid/gid 65534 (nobody) so that RLIMIT_NPROC
-applies (the kernel does not enforce it for root); when nobody cannot read the interpreter's files (a
-Python under /root) it keeps only CAP_DAC_READ_SEARCH across the drop, so it can still import modules
-while its process count is capped. ``no_new_privs`` is set, so no setuid program gives privileges back.
-`sandbox_mode()` says what is in use. This contains accidents (infinite loops, fork bombs, memory hogs,
-stray network calls) and keeps them from hanging or killing the training run; it is not a security
-boundary against adversarial code: for that, run the trainer in a container or VM.
+`PythonTestsVerifier` runs model code in the sandbox of `sd_plugin.sandbox` (a separate program,
+`sandbox_runner.py`): where ``unshare -m`` works, a private view of the file system (no /root, /home, /tmp of
+the machine), no network, its own PID namespace, uid 65534 without capabilities, rlimits. `sandbox_mode()`
+says what is in use here. It contains accidents and hides credentials; results from a policy that targets
+the runner itself cannot be trusted without a VM or container (see the README).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import itertools
 import json
 import logging
 import math
-import os
 import re
-import resource
-import secrets
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Mapping, NamedTuple, Protocol, runtime_checkable
 
+from sd_plugin.sandbox import SandboxUnavailable, make_job, run_sandbox, sandbox_mode, sandbox_setup
+
 logger = logging.getLogger("sd_plugin.verifiers")
 
 __all__ = [
-    "BUILTIN_VERIFIERS", "BoxedMathVerifier", "MultipleChoiceVerifier", "PythonTestsVerifier",
+    "BUILTIN_VERIFIERS", "BoxedMathVerifier", "MultipleChoiceVerifier", "PythonTestsVerifier", "SandboxUnavailable",
     "ToolCallVerifier", "Verifier", "VerifierResult", "extract_code", "last_boxed", "load_verifier",
     "normalize_math", "safe_verify", "sandbox_mode", "sandbox_setup",
 ]
@@ -295,175 +279,6 @@ class BoxedMathVerifier:
 
 # ------------------------------------------------------------------------------------ python tests sandbox
 _CODE_BLOCK = re.compile(r"```(?:python3?|py)[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
-_NOBODY = 65534
-
-# Runs inside the sandbox: read the job from stdin, limit, drop root, block, run, report on a dup of fd 1.
-_RUNNER = r'''
-import json, os, resource, sys
-def describe(exc):
-    return type(exc).__name__ + (": " + str(exc) if str(exc) else "")
-def blocked(*args, **kwargs):
-    raise PermissionError("process creation and signals are disabled in the verifier sandbox")
-def drop_privileges(uid, read_all_files):
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    def call(name, *args):
-        if getattr(libc, name)(*args) != 0:
-            raise OSError(ctypes.get_errno(), name + " failed in the verifier sandbox")
-    if read_all_files:
-        call("prctl", 8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS: the permitted capabilities survive setuid
-    os.setgroups([]); os.setgid(uid); os.setuid(uid)
-    if read_all_files:
-        class Header(ctypes.Structure):
-            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-        class Data(ctypes.Structure):
-            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-        data = (Data * 2)()
-        data[0].effective = data[0].permitted = 1 << 2  # CAP_DAC_READ_SEARCH alone: read files, nothing else
-        call("capset", ctypes.byref(Header(0x20080522, 0)), data)
-    call("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
-def sandbox(job):
-    for kind, soft, hard in job["limits"]:
-        cur = resource.getrlimit(kind)[1]
-        if cur != resource.RLIM_INFINITY:
-            soft, hard = min(soft, cur), min(hard, cur)
-        resource.setrlimit(kind, (soft, hard))
-    if job["uid"] is not None:
-        drop_privileges(job["uid"], job["read_all_files"])
-    import socket, posix, _posixsubprocess
-    class NoNetworkSocket(socket.socket):
-        def __init__(self, *args, **kwargs):
-            raise PermissionError("network access is disabled in the verifier sandbox")
-    socket.socket = NoNetworkSocket
-    for name in ("fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawnp", "execv", "execve",
-                 "kill", "killpg"):
-        for module in (os, posix):
-            if hasattr(module, name):
-                setattr(module, name, blocked)
-    _posixsubprocess.fork_exec = resource.setrlimit = resource.prlimit = blocked
-    sys.modules["ctypes"] = sys.modules["_ctypes"] = None
-def run(code, tests):
-    namespace = {"__name__": "solution"}
-    try:
-        exec(compile(code, "solution.py", "exec"), namespace)
-    except BaseException as exc:
-        return {"error": describe(exc), "failures": []}
-    failures = []
-    for i, test in enumerate(tests):
-        try:
-            exec(compile(test, "test_%d" % (i + 1), "exec"), namespace)
-            failures.append(None)
-        except SystemExit as exc:
-            failures.append(None if exc.code in (None, 0) else describe(exc))
-        except BaseException as exc:
-            failures.append(describe(exc))
-    return {"error": None, "failures": failures}
-def main():  # the nonce and the result fd stay local: solution code only sees its own namespace
-    job = json.loads(sys.stdin.buffer.read())
-    result_fd = os.dup(1)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    sandbox(job)
-    result = run(job["code"], job["tests"])
-    os.write(result_fd, ("\n" + job["nonce"] + json.dumps(result) + "\n").encode())
-    os._exit(0)
-main()
-'''
-
-
-class SandboxSetup(NamedTuple):
-    """How `PythonTestsVerifier` isolates code on this machine (see `sandbox_setup`)."""
-
-    prefix: list[str]       # command prefix: unshare with network (and PID) namespaces, or nothing
-    uid: int | None         # uid to drop to (root only), None: keep the current one
-    read_all_files: bool    # keep CAP_DAC_READ_SEARCH across the drop (nobody cannot read the interpreter)
-
-
-_SANDBOX_SETUP: dict[str, SandboxSetup] = {}
-_SANDBOX_LOCK = threading.Lock()
-
-
-def _run_sandbox(python: str, prefix: list[str], job: dict[str, Any], timeout: float) -> tuple[dict | None, str]:
-    """Run `_RUNNER` on ``job``; returns (result or None, a description of what went wrong)."""
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "OMP_NUM_THREADS": "1"}
-    nonce = job["nonce"]
-    with tempfile.TemporaryDirectory(prefix="sd_verify_", ignore_cleanup_errors=True) as tmp:
-        if job["uid"] is not None:
-            os.chown(tmp, job["uid"], job["uid"])
-        out_path, err_path = os.path.join(tmp, ".stdout"), os.path.join(tmp, ".stderr")
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            try:
-                proc = subprocess.Popen([*prefix, python, "-I", "-c", _RUNNER], stdin=subprocess.PIPE, stdout=out,
-                                        stderr=err, cwd=tmp, env=env, start_new_session=True)
-            except OSError as exc:
-                return None, f"Could not start the sandbox: {exc}"
-            timed_out = False
-            try:
-                proc.communicate(json.dumps(job).encode(), timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                try:
-                    proc.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    pass
-        if timed_out:
-            return None, f"Timed out after {timeout:g} s"
-        with open(out_path, "rb") as f:
-            lines = [line for line in f.read().decode(errors="replace").splitlines() if line.startswith(nonce)]
-        try:
-            return json.loads(lines[-1][len(nonce):]), ""
-        except (IndexError, ValueError):
-            pass
-        with open(err_path, "rb") as f:
-            stderr = f.read()[-2000:].decode(errors="replace").strip()
-    signals = {-signal.SIGXCPU: "CPU time limit exceeded", -signal.SIGXFSZ: "file size limit exceeded",
-               -signal.SIGKILL: "killed (memory limit?)"}
-    reason = signals.get(proc.returncode, f"exited with code {proc.returncode} without a result")
-    return None, f"Sandbox {reason}" + (f": {stderr[-300:]}" if stderr else "")
-
-
-def sandbox_setup(python: str = sys.executable) -> SandboxSetup:
-    """How to isolate code run by `python` here, probed once per interpreter and cached.
-
-    Tries, in order, the prefixes ``unshare -n -p -f --kill-child`` / ``unshare -n`` / ``unshare -r -n -p -f
-    --kill-child`` / ``unshare -r -n`` / nothing, each (when this process is root) with a plain drop to uid
-    65534, then a drop that keeps CAP_DAC_READ_SEARCH, then no drop; keeps the first that runs a trivial
-    job importing a module after the drop.
-    """
-    with _SANDBOX_LOCK:
-        if python not in _SANDBOX_SETUP:
-            unshare = shutil.which("unshare")
-            pid_namespace = ["-p", "-f", "--kill-child"]
-            prefixes = ([[unshare, "-n", *pid_namespace], [unshare, "-n"], [unshare, "-r", "-n", *pid_namespace],
-                         [unshare, "-r", "-n"]] if unshare else [])
-            drops = [(_NOBODY, False), (_NOBODY, True), (None, False)] if os.geteuid() == 0 else [(None, False)]
-            _SANDBOX_SETUP[python] = SandboxSetup([], None, False)
-            for prefix, (uid, read_all_files) in itertools.product(prefixes + [[]], drops):
-                job = PythonTestsVerifier(timeout=10)._job("import fractions\nx = 1", ["assert x == 1"], uid, read_all_files)
-                if _run_sandbox(python, prefix, job, timeout=10)[0] == {"error": None, "failures": [None]}:
-                    _SANDBOX_SETUP[python] = SandboxSetup(prefix, uid, read_all_files)
-                    break
-        return _SANDBOX_SETUP[python]
-
-
-def sandbox_mode(python: str = sys.executable) -> dict[str, Any]:
-    """What the sandbox uses here.
-
-    ``network``: "namespace (unshare -n) + socket patch" (or ``-r -n``) or "socket patch only";
-    ``pid_namespace``: whether all its processes die with it; ``uid``: the uid the code runs as;
-    ``process_limit``: whether the kernel enforces RLIMIT_NPROC on it (not for root);
-    ``read_all_files``: whether it kept CAP_DAC_READ_SEARCH; ``command_prefix``.
-    """
-    prefix, uid, read_all_files = sandbox_setup(python)
-    network_flags = [flag for flag in prefix[1:] if flag in ("-r", "-n")]
-    network = f"namespace ({' '.join(['unshare', *network_flags])}) + socket patch" if prefix else "socket patch only"
-    uid = uid if uid is not None else os.geteuid()
-    return {"network": network, "pid_namespace": "-p" in prefix, "uid": uid, "process_limit": uid != 0,
-            "read_all_files": read_all_files, "command_prefix": prefix}
 
 
 def extract_code(completion: str) -> str:
@@ -479,9 +294,12 @@ class PythonTestsVerifier:
     Tests are a list of code strings (typically ``assert f(1) == 2``) or one string of code (a JSON list
     string is decoded); they run in order in the solution's namespace. Reward: all passed -> 1.0, else 0.0,
     or the fraction passed when ``partial_credit``. Feedback names the first failing test and its error, a
-    failing solution ("Solution raised ..."), or "Timed out after 5 s". Limits: wall ``timeout`` seconds
+    failing solution ("Solution raised ..."), or "Timed out after 5 s". Any exit (``exit()``, ``SystemExit(0)``,
+    ``os._exit``), exception or stop while a test runs fails that test. Limits: wall ``timeout`` seconds
     (the call returns within about timeout + 2 s), CPU ceil(timeout) + 1 s, ``memory_mb`` of address space,
-    ``max_processes``, ``file_mb`` per written file. See the module docstring for the isolation.
+    ``max_processes``, ``file_mb`` per written file (the private /tmp holds 4 x ``file_mb``). See
+    `sd_plugin.sandbox` for the isolation; ``allow_read_all_files`` lets it run where the only working mode
+    exposes every file of the machine (root without a private view: refused by default).
     """
 
     tests_field: str = "tests"
@@ -491,6 +309,11 @@ class PythonTestsVerifier:
     max_processes: int = 64
     file_mb: int = 16
     python: str = sys.executable
+    allow_read_all_files: bool = False
+
+    def __post_init__(self):
+        # Probed here (once per interpreter) so that a machine with no safe sandbox fails at load, before training.
+        sandbox_setup(self.python, self.allow_read_all_files)
 
     def __call__(self, prompt: Any, completion: str, record: Mapping[str, Any]) -> VerifierResult:
         tests = record[self.tests_field]
@@ -503,34 +326,42 @@ class PythonTestsVerifier:
         tests = [str(test) for test in tests]
         if not tests:
             raise ValueError(f"record[{self.tests_field!r}] holds no tests")
-        prefix, uid, read_all_files = sandbox_setup(self.python)
-        job = self._job(extract_code(completion), tests, uid, read_all_files)
-        result, problem = _run_sandbox(self.python, prefix, job, self.timeout)
+        setup = sandbox_setup(self.python, self.allow_read_all_files)
+        job = make_job(extract_code(completion), tests, setup, timeout=self.timeout, memory_mb=self.memory_mb,
+                       max_processes=self.max_processes, file_mb=self.file_mb)
+        result, problem = run_sandbox(self.python, setup, job, self.timeout)
         if result is None:
             return VerifierResult(0.0, problem)
+        if not _well_formed(result, len(tests)):  # exactly one verdict per test, or none after a failed solution
+            return VerifierResult(0.0, "Sandbox returned a malformed result")
         if result["error"] is not None:
-            return VerifierResult(0.0, f"Solution raised {_short(result['error'])}")
+            return VerifierResult(0.0, _short(result["error"]))
         failures = result["failures"]
         passed = sum(failure is None for failure in failures)
         reward = passed / len(tests) if self.partial_credit else float(passed == len(tests))
+        reward = min(max(reward, 0.0), 1.0)
         for i, failure in enumerate(failures):
             if failure is not None:
                 feedback = f"Test {i + 1} of {len(tests)} failed: {tests[i].strip()}\n{failure}"
                 return VerifierResult(reward, _short(feedback))
         return VerifierResult(reward, None)
 
-    def _job(self, code: str, tests: list[str], uid: int | None, read_all_files: bool = False) -> dict[str, Any]:
-        cpu_s, memory, fsize = math.ceil(self.timeout) + 1, self.memory_mb << 20, self.file_mb << 20
-        limits = [(resource.RLIMIT_CPU, cpu_s, cpu_s + 1), (resource.RLIMIT_AS, memory, memory),
-                  (resource.RLIMIT_FSIZE, fsize, fsize), (resource.RLIMIT_CORE, 0, 0),
-                  (resource.RLIMIT_NPROC, self.max_processes, self.max_processes)]
-        return {"code": code, "tests": tests, "limits": limits, "uid": uid, "read_all_files": read_all_files,
-                "nonce": secrets.token_hex(16)}
+
+def _well_formed(result: Any, num_tests: int) -> bool:
+    if not isinstance(result, dict) or set(result) != {"error", "failures"}:
+        return False
+    error, failures = result["error"], result["failures"]
+    if not isinstance(failures, list) or not all(failure is None or isinstance(failure, str) for failure in failures):
+        return False
+    if error is not None:
+        return isinstance(error, str) and failures == []
+    return len(failures) == num_tests
 
 
 # ---------------------------------------------------------------------------------- loading and safe calls
 BUILTIN_VERIFIERS: dict[str, type] = {
-    "tool_call": ToolCallVerifier,
+    "tool_calls": ToolCallVerifier,
+    "tool_call": ToolCallVerifier,  # alias: the name before the docs' "tool_calls" was registered
     "multiple_choice": MultipleChoiceVerifier,
     "boxed_math": BoxedMathVerifier,
     "python_tests": PythonTestsVerifier,

@@ -152,14 +152,15 @@ def malformed(tmp_path, rounds):
 
 def test_malformed_rows_are_refused_with_line_numbers_and_nothing_written(malformed, rounds, tmp_path, capsys):
     out = tmp_path / "mixed.jsonl"
-    assert cli_main(["mix", rounds[0], malformed, "--out", str(out)]) == 1
+    assert cli_main(["mix", rounds[0], malformed, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     for line, reason in [(2, "invalid JSON"), (3, "missing reward field 'reward'"), (4, "non-numeric reward 'high'")]:
         assert f"{malformed}:{line}: {reason}" in err
+    assert err.splitlines()[-1].startswith(f"sd-plugin mix: {malformed}:2: invalid JSON")
     assert "3 malformed row(s)" in err and not out.exists()
     assert list(tmp_path.glob(".mixed.jsonl.*")) == []
     out.write_text("previous mix\n")  # a failed run leaves an earlier output alone
-    assert cli_main(["mix", rounds[0], malformed, "--out", str(out)]) == 1
+    assert cli_main(["mix", rounds[0], malformed, "--out", str(out)]) == 2
     assert out.read_text() == "previous mix\n"
     with pytest.raises(MixError) as raised:
         mix_corpora([CorpusSource(malformed, 1)], MixConfig())
@@ -170,7 +171,8 @@ def test_skip_invalid_writes_rejects(malformed, tmp_path, capsys):
     out, rejects = tmp_path / "mixed.jsonl", tmp_path / "rejects.jsonl"
     argv = ["mix", malformed, "--out", str(out), "--skip-invalid", "--rejects", str(rejects), "--mix-in-ratio", "0"]
     assert cli_main(argv) == 0
-    assert "skipped 3 malformed row(s)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "skipped 3 malformed row(s)" in captured.out and f"{malformed}:4: non-numeric reward" in captured.err
     assert [json.loads(line)["line"] for line in rejects.read_text().splitlines()] == [2, 3, 4]
     assert [json.loads(line)["_provenance"]["line"] for line in out.read_text().splitlines()] == [1, 5]
 
@@ -202,3 +204,25 @@ def test_diversity_penalty_tightens_the_reward_floor(rounds):
     penalised = mix_corpora(sources(rounds), penalised_config)
     assert penalised.counts["below_reward_floor"] > plain.counts["below_reward_floor"]
     assert {row["template_id"] for row in penalised.rows} <= {row["template_id"] for row in plain.rows}
+
+
+def test_the_notebooks_round2_mixer_yaml_trains_sdft_on_the_mixed_rows(rounds, tmp_path, tokenizer):
+    """The `datasets:` entry shown with the `round2_mixer:` block maps the kept completion to the demonstration:
+    the Axolotl SDFT strategy tokenizes every mixed row (it used to stop at "missing column 'demonstration'")."""
+    import nbformat
+    import yaml
+
+    from sd_plugin.axolotl.strategies.sdft import load
+
+    notebook = nbformat.read(str(Path(__file__).parents[1] / "colab" / "round2_mixer.ipynb"), as_version=4)
+    block = next(cell.source for cell in notebook.cells if cell.cell_type == "markdown" and "```yaml" in cell.source)
+    config = yaml.safe_load(block.split("```yaml\n", 1)[1].split("```", 1)[0])
+    dataset = config["datasets"][0]
+    assert dataset["type"] == "sd_plugin.axolotl.strategies.sdft"
+    result = mix_corpora(sources(rounds), MixConfig(size=40))
+    strategy = load(tokenizer, {"trainer_type": "sdft"}, dataset)
+    batch = {key: [row.get(key) for row in result.rows] for key in result.rows[0]}
+    tokenized = strategy.tokenize_prompt(batch)
+    assert len(tokenized["input_ids"]) == len(result.rows) == 40
+    first = result.rows[0]
+    assert tokenizer.decode(tokenized["demonstration_ids"][0]).startswith(first["completion"][:20])

@@ -308,3 +308,21 @@ def test_low_rank_ema_teacher_state_is_rank_times_layer_widths():
     assert dense.teacher_state == areas * 4
     assert dense.peak > 60 * 2**30 > low.peak  # so on a 60 GB budget it is the change that fits
     assert any(s.startswith("teacher_ema_rank: 256") for s in plan_memory(cfg, gpu_memory="60GB").suggestions)
+
+
+@pytest.mark.parametrize("trainer_type,block,expected", [
+    ("sdpo", {}, dict(num_generations=8, completion_length=256, teacher="ema")),
+    ("sdzero", {"phase": "distill"}, dict(num_generations=1, completion_length=4096, teacher="base")),
+    ("sdzero", {"phase": "srt"}, dict(teacher="live")),
+    ("sdft", {}, dict(num_generations=1, completion_length=256, teacher="base")),
+    ("sdpo", {"num_generations": 4, "teacher": "base"}, dict(num_generations=4, teacher="base")),
+])
+def test_plan_reads_each_methods_own_defaults(trainer_type, block, expected):
+    from sd_plugin.planner import load_config, setup_from_config
+
+    cfg = load_config(str(CONFIG_1X80))
+    cfg.pop("sdft", None)
+    cfg.update(trainer_type=trainer_type, sequence_len=16384, **{trainer_type: block})
+    setup = setup_from_config(cfg)
+    for key, value in expected.items():
+        assert getattr(setup, key) == value, key

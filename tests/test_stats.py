@@ -1,7 +1,12 @@
 """Corpus statistics and evaluation metrics against values computed by hand on small fixtures written here."""
 
+import importlib.util
+import itertools
 import json
 import math
+import zlib
+from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +26,8 @@ from sd_plugin.stats import (
     shingles,
     tokenize,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 # 5 word-3-grams each; CAT_TODAY and CAT_YESTERDAY share 4 of 6 distinct ones: Jaccard 4/6
 CAT_TODAY = "The cat sat on the mat today"
@@ -186,23 +193,154 @@ def test_eval_stats_cli_refuses_invalid_rows_with_line_numbers(tmp_path, capsys)
     rows[1] = {**rows[1], "label": "maybe"}
     rows[4] = {**rows[4], "reward": None}
     path = write_jsonl(tmp_path / "scored.jsonl", rows)
-    assert cli_main(["eval-stats", path, "--bootstrap", "0"]) == 1
+    assert cli_main(["eval-stats", path, "--bootstrap", "0"]) == 2
     err = capsys.readouterr().err
     assert f"{path}:2: label 'maybe'" in err and f"{path}:5: non-numeric reward" in err
+    assert err.splitlines()[-1] == f"sd-plugin eval-stats: {path}:2: label 'maybe' is not good/bad/1/0 (2 invalid rows in all)"
 
 
 def test_stats_cli_table_json_and_plot(tmp_path, capsys):
     rows = [{"template_id": f"t{i % 5}", "reward": i / 10, "text": f"row {i}"} for i in range(10)]
     first = write_jsonl(tmp_path / "r1.jsonl", rows)
-    second = write_jsonl(tmp_path / "r2.jsonl", [{"template_id": "t0", "reward": 0.5, "text": "same"}] * 4 + ["oops"])
+    second = write_jsonl(tmp_path / "r2.jsonl", [{"template_id": "t0", "reward": 0.5, "text": "same"}] * 4)
     code = cli_main(["stats", first, second, "--catalog-size", "540", "--json", str(tmp_path / "s.json"),
                      "--plot", str(tmp_path / "s.png")])
     assert code == 0
     captured = capsys.readouterr()
     assert "r1.jsonl" in captured.out and "catalog coverage" in captured.out
-    assert f"{second}:5" in captured.err
     corpora = json.loads((tmp_path / "s.json").read_text())["corpora"]
     assert [c["unique_groups"] for c in corpora] == [5, 1]
-    assert corpora[1]["n_invalid"] == 1 and corpora[1]["near_dup_rate"] == 1.0
+    assert corpora[1]["near_dup_rate"] == 1.0
     assert corpora[0]["coverage"] == pytest.approx(5 / 540)
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ near duplicates: near-linear, same answers
+def reference_neighbors(texts, threshold):
+    """The definition, as the all-candidate-pairs code computed it: every pair of every LSH bucket (every pair
+    at all up to EXACT_PAIRS_LIMIT distinct texts) with word-3-gram Jaccard >= threshold."""
+    distinct = {}
+    text_id = [-1 if text is None else distinct.setdefault(text, len(distinct)) for text in texts]
+    sets = [shingles(tokenize(text)) for text in distinct]
+    if len(sets) <= stats.EXACT_PAIRS_LIMIT:
+        candidates = itertools.combinations(range(len(sets)), 2)
+    else:
+        rng = np.random.default_rng(0)
+        a = rng.integers(1, stats.MINHASH_PRIME, size=128, dtype=np.uint64)
+        b = rng.integers(0, stats.MINHASH_PRIME, size=128, dtype=np.uint64)
+        signatures = np.full((len(sets), 128), stats.MINHASH_PRIME, dtype=np.uint64)
+        for index, shingle_set in enumerate(sets):
+            if shingle_set:
+                crcs = [zlib.crc32(" ".join(s).encode()) % stats.MINHASH_PRIME for s in shingle_set]
+                hashes = np.array(crcs, dtype=np.uint64)
+                signatures[index] = ((np.outer(a, hashes) + b[:, None]) % stats.MINHASH_PRIME).min(axis=1)
+        rows = stats.lsh_rows_per_band(threshold)
+        candidates = set()
+        for start in range(0, 128 - rows + 1, rows):
+            buckets = defaultdict(list)
+            for tid, band in enumerate(signatures[:, start : start + rows]):
+                buckets[band.tobytes()].append(tid)
+            for members in buckets.values():
+                candidates.update(itertools.combinations(members, 2))
+    neighbors = [set() for _ in sets]
+    for first, second in candidates:
+        if jaccard(sets[first], sets[second]) >= threshold:
+            neighbors[first].add(second)
+            neighbors[second].add(first)
+    return text_id, neighbors
+
+
+def reference_answers(texts, threshold, priority):
+    text_id, neighbors = reference_neighbors(texts, threshold)
+    present = Counter(text_id)
+    flags = [tid >= 0 and (present[tid] > 1 or any(o in present for o in neighbors[tid])) for tid in text_id]
+    graph_components = {}
+    for start in range(len(neighbors)):  # components by search, unlike the union-find under test
+        if start not in graph_components:
+            stack = [start]
+            while stack:
+                node = stack.pop()
+                if node not in graph_components:
+                    graph_components[node] = start
+                    stack.extend(neighbors[node])
+    kept, kept_ids = [], set()
+    for row in priority:
+        tid = text_id[row]
+        if tid >= 0 and (tid in kept_ids or not kept_ids.isdisjoint(neighbors[tid])):
+            continue
+        kept.append(row)
+        kept_ids.add(tid)
+    return text_id, neighbors, flags, graph_components, kept
+
+
+def same_partition(first, second):
+    return len(set(first)) == len(set(zip(first, second))) == len(set(second))
+
+
+def normal_corpora():
+    rng = np.random.default_rng(7)
+    vocabulary = [f"w{i}" for i in range(80)]
+    base = [" ".join(rng.choice(vocabulary, size=24)) for _ in range(260)]
+    edited = []
+    for text in base[:120]:  # one to four words replaced: Jaccard from about 0.9 down to about 0.6
+        words = text.split()
+        for position in rng.choice(len(words), size=int(rng.integers(1, 5)), replace=False):
+            words[position] = f"x{rng.integers(0, 5)}"
+        edited.append(" ".join(words))
+    synthetic = importlib.util.spec_from_file_location("synthetic", REPO / "tests" / "fixtures" / "mixer" / "synthetic.py")
+    module = importlib.util.module_from_spec(synthetic)
+    synthetic.loader.exec_module(module)
+    round1, round2 = module.synthetic_rounds(seed=0, rows=400)
+    mixer_texts = [row["completion"] for row in round1 + round2]
+    small = base[:40] + edited[:30] + [None, "", "", base[0]]
+    return {"edited (LSH)": base + edited + [base[3], None, ""], "mixer rounds (LSH)": mixer_texts,
+            "small (all pairs)": small}
+
+
+@pytest.mark.parametrize("name", ["edited (LSH)", "mixer rounds (LSH)", "small (all pairs)"])
+@pytest.mark.parametrize("threshold", [0.6, 0.8])
+def test_near_duplicate_answers_equal_the_all_pairs_definition(name, threshold):
+    texts = normal_corpora()[name]
+    priority = list(np.random.default_rng(1).permutation(len(texts)))
+    text_id, neighbors, flags, components, kept = reference_answers(texts, threshold, priority)
+    structure = near_duplicates(texts, threshold)
+    assert sum(map(len, neighbors)) > 0  # the corpus has near duplicates to find
+    assert structure.text_id == text_id and structure.neighbors == neighbors
+    assert structure.has_near_duplicate() == flags
+    subset = priority[: len(texts) // 2]
+    present = Counter(text_id[row] for row in subset)
+    assert structure.has_near_duplicate(subset) == [
+        text_id[row] >= 0 and (present[text_id[row]] > 1 or any(o in present for o in neighbors[text_id[row]]))
+        for row in subset]
+    clusters = structure.clusters()
+    expected_clusters = [components[tid] if tid >= 0 else ("lonely", row) for row, tid in enumerate(text_id)]
+    assert same_partition(clusters, expected_clusters)
+    assert structure.keep_first(priority) == kept
+
+
+def test_near_duplicates_of_a_collapsed_corpus_take_a_few_comparisons_per_text(monkeypatch):
+    """3,000 near-identical texts share every bucket: listing the pairs of a bucket meant 4.5 million Jaccards
+    per band; each answer now takes a few comparisons per text."""
+    words = [f"w{i}" for i in range(40)]
+    texts = [" ".join(words[:7] + [f"n{i}"] + words[8:]) for i in range(3000)]
+    structure = near_duplicates(texts, 0.8)
+    comparisons = []
+    real_jaccard = stats.id_jaccard
+    monkeypatch.setattr(stats, "id_jaccard", lambda a, b: (comparisons.append(1), real_jaccard(a, b))[1])
+    assert all(structure.has_near_duplicate())
+    assert len(set(structure.clusters())) == 1
+    assert structure.keep_first(list(range(len(texts)))) == [0]
+    assert len(comparisons) < 10 * len(texts)
+
+
+def test_mixer_removes_the_same_near_duplicates_as_the_all_pairs_definition(tmp_path):
+    from sd_plugin.mixer import CorpusSource, MixConfig, mix_corpora
+
+    texts = normal_corpora()["edited (LSH)"]
+    rows = [{"text": text, "reward": float(i % 7) / 7} for i, text in enumerate(texts) if text is not None]
+    path = write_jsonl(tmp_path / "r.jsonl", rows)
+    result = mix_corpora([CorpusSource(path, 1)], MixConfig(size=10_000, mix_in_ratio=0.0))
+    priority = sorted(range(len(rows)), key=lambda i: (-rows[i]["reward"], i))
+    kept = reference_answers([row["text"] for row in rows], 0.8, priority)[-1]
+    assert sorted(row["_provenance"]["line"] - 1 for row in result.rows) == sorted(kept)
+    assert result.counts["near_duplicates_removed"] == len(rows) - len(kept)

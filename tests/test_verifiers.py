@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from sd_plugin import verifiers
+from sd_plugin import sandbox
 from sd_plugin.verifiers import (
     BUILTIN_VERIFIERS,
     BoxedMathVerifier,
     MultipleChoiceVerifier,
     PythonTestsVerifier,
+    SandboxUnavailable,
     ToolCallVerifier,
     Verifier,
     VerifierResult,
@@ -288,7 +289,8 @@ def test_python_tests_code_extraction_and_test_formats():
     assert reward == 0.0 and feedback.startswith("Solution raised SyntaxError")
     reward, feedback = verify("q", _py("def add(a, b):\n    return a + b\nraise SystemExit(3)"), record)
     assert reward == 0.0 and feedback.startswith("Solution raised SystemExit")
-    assert verify("q", _py("import sys\ndef add(a, b):\n    return a + b"), {"tests": ["sys.exit(0)"]}).reward == 1.0
+    exits = verify("q", _py("import sys\ndef add(a, b):\n    return a + b"), {"tests": ["sys.exit(0)"]})
+    assert exits == (0.0, "Test 1 of 1 failed: sys.exit(0)\nSystemExit: 0")  # any exit during a test fails it
     reward, feedback = verify("q", _py("def add(a, b):\n    raise ValueError('x' * 2000)"), record)
     assert reward == 0.0 and len(feedback) <= 300 and "ValueError: xxx" in feedback
     with pytest.raises(ValueError, match="no tests"):
@@ -376,15 +378,28 @@ def test_sandbox_mode_reports_network_block():
     assert isinstance(mode["uid"], int)
 
 
-def test_sandbox_without_unshare_falls_back_to_the_socket_patch(monkeypatch):
-    monkeypatch.setattr(verifiers, "_SANDBOX_SETUP", {})
-    monkeypatch.setattr(verifiers.shutil, "which", lambda name: None)
-    assert sandbox_mode()["network"] == "socket patch only"
+def test_sandbox_without_unshare_falls_back_loudly_or_refuses_read_all(monkeypatch, caplog):
+    """No unshare: no private view. A fallback warns with what is exposed; as root with a Python that uid 65534
+    cannot read (this machine: /root/.pyenv), the only modes left read every file, and are refused by default."""
+    monkeypatch.setattr(sandbox, "_SANDBOX_SETUP", {})
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    kwargs = {}
+    with caplog.at_level(logging.WARNING, logger="sd_plugin.verifiers"):
+        try:
+            mode = sandbox_mode()
+        except SandboxUnavailable as exc:
+            assert os.geteuid() == 0 and "allow_read_all_files" in str(exc) and "`unshare` not found" in str(exc)
+            with pytest.raises(SandboxUnavailable):
+                load_verifier("python_tests")  # at load, before any training step
+            kwargs = {"allow_read_all_files": True}
+            mode = sandbox_mode(**kwargs)
+    assert mode["network"] == "socket patch only" and not mode["private_files"]
+    assert "NO private file-system view here (`unshare` not found)" in caplog.text and "AF_UNIX" in caplog.text
     code = "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\ndef add(a, b):\n    return a + b"
-    reward, feedback = PythonTestsVerifier()("q", _py(code), ADD_TESTS)
+    reward, feedback = PythonTestsVerifier(**kwargs)("q", _py(code), ADD_TESTS)
     assert reward == 0.0 and "network access is disabled" in feedback
     good = _py("def add(a, b):\n    return a + b")
-    assert PythonTestsVerifier()("q", good, {"tests": ["assert add(1, 2) == 3"]}).reward == 1.0
+    assert PythonTestsVerifier(**kwargs)("q", good, {"tests": ["assert add(1, 2) == 3"]}).reward == 1.0
 
 
 # ------------------------------------------------------------------------------------- loading, protocol
@@ -479,51 +494,70 @@ BYPASS_PREAMBLE = (
 )
 
 
-def _heartbeat_dir():
-    """A directory uid 65534 can write to, outside pytest's root-only tmp tree."""
-    import tempfile
+class _ProcessWatch:
+    """Counts this machine's processes named `name` (as /proc/PID/comm shows them) from a background thread.
 
-    path = Path(tempfile.mkdtemp(prefix="sd_verify_test_", dir="/tmp"))
-    path.chmod(0o777)
-    return path
+    Sandboxed code names its processes with prctl(PR_SET_NAME): the name is visible from outside the private
+    /tmp and the PID namespace, so it shows that they ran and that none is left.
+    """
+
+    def __init__(self, name: str):
+        self.name, self.most, self.running = name, 0, True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def count(self) -> int:
+        count = 0
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    count += pid.isdigit() and f.read().strip() == self.name
+            except OSError:
+                pass
+        return count
+
+    def _poll(self):
+        while self.running:
+            self.most = max(self.most, self.count())
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+    def all_gone(self, within: float = 2.0) -> bool:
+        deadline = time.monotonic() + within
+        while self.count() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.count() == 0
 
 
-def _beats_stopped(path: Path, settle: float = 0.5, window: float = 1.0) -> bool:
-    """True when no process appends to `path` any more (its size stays the same over `window` seconds)."""
-    time.sleep(settle)
-    before = path.stat().st_size if path.exists() else 0
-    time.sleep(window)
-    return (path.stat().st_size if path.exists() else 0) == before
+def _name_processes(name: str) -> str:
+    return f"libc.prctl(15, {name.encode()!r}, 0, 0, 0)  # PR_SET_NAME\n"
 
 
 def test_python_tests_children_that_leave_the_process_group_die_with_the_sandbox():
     if not sandbox_mode()["pid_namespace"]:
         pytest.skip("no PID namespace here (unshare -p): a child that calls setsid() outlives the sandbox")
-    beats_dir = _heartbeat_dir()
-    beats = beats_dir / "beats"
-    beats.touch()
-    beats.chmod(0o666)
+    name = f"sdleave{os.getpid() % 100000}"
     code = BYPASS_PREAMBLE + (
         "for _ in range(3):\n"
         "    if libc.fork() == 0:\n"
         "        libc.setsid()  # out of the process group that the timeout kills\n"
-        "        for _ in range(200):  # bounded: 20 s at most\n"
-        f"            with open({str(beats)!r}, 'a') as f:\n"
-        "                f.write('.')\n"
-        "            time.sleep(0.1)\n"
+        f"        {_name_processes(name)}"
+        "        time.sleep(20)  # bounded\n"
         "        libc._exit(0)\n"
         "while True:\n    pass\n"
     )
-    try:
+    with _ProcessWatch(name) as watch:
         start = time.monotonic()
         assert PythonTestsVerifier(timeout=2.0)("q", _py(code), ADD_TESTS) == (0.0, "Timed out after 2 s")
         assert time.monotonic() - start < 2.0 + 2.0
-        assert beats.stat().st_size > 0, "the children never ran: the test proves nothing"
-        assert _beats_stopped(beats), "a child of the sandbox is still running"
-    finally:
-        import shutil
-
-        shutil.rmtree(beats_dir, ignore_errors=True)
+    assert watch.most > 0, "the children never ran: the test proves nothing"
+    assert watch.all_gone(), "a child of the sandbox is still running"
 
 
 def _bounded_forks(max_processes: int) -> VerifierResult:
@@ -547,25 +581,15 @@ def test_python_tests_fork_bomb_is_contained_and_leaves_nothing_behind():
     if not (mode["process_limit"] and mode["pid_namespace"]):
         pytest.skip("needs RLIMIT_NPROC enforced and a PID namespace to run a real fork bomb safely")
     assert _bounded_forks(max_processes=8) == (1.0, None), "the process limit does not hold: no fork bomb"
-    beats_dir = _heartbeat_dir()
-    beats = beats_dir / "beats"
-    beats.touch()
-    beats.chmod(0o666)
-    code = BYPASS_PREAMBLE + (
-        f"beats = open({str(beats)!r}, 'a')\n"
-        "while True:\n    libc.fork()\n    beats.write('.')\n    beats.flush()\n"
-    )
-    try:
+    name = f"sdbomb{os.getpid() % 100000}"
+    code = BYPASS_PREAMBLE + _name_processes(name) + "while True:\n    libc.fork()\n"
+    with _ProcessWatch(name) as watch:
         start = time.monotonic()
         reward, feedback = PythonTestsVerifier(timeout=2.0, max_processes=16)("q", _py(code), ADD_TESTS)
         assert reward == 0.0 and feedback == "Timed out after 2 s"
         assert time.monotonic() - start < 2.0 + 2.0
-        assert beats.stat().st_size > 0
-        assert _beats_stopped(beats), "a process of the fork bomb is still running"
-    finally:
-        import shutil
-
-        shutil.rmtree(beats_dir, ignore_errors=True)
+    assert watch.most > 1, "the fork bomb never forked: the test proves nothing"
+    assert watch.all_gone(), "a process of the fork bomb is still running"
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,15 @@ LOG = logging.getLogger("axolotl.sd_plugin")
 DATASET_KEYS = ("trainer_type", "sdft", "sdpo", "sdzero", "round2_mixer")
 
 
+def seed_everything(cfg) -> None:
+    """Seed Python, NumPy and torch with the run's seed (TrainingArguments' default 42 when unset)."""
+    if not cfg.get("trainer_type"):
+        return
+    from transformers import set_seed
+
+    set_seed(cfg.get("seed") if cfg.get("seed") is not None else 42)
+
+
 class SelfDistillationPlugin(BasePlugin):
     """SDFT / SDPO / SD-Zero trainers for Axolotl, selected by `trainer_type`."""
 
@@ -32,6 +41,14 @@ class SelfDistillationPlugin(BasePlugin):
 
             path = mix_from_config(dict(cfg["round2_mixer"]))
             LOG.info("sd-plugin: round2_mixer wrote %s", path)
+
+    def pre_model_load(self, cfg):
+        seed_everything(cfg)
+
+    def pre_lora_load(self, cfg, model):
+        # Axolotl creates the adapter before the HF Trainer seeds: without this, the same config and seed give
+        # a different LoRA initialisation every run, and runs cannot be compared or checked after a resume.
+        seed_everything(cfg)
 
     def get_training_args(self, cfg):
         if not cfg.trainer_type:

@@ -23,10 +23,18 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from sd_plugin.contexts import render_ids
-from sd_plugin.data import Columns, RecordError, prompt_record
-from sd_plugin.losses import DivergenceOptions, chunked_distillation_loss, liger_available, liger_distillation_loss
+from sd_plugin.data import Columns, RecordError, end_of_turn_ids, prompt_record
+from sd_plugin.losses import (
+    DivergenceOptions,
+    chunked_distillation_loss,
+    liger_available,
+    liger_distillation_loss,
+    loss_token_mask,
+    loss_units,
+)
 from sd_plugin.rollout import Rollouts, SamplingOptions, generate_rollouts
-from sd_plugin.teacher import Teacher
+from sd_plugin.teacher import KINDS as TEACHER_KINDS
+from sd_plugin.teacher import Teacher, output_head
 
 LOG = logging.getLogger("sd_plugin")
 TEACHER_STATE_FILE = "sd_teacher_state.pt"
@@ -55,7 +63,7 @@ class SelfDistillationOptions:
     num_loss_tokens_to_skip: int = field(default=3, metadata={"help": "First completion tokens left out of the loss."})
     importance_sampling_clip: float = field(default=2.0, metadata={"help": "Cap of the importance weight when rollouts come from another policy."})
     loss_chunk_size: int = field(default=64, metadata={"help": "Completion tokens per lm_head chunk in the loss (about 3-4 fp32 [chunk, vocab] buffers live at a time)."})
-    teacher: str = field(default="base", metadata={"help": "base | ema | live."})
+    teacher: str = field(default="base", metadata={"help": "base (the model without adapter) | ema | live | initial (the step-0 student, e.g. with a loaded round-1 adapter, frozen)."})
     teacher_ema_rate: float = field(default=0.01, metadata={"help": "EMA rate a in phi <- (1-a) phi + a theta."})
     teacher_ema_rank: int = field(default=0, metadata={"help": "LoRA EMA/sync teacher kept as rank-k factors instead of a dense fp32 Delta W per layer (0: dense, exact). 2-4x lora_r is typical; the error is logged."})
     teacher_sync_steps: int = field(default=0, metadata={"help": "Copy the student into the teacher every N steps (0: never)."})
@@ -83,8 +91,8 @@ class SelfDistillationOptions:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.loss_reduction not in ("sequence", "token"):
             raise ValueError(f"loss_reduction must be 'sequence' or 'token', got {self.loss_reduction!r}")
-        if self.teacher not in ("base", "ema", "live"):
-            raise ValueError(f"teacher must be base, ema or live, got {self.teacher!r}")
+        if self.teacher not in TEACHER_KINDS:
+            raise ValueError(f"teacher must be one of {', '.join(TEACHER_KINDS)}, got {self.teacher!r}")
         for key in ("max_prompt_length", "max_teacher_prompt_length", "max_completion_length", "num_generations", "loss_chunk_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -103,6 +111,9 @@ class SelfDistillationOptions:
             raise ValueError("liger_loss: true needs liger-kernel: pip install 'sd-plugin[liger]'")
         if not 0.0 < self.teacher_ema_rate <= 1.0:
             raise ValueError(f"teacher_ema_rate must be in (0, 1], got {self.teacher_ema_rate}")
+        default_rate = next(f.default for f in fields(self) if f.name == "teacher_ema_rate")
+        if self.teacher != "ema" and self.teacher_ema_rate != default_rate:
+            raise ValueError(f"teacher_ema_rate is set but teacher is {self.teacher!r}: set teacher: ema")
         if self.max_consecutive_nonfinite_steps < 1:
             raise ValueError(f"max_consecutive_nonfinite_steps must be >= 1, got {self.max_consecutive_nonfinite_steps}")
 
@@ -217,6 +228,12 @@ class StepBatch:
     ce_rows: torch.Tensor             # [N] bool: rows trained with cross-entropy on y instead of distillation
     teacher_prompts: list[list[int] | None] = field(default_factory=list)  # None: no teacher signal for that row
     student_hidden: torch.Tensor | None = None  # [N, C, H] set by compute_loss (for a method's own loss terms)
+    loss_normalizer: float | None = None  # set by get_batch_samples: the step's loss tokens (or sequences) per micro-batch
+
+    def loss_mask(self) -> torch.Tensor:
+        """[N, C]: completion tokens of the rows that get a loss (a teacher signal, or cross-entropy rows)."""
+        has_teacher = torch.tensor([p is not None for p in self.teacher_prompts], device=self.prompt_ids.device)
+        return self.rollouts.completion_mask * (has_teacher | self.ce_rows).unsqueeze(-1)
 
 
 class _TeacherUpdate(TrainerCallback):
@@ -270,10 +287,7 @@ class SelfDistillationTrainer(Trainer):
                                self.options.teacher_sync_steps, self.options.teacher_ema_rank)
         self.add_callback(_TeacherUpdate(self))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        eos = processing_class.eos_token_id
-        extra_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        extra_eos = extra_eos if isinstance(extra_eos, list) else [extra_eos]
-        self.eos_token_ids = sorted({e for e in [eos, *extra_eos] if e is not None})
+        self.eos_token_ids = end_of_turn_ids(processing_class, self.model)
 
     # ------------------------------------------------------------------ hooks for the methods
     def prepare_dataset(self, dataset, tokenizer, args, split):
@@ -306,18 +320,51 @@ class SelfDistillationTrainer(Trainer):
                                  self.eos_token_ids, self.processing_class.pad_token_id)
 
     def check_against_model(self) -> None:
-        vocab = self.model.get_output_embeddings().weight.shape[0]
+        vocab = output_head(self.model)[0].shape[0]  # also refuses LoRA on lm_head
         DivergenceOptions(self.options.distillation_alpha, self.options.distillation_mode, self.options.distillation_topk,
                           self.options.distillation_support).check_vocab(vocab)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if model.training else "eval"
+    def prepare_step(self, model, inputs) -> StepBatch:
+        """Sample and score one micro-batch, and build its teacher prompts: everything before the forwards."""
         batch = self.make_rollouts(model, inputs)
         batch.teacher_prompts = self.teacher_prompts(inputs, batch)
+        return batch
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer's micro-batches of one optimizer step, each with its rollouts sampled up front.
+
+        All rollouts of a step come from the same weights either way (the optimizer steps after the last
+        micro-batch); sampling them first lets the loss divide by the step's number of loss tokens (or
+        sequences) over every micro-batch and process, so 1 x 8, 8 micro-batches x 1 and 2 processes x 4 give
+        the same gradient. The Trainer divides each micro-batch's loss by the number of micro-batches and
+        data parallelism averages over processes: the normalizer is the global count divided by both.
+        """
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batch_samples:
+            return batch_samples, num_items_in_batch
+        steps, units = [], 0
+        for inputs in batch_samples:
+            step = self.prepare_step(self.model_wrapped, self._prepare_inputs(inputs))
+            mask = loss_token_mask(step.loss_mask(), skip_first=self.options.num_loss_tokens_to_skip, unskipped_rows=step.ce_rows)
+            units += loss_units(mask, self.options.loss_reduction)
+            steps.append(step)
+        total = torch.tensor(float(units), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        normalizer = max(total.item(), 1.0) / (len(batch_samples) * self.accelerator.num_processes)
+        for inputs, step in zip(batch_samples, steps):
+            step.loss_normalizer = normalizer
+            inputs["sd_step"] = step
+        return batch_samples, num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        # Training micro-batches arrive prepared by get_batch_samples; evaluation prepares its own.
+        batch = inputs.get("sd_step") or self.prepare_step(model, inputs)
         rollouts = batch.rollouts
         device = batch.prompt_ids.device
         has_teacher = torch.tensor([p is not None for p in batch.teacher_prompts], device=device)
-        loss_mask = rollouts.completion_mask * (has_teacher | batch.ce_rows).unsqueeze(-1)
+        loss_mask = batch.loss_mask()
 
         # Teacher first: its no-grad forward then never coexists with the student's saved activations.
         teacher_hidden, teacher_head = None, None
@@ -329,32 +376,32 @@ class SelfDistillationTrainer(Trainer):
             with torch.no_grad(), self.teacher.scoring(self.accelerator.unwrap_model(model)) as teacher_model:
                 teacher_hidden = completion_hidden_states(teacher_model, teacher_model, teacher_ids, teacher_mask,
                                                           rollouts.completion_ids, rollouts.completion_mask)
-                teacher_head = teacher_model.get_output_embeddings()
+                teacher_head = output_head(teacher_model)  # inside the block: modules_to_save heads differ
             self._metrics[mode]["teacher_prompt_length"].append(teacher_mask[distilled].sum(-1).float().mean().item())
         student_hidden = batch.student_hidden = completion_hidden_states(
             self.accelerator.unwrap_model(model), model, batch.prompt_ids, batch.prompt_mask,
             rollouts.completion_ids, rollouts.completion_mask)
 
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        head_weight, head_bias = output_head(self.accelerator.unwrap_model(model))
+        teacher_weight, teacher_bias = teacher_head if teacher_head is not None else (None, None)
         o = self.options
         ce_mask = batch.ce_rows.unsqueeze(-1).expand_as(loss_mask)
         if distilled.any() and self.use_liger_loss(student_hidden, batch):
             out = liger_distillation_loss(
-                student_hidden, teacher_hidden, head.weight, loss_mask, alpha=o.distillation_alpha,
+                student_hidden, teacher_hidden, head_weight, loss_mask, alpha=o.distillation_alpha,
                 temperature=o.distillation_temperature, chunk_size=o.loss_chunk_size, reduction=o.loss_reduction,
-                skip_first=o.num_loss_tokens_to_skip, lm_head_bias=head.bias, teacher_lm_head_weight=teacher_head.weight,
-                teacher_lm_head_bias=teacher_head.bias,
+                skip_first=o.num_loss_tokens_to_skip, lm_head_bias=head_bias, teacher_lm_head_weight=teacher_weight,
+                teacher_lm_head_bias=teacher_bias, normalizer=batch.loss_normalizer,
             )
         else:
             out = chunked_distillation_loss(
-                student_hidden, teacher_hidden, head.weight, loss_mask,
+                student_hidden, teacher_hidden, head_weight, loss_mask,
                 chunk_size=o.loss_chunk_size, alpha=o.distillation_alpha, mode=o.distillation_mode, topk=o.distillation_topk,
                 support=o.distillation_support, add_tail=o.distillation_add_tail, temperature=o.distillation_temperature,
                 sampled_ids=rollouts.completion_ids, reduction=o.loss_reduction, skip_first=o.num_loss_tokens_to_skip,
                 old_logprobs=rollouts.old_logprobs, importance_sampling_clip=o.importance_sampling_clip,
-                ce_mask=ce_mask if batch.ce_rows.any() else None, lm_head_bias=head.bias,
-                teacher_lm_head_weight=None if teacher_head is None else teacher_head.weight,
-                teacher_lm_head_bias=None if teacher_head is None else teacher_head.bias,
+                ce_mask=ce_mask if batch.ce_rows.any() else None, lm_head_bias=head_bias,
+                teacher_lm_head_weight=teacher_weight, teacher_lm_head_bias=teacher_bias, normalizer=batch.loss_normalizer,
                 family=o.distillation_divergence,
             )
         if self.options.debug_numerics and mode == "train":
@@ -389,7 +436,7 @@ class SelfDistillationTrainer(Trainer):
             metrics["completion_truncated_fraction"].append(rollouts.truncated[on_policy].float().mean().item())
         metrics["on_policy_fraction"].append(on_policy.float().mean().item())
         # Diagnostics come back for the tokens in the loss, in row-major order.
-        in_loss = loss_mask.bool() & (loss_mask.cumsum(-1) > self.options.num_loss_tokens_to_skip)
+        in_loss = loss_token_mask(loss_mask, skip_first=self.options.num_loss_tokens_to_skip, unskipped_rows=batch.ce_rows)
         if out.per_token_divergence is None:  # the Liger path: distilled rows only, loss only
             metrics["kl"].append(out.loss.item())
             return

@@ -6,6 +6,7 @@ scores y; the student is trained toward that teacher token by token.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -92,10 +93,20 @@ class SDFTTrainer(SelfDistillationTrainer):
         return tokenize_sdft_rows(dataset, tokenizer, self.options, invalid_rows_file=invalid_file)
 
     def on_policy_rows(self, size: int, device) -> torch.Tensor:
-        """Which rows sample their own completion (lambda_on_policy); seeded per step for exact resumes."""
+        """Which rows sample their own completion: each example independently with probability lambda_on_policy.
+
+        The draw is seeded by (seed, step, micro-batch of the step, process, train/eval), so every micro-batch
+        and process draws afresh, and a resumed run draws exactly what the uninterrupted one did.
+        """
         if self.options.lambda_on_policy >= 1.0:
             return torch.ones(size, dtype=torch.bool, device=device)
-        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
+        mode = "train" if self.model.training else "eval"
+        key = (mode, self.state.global_step)
+        micro_batch = self._draws[1] + 1 if getattr(self, "_draws", (None,))[0] == key else 0
+        self._draws = (key, micro_batch)
+        label = f"{self.args.seed}/{mode}/{self.state.global_step}/{micro_batch}/{self.accelerator.process_index}"
+        seed = int.from_bytes(hashlib.sha256(label.encode()).digest()[:8], "little")
+        generator = torch.Generator().manual_seed(seed)
         return (torch.rand(size, generator=generator) < self.options.lambda_on_policy).to(device)
 
     def make_rollouts(self, model, inputs) -> StepBatch:

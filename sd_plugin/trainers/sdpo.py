@@ -16,7 +16,9 @@ import torch
 from transformers import TrainingArguments
 
 from sd_plugin.contexts import render_ids, sdpo_teacher_messages
+from sd_plugin.data import completion_text
 from sd_plugin.losses import chunked_token_logprobs, group_advantages, grpo_loss
+from sd_plugin.teacher import output_head
 from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch, tokenize_prompt_rows
 from sd_plugin.verifiers import load_verifier, safe_verify
 
@@ -133,10 +135,8 @@ class SDPOTrainer(SelfDistillationTrainer):
         rollouts, records = batch.rollouts, batch.records
         rewards, feedback, texts = [], [], []
         for i, group in enumerate(rollouts.prompt_index.tolist()):
-            # Drop only the end-of-turn tokens: skip_special_tokens would also drop <think> / </think>, and the
-            # teacher could then no longer strip the sibling's reasoning.
-            ids = [t for t in rollouts.completion_ids[i][rollouts.completion_mask[i].bool()].tolist() if t not in self.eos_token_ids]
-            text = self.processing_class.decode(ids, skip_special_tokens=False)
+            ids = rollouts.completion_ids[i][rollouts.completion_mask[i].bool()].tolist()
+            text = completion_text(self.processing_class, ids, self.eos_token_ids)
             record = records[group]
             # Name the row for warnings: its `idx` column when it has one, else the start of its question.
             row = record.get("idx", repr(record["messages"][-1]["content"][:60]))
@@ -202,9 +202,9 @@ class SDPOTrainer(SelfDistillationTrainer):
         if o.sdpo_mode == "distill":
             return out.loss
         rollouts = batch.rollouts
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        logprobs = chunked_token_logprobs(batch.student_hidden, head.weight, rollouts.completion_ids,
-                                          rollouts.completion_mask, chunk_size=o.loss_chunk_size, lm_head_bias=head.bias)
+        head_weight, head_bias = output_head(self.accelerator.unwrap_model(model))
+        logprobs = chunked_token_logprobs(batch.student_hidden, head_weight, rollouts.completion_ids,
+                                          rollouts.completion_mask, chunk_size=o.loss_chunk_size, lm_head_bias=head_bias)
         # On-policy rollouts: the ratio is 1 in value and the clip only matters for rollouts from another engine.
         old_logprobs = rollouts.old_logprobs if rollouts.old_logprobs is not None else logprobs.detach()
         advantages = group_advantages(batch.scored.rewards.to(logprobs.device), o.num_generations)

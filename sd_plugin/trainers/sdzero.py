@@ -26,7 +26,7 @@ import torch
 from transformers import TrainingArguments
 
 from sd_plugin.contexts import control_phrases, sdzero_delimiter_ids, sdzero_teacher_ids
-from sd_plugin.data import Columns, RecordError, prompt_record
+from sd_plugin.data import Columns, RecordError, completion_text, prompt_record
 from sd_plugin.rollout import Rollouts
 from sd_plugin.trainers.base import (
     LOG,
@@ -107,8 +107,6 @@ class SDZeroOptions(SelfDistillationOptions):
         if self.phase == "distill" and self.verifier is None:
             raise ValueError("phase: distill needs a verifier: a built-in name (multiple_choice, tool_calls, boxed_math, "
                              "python_tests) or 'package.module:callable'")
-        if self.teacher != "ema" and self.teacher_ema_rate != defaults["teacher_ema_rate"]:
-            raise ValueError(f"teacher_ema_rate is set but teacher is {self.teacher!r}: set teacher: ema")
 
 
 @dataclass
@@ -256,7 +254,7 @@ class SDZeroTrainer(SelfDistillationTrainer):
         for i, group in enumerate(rollouts.prompt_index.tolist()):
             length = int(rollouts.completion_mask[i].sum())
             response = rollouts.completion_ids[i, :length].tolist()
-            text = self.processing_class.decode(response, skip_special_tokens=True)
+            text = completion_text(self.processing_class, response, self.eos_token_ids)
             record = records[group]
             result = safe_verify(self.verifier, record["messages"], text, record, row=record.get("idx", f"batch row {group}"))
             correct = result.reward >= o.success_threshold

@@ -1,0 +1,213 @@
+"""The trainer's side of the sandbox that runs model code for `PythonTestsVerifier`.
+
+`sandbox_setup` finds, once per interpreter, the strongest isolation this machine allows; `run_sandbox` starts
+``python -I sandbox_runner.py`` (see that file for what happens inside) with a minimal environment (no token,
+no key of the trainer's environment gets through), in its own session, and reads its one result line.
+
+Where ``unshare -m`` works (root, or unprivileged user namespaces) the code gets a private view of the file
+system: empty read-only tmpfs over /root, /home, /run, /var/tmp, /mnt, /media, /srv, a private size-limited
+/tmp and /dev/shm (4 x ``file_mb`` each), the interpreter bound back read-only, every other mount read-only,
+a fresh /proc; no network (``unshare -n``), its own PID namespace, and as root uid 65534 without
+capabilities. Elsewhere it falls back to what works (network and PID namespaces, dropping root, only the
+Python-level blocks) and says loudly what is exposed. The mode that keeps CAP_DAC_READ_SEARCH (every file of
+the machine readable) and running model code as root are refused unless ``allow_read_all_files``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Any, NamedTuple
+
+from sd_plugin.sandbox_runner import MASKED_DIRS
+
+logger = logging.getLogger("sd_plugin.verifiers")
+
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_runner.py")
+NOBODY = 65534
+SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "OMP_NUM_THREADS": "1"}
+
+
+class SandboxSetup(NamedTuple):
+    """How `PythonTestsVerifier` isolates code on this machine (see `sandbox_setup`)."""
+
+    prefix: list[str]       # command prefix: unshare with mount, network and PID namespaces, or less, or nothing
+    uid: int | None         # uid to drop to (root only), None: keep the current one
+    read_all_files: bool    # keep CAP_DAC_READ_SEARCH across the drop (opt-in: nobody cannot read the interpreter)
+    private_files: bool = False  # private view of the file system (needs a mount namespace)
+
+
+class SandboxUnavailable(RuntimeError):
+    """No isolation that is safe by default works here (see the message for what to do)."""
+
+
+_SANDBOX_SETUP: dict[tuple[str, bool], SandboxSetup] = {}
+_SANDBOX_LOCK = threading.Lock()
+
+
+def make_job(code: str, tests: list[str], setup: SandboxSetup, *, timeout: float, memory_mb: int,
+             max_processes: int, file_mb: int) -> dict[str, Any]:
+    """The job `sandbox_runner.py` reads: code, tests, rlimits and how to isolate."""
+    cpu_s, memory, fsize = math.ceil(timeout) + 1, memory_mb << 20, file_mb << 20
+    limits = [(resource.RLIMIT_CPU, cpu_s, cpu_s + 1), (resource.RLIMIT_AS, memory, memory),
+              (resource.RLIMIT_FSIZE, fsize, fsize), (resource.RLIMIT_CORE, 0, 0),
+              (resource.RLIMIT_NPROC, max_processes, max_processes)]
+    return {"code": code, "tests": list(tests), "limits": limits, "uid": setup.uid,
+            "read_all_files": setup.read_all_files, "private_files": setup.private_files, "tmp_mb": 4 * file_mb}
+
+
+def run_sandbox(python: str, setup: SandboxSetup, job: dict[str, Any], timeout: float) -> tuple[dict | None, str]:
+    """Run the runner on ``job``; returns (its result or None, a description of what went wrong)."""
+    # stderr goes to a folder only the trainer can enter; the sandbox's own folder (its cwd when there is no
+    # private /tmp) is another one, so nothing the code writes can replace what the trainer reads.
+    with tempfile.TemporaryDirectory(prefix="sd_verify_", ignore_cleanup_errors=True) as private, \
+            tempfile.TemporaryDirectory(prefix="sd_verify_work_", ignore_cleanup_errors=True) as work_dir:
+        if setup.uid is not None:
+            os.chown(work_dir, setup.uid, setup.uid)
+        err_path = os.path.join(private, "stderr")
+        with open(err_path, "wb") as err:
+            try:
+                proc = subprocess.Popen([*setup.prefix, python, "-I", RUNNER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=err, cwd=work_dir, env=dict(SANDBOX_ENV),
+                                        start_new_session=True)
+            except OSError as exc:
+                return None, f"Could not start the sandbox: {exc}"
+            out, timed_out = b"", False
+            try:
+                out = proc.communicate(json.dumps(job).encode(), timeout=timeout)[0]
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                try:
+                    proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+        if timed_out:
+            return None, f"Timed out after {timeout:g} s"
+        lines = out.decode(errors="replace").splitlines()
+        try:
+            result = json.loads(lines[-1])
+        except (IndexError, ValueError):
+            result = None
+        if isinstance(result, dict) and "setup_error" in result:
+            return None, f"Sandbox setup failed: {result['setup_error']}"
+        if isinstance(result, dict):
+            return result, ""
+        with open(err_path, "rb") as f:
+            stderr = f.read()[-2000:].decode(errors="replace").strip()
+    signals = {-signal.SIGXCPU: "CPU time limit exceeded", -signal.SIGXFSZ: "file size limit exceeded",
+               -signal.SIGKILL: "killed (memory limit?)"}
+    reason = signals.get(proc.returncode, f"exited with code {proc.returncode} without a result")
+    return None, f"Sandbox {reason}" + (f": {stderr[-300:]}" if stderr else "")
+
+
+def _candidates(allow_read_all_files: bool) -> list[SandboxSetup]:
+    """Setups to try, safest first."""
+    unshare = shutil.which("unshare")
+    root = os.geteuid() == 0
+    pid_namespace = ["-p", "-f", "--kill-child"]
+    candidates = []
+    if unshare:
+        private = ["-m", "-n", *pid_namespace, "--mount-proc"]
+        # As root, a user namespace would map uid 0 to root itself: only the plain mount namespace is safe.
+        candidates.append(SandboxSetup([unshare, *private], NOBODY, False, True) if root
+                          else SandboxSetup([unshare, "-r", *private], None, False, True))
+    prefixes = ([[unshare, "-n", *pid_namespace], [unshare, "-n"], [unshare, "-r", "-n", *pid_namespace],
+                 [unshare, "-r", "-n"]] if unshare else [])
+    if root:
+        drops = [(NOBODY, False)] + ([(NOBODY, True), (None, False)] if allow_read_all_files else [])
+    else:
+        drops = [(None, False)]
+    candidates += [SandboxSetup(prefix, uid, read_all, False)
+                   for prefix, (uid, read_all) in itertools.product(prefixes + [[]], drops)]
+    return candidates
+
+
+def _exposure_warning(setup: SandboxSetup, why: str) -> str:
+    mode = sandbox_mode_of(setup)
+    uid = mode["uid"]
+    readable = ("EVERY file of this machine (it keeps CAP_DAC_READ_SEARCH)" if setup.read_all_files
+                else "every file of this machine (it runs as root)" if uid == 0
+                else f"every file that uid {uid} can read (as the trainer's user: its home, its token files)")
+    network = ("the network is cut" if "namespace" in mode["network"]
+               else "the network is blocked only by a Python patch")
+    pids = ("its processes die with it" if mode["pid_namespace"]
+            else "a process it starts with setsid() can outlive it")
+    return (f"python_tests sandbox: NO private file-system view here ({why}). Model code can read {readable}, "
+            f"write where that uid can write, and reach AF_UNIX sockets in /tmp; {network}; {pids}. "
+            "Run the trainer where `unshare -m` works (root, or unprivileged user namespaces), or in a container "
+            "or VM with no credentials inside.")
+
+
+def sandbox_setup(python: str = sys.executable, allow_read_all_files: bool = False) -> SandboxSetup:
+    """How to isolate code run by `python` here, probed once per interpreter and cached.
+
+    Tries a private file-system view (``unshare -m -n -p -f --kill-child --mount-proc``, as root with a drop to
+    uid 65534, else with ``-r``), then ``unshare -n -p -f --kill-child`` / ``-n`` / ``-r -n -p ...`` / ``-r -n``
+    / nothing, as root with a plain drop to uid 65534; keeps the first that runs a trivial job importing a
+    module. Without a private view it warns once with what is exposed. As root, when uid 65534 cannot run
+    `python` either, raises `SandboxUnavailable` unless ``allow_read_all_files`` (then it may keep
+    CAP_DAC_READ_SEARCH or stay root).
+    """
+    key = (python, allow_read_all_files)
+    with _SANDBOX_LOCK:
+        if key not in _SANDBOX_SETUP:
+            why = "`unshare` not found" if shutil.which("unshare") is None else ""
+            found = None
+            for setup in _candidates(allow_read_all_files):
+                job = make_job("import fractions\nx = 1", ["assert x == 1"], setup, timeout=10, memory_mb=1024,
+                               max_processes=64, file_mb=16)
+                result, problem = run_sandbox(python, setup, job, timeout=10)
+                if result == {"error": None, "failures": [None]}:
+                    found = setup
+                    break
+                if setup.private_files:
+                    why = f"{' '.join(setup.prefix[1:])}: {problem or result}"
+            if found is None and os.geteuid() == 0 and not allow_read_all_files:
+                raise SandboxUnavailable(
+                    f"python_tests: no safe sandbox for {python} here: no private file-system view ({why}) and "
+                    f"uid {NOBODY} cannot run this interpreter (is it under /root?). Run where `unshare -m` works, "
+                    f"use a Python that uid {NOBODY} can read (e.g. under /usr or /opt), or pass verifier_kwargs "
+                    "{allow_read_all_files: true} to let model code read every file of this machine."
+                )
+            _SANDBOX_SETUP[key] = found or SandboxSetup([], None, False, False)
+            if not _SANDBOX_SETUP[key].private_files:
+                logger.warning(_exposure_warning(_SANDBOX_SETUP[key], why or "unshare -m failed"))
+        return _SANDBOX_SETUP[key]
+
+
+def sandbox_mode_of(setup: SandboxSetup) -> dict[str, Any]:
+    """`sandbox_mode` of a given setup."""
+    prefix, uid, read_all_files, private_files = setup
+    network_flags = [flag for flag in prefix[1:] if flag in ("-r", "-n")]
+    network = f"namespace ({' '.join(['unshare', *network_flags])}) + socket patch" if prefix else "socket patch only"
+    uid = uid if uid is not None else os.geteuid()
+    return {"network": network, "pid_namespace": "-p" in prefix, "uid": uid, "process_limit": uid != 0,
+            "read_all_files": read_all_files, "private_files": private_files,
+            "hidden": ", ".join(MASKED_DIRS) if private_files else "", "command_prefix": prefix}
+
+
+def sandbox_mode(python: str = sys.executable, allow_read_all_files: bool = False) -> dict[str, Any]:
+    """What the sandbox uses here.
+
+    ``network``: "namespace (unshare -n) + socket patch" (or ``-r -n``) or "socket patch only";
+    ``pid_namespace``: whether all its processes die with it; ``uid``: the uid the code runs as;
+    ``process_limit``: whether the kernel enforces RLIMIT_NPROC on it (not for root);
+    ``read_all_files``: whether it kept CAP_DAC_READ_SEARCH; ``private_files``: whether it has a private view
+    of the file system, ``hidden`` the folders replaced by empty ones there; ``command_prefix``.
+    """
+    return sandbox_mode_of(sandbox_setup(python, allow_read_all_files))
