@@ -26,7 +26,6 @@ verifier) stops before the model is loaded, as `sd_plugin.cli.UsageError` naming
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -36,9 +35,10 @@ from typing import Any
 
 import torch
 
-from sd_plugin.cli import UsageError
-from sd_plugin.data import Columns, RecordError, prompt_record
-from sd_plugin.revisions import _append_attempts, _fingerprint, attempts_path, read_attempts
+from sd_plugin.cli import UsageError, argument_parser
+from sd_plugin.data import Columns, RecordError, completion_text, end_of_turn_ids, prompt_record
+from sd_plugin.files import read_jsonl_rows, refuse_output_over_input, write_text_atomic
+from sd_plugin.revisions import _append_attempts, _fingerprint, attempts_path, json_object, read_attempts
 from sd_plugin.rollout import SamplingOptions, generate_rollouts
 from sd_plugin.trainers.base import left_pad, tokenize_prompt
 from sd_plugin.verifiers import load_verifier, safe_verify
@@ -110,23 +110,8 @@ class _Prompt:
 
 
 def read_prompt_file(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) for every non-blank line; a line that is not a JSON object is a UsageError."""
-    rows = []
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as error:
-        raise UsageError(f"{path}: cannot read the prompt file ({error.strerror})") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as error:
-                raise UsageError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((number, row))
+    """(line number, row) for every non-blank line; a line that is not a JSON object, or no row, is a UsageError."""
+    rows = read_jsonl_rows(path)
     if not rows:
         raise UsageError(f"{path}: no prompt rows")
     return rows
@@ -158,9 +143,7 @@ class _Sampler:
         self.model, self.tokenizer, self.options, self.verifier = model, tokenizer, options, verifier
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        extra = extra if isinstance(extra, list) else [extra]
-        self.eos_token_ids = sorted({e for e in [tokenizer.eos_token_id, *extra] if e is not None})
+        self.eos_token_ids = end_of_turn_ids(tokenizer, model)
         self.device = getattr(model, "device", torch.device("cpu"))
 
     def batch(self, prompts: list[_Prompt], provenance: dict[str, Any]) -> list[dict[str, Any]]:
@@ -178,7 +161,7 @@ class _Sampler:
             for k in range(o.num_samples):
                 i = position * o.num_samples + k
                 completion_ids = rollouts.completion_ids[i, : int(lengths[i])].tolist()
-                text = self.tokenizer.decode(completion_ids, skip_special_tokens=True)
+                text = completion_text(self.tokenizer, completion_ids, self.eos_token_ids)
                 row = {**prompt.raw, "prompt_id": prompt_id, "sample_index": k, "completion": text,
                        "completion_tokens": len(completion_ids), "truncated": bool(rollouts.truncated[i]),
                        "round": o.round_label}
@@ -216,10 +199,7 @@ def finished_prompts(output_path: str | os.PathLike, prompts: list[_Prompt], set
 
 def _write_output(path: Path, attempts: dict[int, dict[str, Any]]) -> int:
     rows = [row for source_row in sorted(attempts) for row in attempts[source_row]["rows"]]
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
-    os.replace(temporary, path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
     return len(rows)
 
 
@@ -312,8 +292,7 @@ def load_model(model_path: str, adapter: str | None, dtype: str):
 def main(argv: list[str] | None = None) -> int:
     """`sd-plugin generate`: see the module docstring and `--help`."""
     defaults = GenerateOptions()
-    parser = argparse.ArgumentParser(prog="sd-plugin generate",
-                                     description="Sample completions for a prompt file (resumable, with provenance).")
+    parser = argument_parser("generate", "Sample completions for a prompt file (resumable, with provenance).")
     parser.add_argument("--model", required=True, help="model folder or Hub id (a merged round-1 model works too)")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder applied to --model (merged in memory)")
     parser.add_argument("--prompts", required=True, help="JSONL prompt rows: prompt, optional system / tools / id / "
@@ -328,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="prompts per generate call")
     parser.add_argument("--verifier", default=None,
                         help="score samples: multiple_choice | tool_call | boxed_math | python_tests | package.module:callable")
-    parser.add_argument("--verifier-kwargs", default=None, help="JSON object of verifier keyword arguments")
+    parser.add_argument("--verifier-kwargs", type=json_object, default=None, help="JSON object of verifier keyword arguments")
     parser.add_argument("--round", dest="round_label", default=None, help="round label written on every row (r1, r2, ...)")
     parser.add_argument("--prompt-column", default=defaults.prompt_column)
     parser.add_argument("--tools-column", default=defaults.tools_column)
@@ -336,23 +315,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-column", default=defaults.group_column, help="group/template id column copied to provenance")
     parser.add_argument("--max-prompt-length", type=int, default=defaults.max_prompt_length)
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    parser.add_argument("--force", action="store_true", help="allow --output to be the prompt file")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    verifier_kwargs = None
-    if args.verifier_kwargs is not None:
-        try:
-            verifier_kwargs = json.loads(args.verifier_kwargs)
-        except json.JSONDecodeError as error:
-            raise UsageError(f"--verifier-kwargs is not valid JSON ({error})") from None
-        if not isinstance(verifier_kwargs, dict):
-            raise UsageError("--verifier-kwargs must be a JSON object")
+    refuse_output_over_input({"--output": args.output, "--output's attempts log": attempts_path(args.output)},
+                             [args.prompts], args.force)
     if args.dtype != "auto" and not isinstance(getattr(torch, args.dtype, None), torch.dtype):
         raise UsageError(f"--dtype {args.dtype!r}: expected auto, float32, bfloat16 or float16")
     options = GenerateOptions(
         num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size, verifier=args.verifier,
-        verifier_kwargs=verifier_kwargs, round_label=args.round_label, prompt_column=args.prompt_column,
+        verifier_kwargs=args.verifier_kwargs, round_label=args.round_label, prompt_column=args.prompt_column,
         tools_column=args.tools_column, id_column=args.id_column, group_column=args.group_column,
         max_prompt_length=args.max_prompt_length,
     )

@@ -198,6 +198,8 @@ BAD_INPUTS = {
     "unknown_verifier": ('{"prompt": "fine"}\n', ["--verifier", "no_such_verifier"], r"--verifier 'no_such_verifier': Unknown verifier"),
     "verifier_module_missing": ('{"prompt": "fine"}\n', ["--verifier", "no_such_module:score"], r"importing 'no_such_module' failed"),
     "bad_temperature": ('{"prompt": "fine"}\n', ["--temperature", "0"], r"--temperature must be > 0"),
+    "output_is_the_prompt_file": ('{"prompt": "fine"}\n', ["--output", "PROMPTS"],
+                                  r"--output .*prompts.jsonl is the input .*prompts.jsonl: writing it would destroy the input"),
 }
 
 
@@ -211,11 +213,21 @@ def test_bad_input_is_refused_with_file_line_before_the_model_loads(tmp_path, mo
         raise AssertionError("the model was loaded despite bad input")
 
     monkeypatch.setattr(generate, "load_model", no_model)
+    extra = [str(prompts) if value == "PROMPTS" else value for value in extra]
     assert cli.main(cli_args(prompts, tmp_path / "out.jsonl", *extra)) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("sd-plugin generate: ")
     assert __import__("re").search(message, error), error
     assert not list(tmp_path.glob("out*"))  # nothing written
+    assert prompts.read_text() == text
+
+
+def test_verifier_kwargs_must_be_a_json_object(tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", prompt_rows(1))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(cli_args(prompts, tmp_path / "out.jsonl", "--verifier", "multiple_choice", "--verifier-kwargs", "[1]"))
+    assert exit_info.value.code == 2
+    assert "--verifier-kwargs: expected a JSON object, got list" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # the whole loop on the tiny model, ~1 min
