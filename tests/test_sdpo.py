@@ -131,7 +131,7 @@ def test_teacher_prompt_over_the_cap_drops_the_signal_and_counts_it(tmp_path, to
 
 # ------------------------------------------------------------------ masking
 def test_rows_without_signal_contribute_zero_loss_and_zero_gradient(tmp_path, tokenizer, quickstart_rows, monkeypatch):
-    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, teacher="base", teacher_ema_rate=0.01,
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, teacher="base",
                             distillation_mode="full", distillation_add_tail=False)
     inputs = first_batch(trainer)
     captured = []
@@ -264,7 +264,7 @@ def test_policy_mode_gradient_is_the_naive_grpo_gradient(tmp_path, tokenizer, qu
 
 def test_hybrid_is_grpo_plus_weighted_distillation(tmp_path, tokenizer, quickstart_rows, monkeypatch):
     trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, sdpo_mode="hybrid", distillation_weight=0.25,
-                            teacher="base", teacher_ema_rate=0.01)
+                            teacher="base")
     inputs = first_batch(trainer)
     with torch.no_grad():
         total = trainer.compute_loss(trainer.model, inputs)

@@ -404,7 +404,7 @@ def test_sandbox_without_unshare_falls_back_loudly_or_refuses_read_all(monkeypat
 
 # ------------------------------------------------------------------------------------- loading, protocol
 def test_load_verifier_builtins_and_dotted_paths(tmp_path, monkeypatch):
-    assert set(BUILTIN_VERIFIERS) == {"tool_call", "multiple_choice", "boxed_math", "python_tests"}
+    assert set(BUILTIN_VERIFIERS) == {"tool_calls", "tool_call", "multiple_choice", "boxed_math", "python_tests"}
     verify = load_verifier("multiple_choice", {"choices": "ABCDE", "reveal_answer": True})
     assert isinstance(verify, MultipleChoiceVerifier) and verify.choices == "ABCDE" and verify.reveal_answer
     assert isinstance(load_verifier("python_tests", {"timeout": 2}), PythonTestsVerifier)

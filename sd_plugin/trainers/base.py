@@ -236,6 +236,14 @@ class StepBatch:
         return self.rollouts.completion_mask * (has_teacher | self.ce_rows).unsqueeze(-1)
 
 
+@dataclass
+class StepGroup:
+    """The micro-batches of one optimizer step (as collated), prepared together by the first of them."""
+
+    batches: list[dict]
+    steps: list[StepBatch] | None = None
+
+
 class _TeacherUpdate(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
@@ -331,36 +339,51 @@ class SelfDistillationTrainer(Trainer):
         return batch
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Trainer's micro-batches of one optimizer step, each with its rollouts sampled up front.
+        """Trainer's micro-batches of one optimizer step, tied together so that the first one prepares them all.
 
         All rollouts of a step come from the same weights either way (the optimizer steps after the last
-        micro-batch); sampling them first lets the loss divide by the step's number of loss tokens (or
+        micro-batch); preparing them together lets the loss divide by the step's number of loss tokens (or
         sequences) over every micro-batch and process, so 1 x 8, 8 micro-batches x 1 and 2 processes x 4 give
-        the same gradient. The Trainer divides each micro-batch's loss by the number of micro-batches and
-        data parallelism averages over processes: the normalizer is the global count divided by both.
+        the same gradient. The sampling itself waits for the first `compute_loss`: on resume the Trainer
+        restores the RNG state only after this call, and the rollouts must be drawn from the restored state.
         """
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if not batch_samples:
-            return batch_samples, num_items_in_batch
+        group = StepGroup(batch_samples)
+        for index, inputs in enumerate(batch_samples):
+            inputs["sd_step_group"], inputs["sd_micro_batch"] = group, index
+        return batch_samples, num_items_in_batch
+
+    def prepare_step_group(self, model, group: "StepGroup") -> None:
+        """Prepare every micro-batch of the step and set their common loss normalizer.
+
+        The Trainer divides each micro-batch's loss by the number of micro-batches and data parallelism
+        averages over processes: the normalizer is the step's global count of loss units divided by both.
+        """
         steps, units = [], 0
-        for inputs in batch_samples:
-            step = self.prepare_step(self.model_wrapped, self._prepare_inputs(inputs))
+        for inputs in group.batches:
+            own = {k: v for k, v in inputs.items() if k not in ("sd_step_group", "sd_micro_batch")}
+            step = self.prepare_step(model, self._prepare_inputs(own))
             mask = loss_token_mask(step.loss_mask(), skip_first=self.options.num_loss_tokens_to_skip, unskipped_rows=step.ce_rows)
             units += loss_units(mask, self.options.loss_reduction)
             steps.append(step)
         total = torch.tensor(float(units), device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")
-        normalizer = max(total.item(), 1.0) / (len(batch_samples) * self.accelerator.num_processes)
-        for inputs, step in zip(batch_samples, steps):
+        normalizer = max(total.item(), 1.0) / (len(steps) * self.accelerator.num_processes)
+        for step in steps:
             step.loss_normalizer = normalizer
-            inputs["sd_step"] = step
-        return batch_samples, num_items_in_batch
+        group.steps = steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        # Training micro-batches arrive prepared by get_batch_samples; evaluation prepares its own.
-        batch = inputs.get("sd_step") or self.prepare_step(model, inputs)
+        # Training micro-batches come as a step group (get_batch_samples); evaluation prepares its own.
+        group = inputs.get("sd_step_group")
+        if group is None:
+            batch = self.prepare_step(model, inputs)
+        else:
+            if group.steps is None:
+                self.prepare_step_group(model, group)
+            batch = group.steps[inputs["sd_micro_batch"]]
         rollouts = batch.rollouts
         device = batch.prompt_ids.device
         has_teacher = torch.tensor([p is not None for p in batch.teacher_prompts], device=device)
