@@ -25,7 +25,7 @@ a chunk's logits is written in closed form (see `_chunk_loss_and_logit_grad`), s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -169,24 +169,36 @@ def divergence(
     return _token_terms(student_logits, teacher_logits, options, sampled_ids)[0]
 
 
-def loss_token_weights(mask: torch.Tensor, *, reduction: str = "token", skip_first: int = 0) -> torch.Tensor:
+def loss_token_weights(mask: torch.Tensor, *, reduction: str = "token", skip_first: int = 0,
+                       unskipped_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Weights w so that sum(w * per_token_loss) is the requested reduction of the loss over `mask`.
 
     mask: [B, T] (1 = completion token in the loss). The first `skip_first` valid tokens of each row are
-    dropped (SDFT masks 3 to suppress "Based on the example..." openings).
+    dropped (SDFT masks 3 to suppress "Based on the example..." openings), except in `unskipped_rows` ([B]
+    bool): cross-entropy rows train every demonstration token, as plain SFT does.
     reduction: "token" = mean over every valid token of the batch; "sequence" = mean per sequence, then
     mean over the sequences that have at least one valid token.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    mask = mask.float()
-    if skip_first > 0:
-        mask = mask * (mask.cumsum(-1) > skip_first).float()
+    mask = loss_token_mask(mask, skip_first=skip_first, unskipped_rows=unskipped_rows).float()
     if reduction == "token":
         return mask / mask.sum().clamp(min=1.0)
     per_sequence = mask.sum(-1, keepdim=True)
     sequences = (per_sequence > 0).sum().clamp(min=1)
     return mask / per_sequence.clamp(min=1.0) / sequences
+
+
+def loss_token_mask(mask: torch.Tensor, *, skip_first: int = 0, unskipped_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] bool: the tokens of `mask` that are in the loss once the first `skip_first` of each row are
+    dropped (rows in `unskipped_rows` keep all theirs). Diagnostics come back in this mask's row-major order."""
+    mask = mask.bool()
+    if skip_first <= 0:
+        return mask
+    kept = mask.long().cumsum(-1) > skip_first
+    if unskipped_rows is not None:
+        kept = kept | unskipped_rows.bool().unsqueeze(-1)
+    return mask & kept
 
 
 def importance_weights(student_token_logprobs: torch.Tensor, old_token_logprobs: torch.Tensor, clip: float) -> torch.Tensor:
@@ -479,43 +491,61 @@ def chunked_distillation_loss(
     if needs_ids and sampled_ids is None:
         raise ValueError("sampled_ids are needed for mode='sampled', old_logprobs and ce_mask")
 
-    weights = loss_token_weights(mask, reduction=reduction, skip_first=skip_first)
-    selected = weights.reshape(-1) != 0
-    # The hidden states go in as [tokens, hidden] views plus the indices of the tokens in the loss; each chunk
-    # gathers its own rows, so no [tokens in the loss, hidden] copy is made.
-    row_index = selected.nonzero().squeeze(-1)
+    # Cross-entropy rows are plain SFT: every token, temperature 1, no importance weight (the skip and the
+    # temperature belong to the distillation term only).
+    ce_rows = None if ce_mask is None else ce_mask.any(-1)
+    weights = loss_token_weights(mask, reduction=reduction, skip_first=skip_first, unskipped_rows=ce_rows)
+    in_loss = weights.reshape(-1) != 0
+    is_ce = torch.zeros_like(in_loss) if ce_mask is None else ce_mask.reshape(-1).bool()
     hidden_size = student_hidden.shape[-1]
-
-    def flat(tensor):
-        return None if tensor is None else tensor.reshape(-1, *tensor.shape[2:])[selected]
-
+    student_rows = student_hidden.reshape(-1, hidden_size)
     if teacher_lm_head_weight is None:
         teacher_lm_head_weight, teacher_lm_head_bias = lm_head_weight, lm_head_bias
-    teacher_rows = None
-    if teacher_hidden is not None:
-        teacher_rows = teacher_hidden.detach().reshape(-1, hidden_size)
-    total, per_token, student_token, teacher_token = _ChunkedDistillation.apply(
-        student_hidden.reshape(-1, hidden_size),
-        lm_head_weight,
-        lm_head_bias,
-        teacher_rows,
-        teacher_lm_head_weight.detach(),
-        None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach(),
-        flat(weights),
-        flat(sampled_ids),
-        flat(old_logprobs),
-        flat(ce_mask),
-        options,
-        importance_sampling_clip,
-        chunk_size,
-        row_index,
-    )
+    teacher_rows = None if teacher_hidden is None else teacher_hidden.detach().reshape(-1, hidden_size)
+    teacher_bias = None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach()
+    flat_weights = weights.reshape(-1)
+    flat_ids = None if sampled_ids is None else sampled_ids.reshape(-1)
+    flat_old = None if old_logprobs is None else old_logprobs.reshape(-1)
+
+    def pick(tensor, selected):
+        return None if tensor is None else tensor[selected]
+
+    def run(selected, run_options, teacher, old, cross_entropy_rows):
+        # The hidden states go in as [tokens, hidden] views plus the indices of the tokens in the loss; each
+        # chunk gathers its own rows, so no [tokens in the loss, hidden] copy is made.
+        ce = torch.ones_like(selected[selected]) if cross_entropy_rows else None
+        return _ChunkedDistillation.apply(
+            student_rows, lm_head_weight, lm_head_bias, teacher, teacher_lm_head_weight.detach(), teacher_bias,
+            flat_weights[selected], pick(flat_ids, selected), pick(old, selected), ce, run_options,
+            importance_sampling_clip, chunk_size, selected.nonzero().squeeze(-1),
+        )
+
+    distilled, cross_entropy = in_loss & ~is_ce, in_loss & is_ce
+    # The distillation call always runs (possibly on no token): a zero loss still reaches every parameter.
+    total, per_token, student_token, teacher_token = run(distilled, options, teacher_rows, flat_old, False)
+    if cross_entropy.any():
+        ce_total, ce_per_token, ce_student_token, _ = run(cross_entropy, replace(options, temperature=1.0), None, None, True)
+        total = total + ce_total
+        # Diagnostics in the row-major order of the tokens in the loss; no teacher log-prob on SFT tokens.
+        order = is_ce[in_loss]
+        per_token = _interleave(per_token, ce_per_token, order)
+        student_token = _interleave(student_token, ce_student_token, order)
+        if teacher_token.numel():
+            teacher_token = _interleave(teacher_token, torch.full_like(ce_student_token, float("nan")), order)
     return DistillationOutput(
         loss=total,
         per_token_divergence=per_token,
         student_token_logprobs=student_token if student_token.numel() else None,
         teacher_token_logprobs=teacher_token if teacher_token.numel() else None,
     )
+
+
+def _interleave(first: torch.Tensor, second: torch.Tensor, take_second: torch.Tensor) -> torch.Tensor:
+    """Values of `first` where `take_second` is False and of `second` where it is True, in that order."""
+    out = second.new_empty(take_second.shape, dtype=torch.promote_types(first.dtype, second.dtype))
+    out[~take_second] = first.to(out.dtype)
+    out[take_second] = second.to(out.dtype)
+    return out
 
 
 def liger_available() -> bool:

@@ -268,3 +268,48 @@ def test_liger_fused_loss_matches_the_reference(alpha, reduction, temperature):
     torch.testing.assert_close(fused.double(), reference, rtol=1e-6, atol=1e-7)
     for ours, theirs in zip(torch.autograd.grad(fused, (student, weight)), torch.autograd.grad(reference, (student, weight))):
         torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_cross_entropy_rows_are_plain_sft_every_token_at_temperature_one(reduction):
+    """lambda_on_policy < 1 rows: -log p(y_t) at temperature 1 over every demonstration token; the skip and
+    the distillation temperature apply to the distilled rows only."""
+    torch.manual_seed(5)
+    batch, length, hidden, vocab, skip, temperature = 3, 7, 8, 40, 3, 2.0
+    student_hidden = torch.randn(batch, length, hidden, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(batch, length, hidden, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, vocab, (batch, length))
+    mask = torch.ones(batch, length)
+    mask[2, 5:] = 0
+    ce_mask = torch.zeros(batch, length, dtype=torch.bool)
+    ce_mask[1:] = True  # rows 1 and 2 are SFT rows
+    out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, chunk_size=4, alpha=0.0,
+                                    temperature=temperature, sampled_ids=ids, ce_mask=ce_mask,
+                                    skip_first=skip, reduction=reduction)
+    out.loss.backward()
+
+    ref_hidden = student_hidden.detach().clone().requires_grad_(True)
+    ref_weight = weight.detach().clone().requires_grad_(True)
+    logits = ref_hidden @ ref_weight.T
+    cross_entropy = -torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # temperature 1
+    distilled = naive_per_token(logits, teacher_hidden @ ref_weight.detach().T, alpha=0.0, temperature=temperature)
+    row_losses = [
+        naive_reduced(distilled[:1], mask[:1], "token", skip),           # row 0: distilled, first 3 skipped
+        (cross_entropy[1] * mask[1]).sum() / mask[1].sum(),               # SFT rows: every token
+        (cross_entropy[2] * mask[2]).sum() / mask[2].sum(),
+    ]
+    if reduction == "sequence":
+        ref = torch.stack(row_losses).mean()
+    else:
+        counts = [mask[0].sum() - skip, mask[1].sum(), mask[2].sum()]
+        ref = sum(loss * count for loss, count in zip(row_losses, counts)) / sum(counts)
+    ref.backward()
+    torch.testing.assert_close(out.loss.double(), ref)
+    torch.testing.assert_close(student_hidden.grad, ref_hidden.grad)
+    torch.testing.assert_close(weight.grad, ref_weight.grad)
+    # Diagnostics: one value per token in the loss, row-major; SFT tokens report their cross-entropy.
+    in_loss = torch.ones(batch, length, dtype=torch.bool)
+    in_loss[0, :skip] = False
+    in_loss[2, 5:] = False
+    torch.testing.assert_close(out.per_token_divergence.double(), torch.where(ce_mask, cross_entropy, distilled)[in_loss].detach())

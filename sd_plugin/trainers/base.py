@@ -24,7 +24,13 @@ from transformers import Trainer, TrainerCallback
 
 from sd_plugin.contexts import render_ids
 from sd_plugin.data import Columns, RecordError, prompt_record
-from sd_plugin.losses import DivergenceOptions, chunked_distillation_loss, liger_available, liger_distillation_loss
+from sd_plugin.losses import (
+    DivergenceOptions,
+    chunked_distillation_loss,
+    liger_available,
+    liger_distillation_loss,
+    loss_token_mask,
+)
 from sd_plugin.rollout import Rollouts, SamplingOptions, generate_rollouts
 from sd_plugin.teacher import Teacher
 
@@ -389,7 +395,7 @@ class SelfDistillationTrainer(Trainer):
             metrics["completion_truncated_fraction"].append(rollouts.truncated[on_policy].float().mean().item())
         metrics["on_policy_fraction"].append(on_policy.float().mean().item())
         # Diagnostics come back for the tokens in the loss, in row-major order.
-        in_loss = loss_mask.bool() & (loss_mask.cumsum(-1) > self.options.num_loss_tokens_to_skip)
+        in_loss = loss_token_mask(loss_mask, skip_first=self.options.num_loss_tokens_to_skip, unskipped_rows=batch.ce_rows)
         if out.per_token_divergence is None:  # the Liger path: distilled rows only, loss only
             metrics["kl"].append(out.loss.item())
             return
