@@ -1,6 +1,8 @@
 """Evaluation during training: greedy answers to held-out prompt sets, scored, logged, and tabled before/after."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from datasets import Dataset
@@ -106,3 +108,21 @@ def test_evaluation_options_are_yaml_keys(tmp_path):
     block = block_model("sdft").model_validate({"eval_prompts": task, "eval_verifier": "sd_plugin.demo_task:ContactCardVerifier",
                                                 "prior_prompts": prior, "eval_generation_steps": 5})
     assert block.eval_generation_steps == 5 and block.prior_verifier is None
+
+
+def test_quickstart_config_trains_the_demo_model_with_held_out_and_prior_evaluation():
+    import yaml
+
+    from sd_plugin.axolotl.args import _validated_block
+
+    repo = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((repo / "example_configs" / "quickstart.yml").read_text())
+    assert config["base_model"] == "./outputs/SmolLM2-135M-Instruct"  # `sd-plugin demo-model`'s default --out
+    cwd = os.getcwd()
+    os.chdir(repo)  # the config's paths are relative to the repository, as in the README's command
+    try:
+        block = _validated_block("sdft", config["sdft"])
+    finally:
+        os.chdir(cwd)
+    assert block.eval_verifier == "sd_plugin.demo_task:ContactCardVerifier"
+    assert block.prior_prompts.endswith("capitals_test.jsonl")
