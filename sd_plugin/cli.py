@@ -6,6 +6,8 @@
     sd-plugin merge --base B --adapter A ...  merge a LoRA adapter to bf16, optional Hub push (sd_plugin.merge)
     sd-plugin plan CONFIG.yml [...]           peak-memory planner (sd_plugin.planner)
     sd-plugin collect-revisions ...           SD-Zero revision data collection (sd_plugin.revisions)
+    sd-plugin generate --model M --prompts P  sample a (scored) corpus, resumable (sd_plugin.generate)
+    sd-plugin demo-model [--out DIR]          SmolLM2-135M-Instruct as a local checkpoint (sd_plugin.demo_model)
     sd-plugin --version                       the installed version
 
 `sd-plugin CMD --help` lists a command's options with their defaults. Bad input (a missing file, a malformed
@@ -48,6 +50,8 @@ COMMANDS = {
     "merge": ("sd_plugin.merge", "main"),
     "plan": ("sd_plugin.planner", "main"),
     "collect-revisions": ("sd_plugin.revisions", "main"),
+    "generate": ("sd_plugin.generate", "main"),
+    "demo-model": ("sd_plugin.demo_model", "main"),
 }
 
 

@@ -34,3 +34,24 @@ def quickstart_rows():
     from sd_plugin.testing import read_jsonl
 
     return read_jsonl(ASSETS / "data" / "quickstart_sdft.jsonl")
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(pytestconfig):
+    """The real demo model (`sd-plugin demo-model`), built once into the pytest cache and shared by all tests.
+
+    Built into a private directory and renamed into place, so that two xdist workers never see half of it.
+    """
+    from sd_plugin.demo_model import build_demo_model
+
+    target = Path(pytestconfig.cache.mkdir("sd-plugin")) / "demo-model"
+    if not (target / "demo_model.json").is_file():
+        private = target.with_name(f"demo-model.building-{os.getpid()}")
+        build_demo_model(private, force=True, log=lambda message: None)
+        try:
+            os.rename(private, target)
+        except OSError:  # another worker finished first: use its copy
+            import shutil
+
+            shutil.rmtree(private, ignore_errors=True)
+    return target

@@ -12,7 +12,7 @@ import yaml
 from sd_plugin.axolotl.args import SelfDistillationArgs, block_model, options_class
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "example_configs" / "quickstart.yml"
+QUICKSTART = REPO / "example_configs" / "quickstart-tiny.yml"
 PLUGIN_RAN = "sd-plugin: training with trainer_type="
 
 

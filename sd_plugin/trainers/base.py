@@ -96,6 +96,13 @@ class SelfDistillationOptions:
 
     def __str__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{key}={value!r}' for key, value in sorted(self.to_dict().items()))})"
+    # Evaluation during training (sd_plugin.evaluation): greedy answers to held-out prompt sets, scored by verifiers.
+    eval_prompts: str | None = field(default=None, metadata={"help": "JSONL of held-out prompt records of the task (prompt + the fields eval_verifier reads), answered greedily at step 0, every eval_generation_steps and at the end."})
+    eval_verifier: str | None = field(default=None, metadata={"help": "Verifier of eval_prompts: a built-in name (sd_plugin.verifiers) or package.module:callable."})
+    prior_prompts: str | None = field(default=None, metadata={"help": "JSONL of prompts the base model already answers (prior-capability probe), scored the same way: forgetting as a number."})
+    prior_verifier: str | None = field(default=None, metadata={"help": "Verifier of prior_prompts (default: eval_verifier)."})
+    eval_generation_steps: int = field(default=0, metadata={"help": "Evaluate the prompt sets every N steps (0: at step 0 and at the end only)."})
+    eval_max_new_tokens: int | None = field(default=None, metadata={"help": "Greedy answer cap in the evaluation (default: max_completion_length)."})
 
     def check(self) -> None:
         """Reject contradictory options before any training step (messages name the key)."""
@@ -175,6 +182,26 @@ class SelfDistillationOptions:
         if self.vllm_max_model_length is not None and self.vllm_max_model_length < needed:
             raise ValueError(f"vllm_max_model_length ({self.vllm_max_model_length}) is below max_prompt_length + "
                              f"max_completion_length ({needed}): a rollout would not fit in vLLM's context")
+        self.check_evaluation()
+
+    def check_evaluation(self) -> None:
+        """The evaluation options: files exist, verifiers load (before any training step)."""
+        from sd_plugin.verifiers import load_verifier
+
+        for prompts_key, verifier_key in (("eval_prompts", "eval_verifier"), ("prior_prompts", "prior_verifier")):
+            path, verifier = getattr(self, prompts_key), getattr(self, verifier_key) or self.eval_verifier
+            if path is None:
+                continue
+            if not os.path.isfile(path):
+                raise ValueError(f"{prompts_key}: no such file {path!r}")
+            if verifier is None:
+                raise ValueError(f"{prompts_key} is set but {verifier_key} is not: name a verifier to score the answers")
+            try:
+                load_verifier(verifier)
+            except (ValueError, ImportError, TypeError) as error:
+                raise ValueError(f"{verifier_key}: {error}") from None
+        if self.eval_generation_steps < 0 or (self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1):
+            raise ValueError("eval_generation_steps must be >= 0 and eval_max_new_tokens >= 1")
 
 
 def options_from_args(args, options_cls):
@@ -353,6 +380,10 @@ class SelfDistillationTrainer(Trainer):
         self.teacher = Teacher(self.model, self.options.teacher, self.options.teacher_ema_rate,
                                self.options.teacher_sync_steps, self.options.teacher_ema_rank)
         self.add_callback(_TeacherUpdate(self))
+        if self.options.eval_prompts or self.options.prior_prompts:
+            from sd_plugin.evaluation import GenerationEvaluation
+
+            self.add_callback(GenerationEvaluation(self))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.eos_token_ids = end_of_turn_ids(processing_class, self.model)
         self.vllm_rollouts = None

@@ -1,0 +1,128 @@
+"""Evaluation during training: greedy answers to held-out prompt sets, scored, logged, and tabled before/after."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+
+from sd_plugin import SDFTConfig, SDFTTrainer
+from sd_plugin.evaluation import PromptSet, read_prompt_set
+from sd_plugin.testing import build_model
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def prompt_sets(tmp_path):
+    task = write_jsonl(tmp_path / "task.jsonl", [
+        {"prompt": "Make a card for Ann, 30, Rome.", "answer": {"name": "Ann", "age": 30, "city": "Rome"}},
+        {"prompt": [{"role": "user", "content": "Card: Bo, 41, Oslo."}], "answer": {"name": "Bo", "age": 41, "city": "Oslo"}},
+    ])
+    prior = write_jsonl(tmp_path / "prior.jsonl", [{"prompt": "Capital of France?", "answer": "Paris"}] * 3)
+    return task, prior
+
+
+def make_args(tmp_path, **overrides):
+    task, prior = prompt_sets(tmp_path)
+    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2, logging_steps=1,
+                    max_completion_length=8, report_to="none", save_strategy="no", learning_rate=5e-3, use_cpu=True,
+                    seed=0, eval_prompts=task, eval_verifier="sd_plugin.demo_task:ContactCardVerifier",
+                    prior_prompts=prior, prior_verifier="sd_plugin.demo_task:AnswerContainsVerifier")
+    settings.update(overrides)
+    return SDFTConfig(**settings)
+
+
+def test_evaluation_runs_at_step_zero_every_n_steps_and_at_the_end_and_logs_metrics(tmp_path, tokenizer, quickstart_rows, capsys):
+    rows = Dataset.from_list([{"prompt": r["prompt"], "demonstration": r["demonstration"]} for r in quickstart_rows[:4]])
+    trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, eval_generation_steps=1),
+                          train_dataset=rows, processing_class=tokenizer)
+    trainer.train()
+    evaluated = {entry["step"]: entry for entry in trainer.state.log_history if "eval_task_reward" in entry}
+    assert sorted(evaluated) == [0, 1, 2]
+    for key in ("eval_task_reward", "eval_task_pass_rate", "eval_task_format_rate", "eval_task_completion_length",
+                "eval_prior_reward", "eval_prior_pass_rate", "eval_prior_completion_length"):
+        assert key in evaluated[2]
+    assert "eval_prior_format_rate" not in evaluated[2]  # AnswerContainsVerifier reports no format
+    assert 0 < evaluated[0]["eval_task_completion_length"] <= 8
+    table = capsys.readouterr().out
+    assert "Held-out evaluation (greedy): step 0 -> step 2" in table
+    assert "task   reward" in table and "prior  pass_rate" in table
+
+
+def test_evaluation_logs_reach_the_reporters(tmp_path, tokenizer, quickstart_rows):
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    rows = Dataset.from_list([{"prompt": r["prompt"], "demonstration": r["demonstration"]} for r in quickstart_rows[:2]])
+    trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, max_steps=1),
+                          train_dataset=rows, processing_class=tokenizer, callbacks=[Recorder()])
+    trainer.train()
+    assert sum("eval_task_reward" in logs for logs in seen) == 2  # step 0 and the end
+
+
+def test_prompt_set_scores_exact_answers_and_format(tokenizer, tmp_path, monkeypatch):
+    task, _ = prompt_sets(tmp_path)
+    prompt_set = PromptSet("task", task, "sd_plugin.demo_task:ContactCardVerifier", tokenizer, "prompt", 512)
+    replies = iter([[1]] * 2)
+    monkeypatch.setattr("sd_plugin.evaluation.greedy_answers", lambda *a, **k: [next(replies) for _ in range(2)])
+    texts = iter(['{"name": "Ann", "age": 30, "city": "Rome"}', '{"name": "Bo", "age": "41", "city": "Oslo"}'])
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **k: next(texts))
+    metrics, _ = prompt_set.score(None, tokenizer, 8, [0])
+    assert metrics == {"reward": 0.5, "pass_rate": 0.5, "completion_length": 1.0, "format_rate": 1.0}
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"eval_prompts": "missing.jsonl"}, "eval_prompts: no such file 'missing.jsonl'"),
+    ({"eval_verifier": None}, "eval_prompts is set but eval_verifier is not"),
+    ({"prior_verifier": "no_such_module:verify"}, "prior_verifier: Cannot load verifier 'no_such_module:verify'"),
+    ({"eval_generation_steps": -1}, "eval_generation_steps must be >= 0"),
+])
+def test_bad_evaluation_options_fail_in_the_config(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_args(tmp_path, **overrides)
+
+
+def test_bad_prompt_set_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        read_prompt_set(str(path))
+    path.write_text('{"prompt": "ok"}\n{"question": "no prompt"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing column 'prompt'"):
+        read_prompt_set(str(path))
+
+
+def test_evaluation_options_are_yaml_keys(tmp_path):
+    from sd_plugin.axolotl.args import block_model
+
+    task, prior = prompt_sets(tmp_path)
+    block = block_model("sdft").model_validate({"eval_prompts": task, "eval_verifier": "sd_plugin.demo_task:ContactCardVerifier",
+                                                "prior_prompts": prior, "eval_generation_steps": 5})
+    assert block.eval_generation_steps == 5 and block.prior_verifier is None
+
+
+def test_quickstart_config_trains_the_demo_model_with_held_out_and_prior_evaluation():
+    import yaml
+
+    from sd_plugin.axolotl.args import _validated_block
+
+    repo = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((repo / "example_configs" / "quickstart.yml").read_text())
+    assert config["base_model"] == "./outputs/SmolLM2-135M-Instruct"  # `sd-plugin demo-model`'s default --out
+    cwd = os.getcwd()
+    os.chdir(repo)  # the config's paths are relative to the repository, as in the README's command
+    try:
+        block = _validated_block("sdft", config["sdft"])
+    finally:
+        os.chdir(cwd)
+    assert block.eval_verifier == "sd_plugin.demo_task:ContactCardVerifier"
+    assert block.prior_prompts.endswith("capitals_test.jsonl")
