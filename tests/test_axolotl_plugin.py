@@ -52,7 +52,7 @@ def test_every_options_field_is_a_yaml_key_and_back():
         ({"trainer_type": "sdft", "rl": "dpo"}, "rl: dpo and trainer_type: sdft cannot be combined"),
         ({"trainer_type": "sdft", "sample_packing": True}, "sample_packing"),
         ({"trainer_type": "sdft", "sdft": {"distilation_alpha": 0.5}}, "distilation_alpha"),
-        ({"trainer_type": "sdft", "sdft": {"teacher_ema_rate": 0.05}}, "teacher_ema_rate is set but sdft.teacher is 'base'"),
+        ({"trainer_type": "sdft", "sdft": {"teacher_ema_rate": 0.05}}, "sdft: teacher_ema_rate is set but teacher is 'base'"),
         ({"trainer_type": "sdft", "sdft": {"max_prompt_length": 1000, "max_teacher_prompt_length": 500}}, "max_teacher_prompt_length"),
         ({"trainer_type": "sdft", "sdft": {"distillation_alpha": 2}}, "alpha must be in"),
         ({"sdft": {"teacher": "ema"}}, "trainer_type is not"),

@@ -78,7 +78,13 @@ class ScriptedReviser(torch.nn.Module):
             return [c for c in "ABCD" if c != gold][int(torch.randint(3, (1,)))]
         return next_letter(gold)
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id, **unused):
+    def generate(self, input_ids, attention_mask, generation_config, logits_processor=(), **unused):
+        # Sampling settings as generate_rollouts passes them: an explicit config, temperature / top-p as processors.
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        max_new_tokens, pad_token_id = generation_config.max_new_tokens, generation_config.pad_token_id
+        temperature = next((p.temperature for p in logits_processor if isinstance(p, TemperatureLogitsWarper)), 1.0)
+        top_p = next((p.top_p for p in logits_processor if isinstance(p, TopPLogitsWarper)), 1.0)
         if self.crash_on_call == len(self.calls):
             raise RuntimeError("simulated crash")
         prompts = [self.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(input_ids, attention_mask)]
@@ -595,6 +601,9 @@ BASE_GUARDS = {"max_consecutive_nonfinite_steps", "debug_numerics"}
 VLLM_OPTIONS = {"use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_tensor_parallel_size",
                 "vllm_max_model_length", "vllm_model_impl", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
                 "vllm_server_timeout", "vllm_group_port"}
+# Evaluation during training works the same in both phases; tested in tests/test_evaluation.py.
+EVALUATION_OPTIONS = {"eval_prompts", "eval_verifier", "prior_prompts", "prior_verifier", "eval_generation_steps",
+                      "eval_max_new_tokens"}
 # (phase, option, value, baseline overrides, data with an invalid row)
 OPTION_CASES = [
     ("distill", "max_prompt_length", 64, {}, False),
@@ -668,7 +677,7 @@ def test_every_option_changes_behaviour_or_is_rejected_in_each_phase():
         exercised = {name for case_phase, name, *_ in OPTION_CASES if case_phase == phase}
         rejected = set(PHASE_ONLY_OPTIONS[other])
         assert not exercised & rejected
-        assert exercised | rejected | BASE_GUARDS | (VLLM_OPTIONS if phase == "distill" else set()) == names, phase
+        assert exercised | rejected | BASE_GUARDS | EVALUATION_OPTIONS | (VLLM_OPTIONS if phase == "distill" else set()) == names, phase
 
 
 @pytest.mark.parametrize("phase,other", [("srt", "distill"), ("distill", "srt")])

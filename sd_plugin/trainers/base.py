@@ -148,6 +148,7 @@ class SelfDistillationOptions:
         if self.max_consecutive_nonfinite_steps < 1:
             raise ValueError(f"max_consecutive_nonfinite_steps must be >= 1, got {self.max_consecutive_nonfinite_steps}")
         self.check_vllm()
+        self.check_evaluation()
 
     def check_vllm(self) -> None:
         """vLLM options: valid values, and none set without use_vllm (never a silently ignored knob)."""
@@ -182,7 +183,6 @@ class SelfDistillationOptions:
         if self.vllm_max_model_length is not None and self.vllm_max_model_length < needed:
             raise ValueError(f"vllm_max_model_length ({self.vllm_max_model_length}) is below max_prompt_length + "
                              f"max_completion_length ({needed}): a rollout would not fit in vLLM's context")
-        self.check_evaluation()
 
     def check_evaluation(self) -> None:
         """The evaluation options: files exist, verifiers load (before any training step)."""
