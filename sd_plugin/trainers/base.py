@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import Trainer, TrainerCallback
 
+from sd_plugin.completions_log import CompletionsLog
 from sd_plugin.contexts import render_ids
 from sd_plugin.data import Columns, RecordError, end_of_turn_ids, prompt_record
 from sd_plugin.losses import (
@@ -72,6 +73,8 @@ class SelfDistillationOptions:
     invalid_rows_file: str | None = field(default=None, metadata={"help": "Where skipped rows go (default: output_dir/invalid_rows.jsonl)."})
     max_consecutive_nonfinite_steps: int = field(default=3, metadata={"help": "Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error."})
     debug_numerics: bool = field(default=False, metadata={"help": "Check every training step that each per-token divergence is >= 0 (tolerance 1e-4); stop at the first that is not."})
+    log_completions: bool = field(default=False, metadata={"help": "On each logging step, print prompts, rollouts, teacher contexts and rewards of the latest step (a rich table when rich is installed) and log them to W&B as a table when W&B is a reporter (TRL's name)."})
+    num_completions_to_print: int | None = field(default=4, metadata={"help": "Rows of log_completions printed, drawn at random (None: all); W&B gets every row (TRL's name)."})
 
     def check(self) -> None:
         """Reject contradictory options before any training step (messages name the key)."""
@@ -114,6 +117,8 @@ class SelfDistillationOptions:
         default_rate = next(f.default for f in fields(self) if f.name == "teacher_ema_rate")
         if self.teacher != "ema" and self.teacher_ema_rate != default_rate:
             raise ValueError(f"teacher_ema_rate is set but teacher is {self.teacher!r}: set teacher: ema")
+        if self.num_completions_to_print is not None and self.num_completions_to_print < 1:
+            raise ValueError(f"num_completions_to_print must be >= 1 or None, got {self.num_completions_to_print}")
         if self.max_consecutive_nonfinite_steps < 1:
             raise ValueError(f"max_consecutive_nonfinite_steps must be >= 1, got {self.max_consecutive_nonfinite_steps}")
 
@@ -229,6 +234,10 @@ class StepBatch:
     teacher_prompts: list[list[int] | None] = field(default_factory=list)  # None: no teacher signal for that row
     student_hidden: torch.Tensor | None = None  # [N, C, H] set by compute_loss (for a method's own loss terms)
     loss_normalizer: float | None = None  # set by get_batch_samples: the step's loss tokens (or sequences) per micro-batch
+    # For log_completions, per rollout: what the teacher sees that the student does not (SDFT: read from the
+    # batch's demonstrations instead), and the verifier's reward (methods with a verifier).
+    teacher_contexts: list[str] = field(default_factory=list)
+    rewards: list[float] | None = None
 
     def loss_mask(self) -> torch.Tensor:
         """[N, C]: completion tokens of the rows that get a loss (a teacher signal, or cross-entropy rows)."""
@@ -288,6 +297,7 @@ class SelfDistillationTrainer(Trainer):
         self.add_callback(_TeacherUpdate(self))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.eos_token_ids = end_of_turn_ids(processing_class, self.model)
+        self.completions_log = CompletionsLog(self.options.num_completions_to_print) if self.options.log_completions else None
 
     # ------------------------------------------------------------------ hooks for the methods
     def prepare_dataset(self, dataset, tokenizer, args, split):
@@ -328,6 +338,8 @@ class SelfDistillationTrainer(Trainer):
         """Sample and score one micro-batch, and build its teacher prompts: everything before the forwards."""
         batch = self.make_rollouts(model, inputs)
         batch.teacher_prompts = self.teacher_prompts(inputs, batch)
+        if self.completions_log is not None and self.model.training and self.accelerator.is_main_process:
+            self.completions_log.record(self.state.global_step, batch, inputs)
         return batch
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -438,16 +450,19 @@ class SelfDistillationTrainer(Trainer):
         # Diagnostics come back for the tokens in the loss, in row-major order.
         in_loss = loss_token_mask(loss_mask, skip_first=self.options.num_loss_tokens_to_skip, unskipped_rows=batch.ce_rows)
         if out.per_token_divergence is None:  # the Liger path: distilled rows only, loss only
-            metrics["kl"].append(out.loss.item())
             return
+        # `kl` and `ce_loss` split distillation_loss by kind of row. Only SDFT with lambda_on_policy < 1 mixes
+        # both kinds; in every other run one of them would be distillation_loss again under another name.
+        split = getattr(self.options, "lambda_on_policy", 1.0) < 1.0
         ce_tokens = ce_mask[in_loss]
         per_token = out.per_token_divergence
         if (~ce_tokens).any():
-            metrics["kl"].append(per_token[~ce_tokens].mean().item())
+            if split:
+                metrics["kl"].append(per_token[~ce_tokens].mean().item())
             if out.teacher_token_logprobs is not None:
                 gap = (out.teacher_token_logprobs - out.student_token_logprobs)[~ce_tokens]
                 metrics["teacher_student_logprob_gap"].append(gap.mean().item())
-        if ce_tokens.any():
+        if ce_tokens.any() and split:
             metrics["ce_loss"].append(per_token[ce_tokens].mean().item())
 
     # ------------------------------------------------------------------ numerics guards
@@ -566,6 +581,8 @@ class SelfDistillationTrainer(Trainer):
             averaged = {f"eval_{key}": value for key, value in averaged.items()}
         super().log({**logs, **averaged}, start_time)
         self._metrics[mode].clear()
+        if self.completions_log is not None and mode == "train" and self.accelerator.is_main_process:
+            self.completions_log.write(self.processing_class, self.state.global_step, self.args.report_to)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Saves the model (adapter) and, on the final save, `training_config.json` and `trainer_state.json`
