@@ -208,3 +208,14 @@ def test_axolotl_trainers_do_not_log_perplexity(monkeypatch):
         AxolotlTrainer.log(trainer, {"eval_loss": 0.5})
     assert emitted and all("ppl" not in logs and "eval_ppl" not in logs for logs in emitted)
     assert [logs.get("loss", logs.get("eval_loss")) for logs in emitted] == [0.5] * 6
+
+
+def test_axolotl_yaml_accepts_the_options_in_every_method_block():
+    from sd_plugin.axolotl.args import SelfDistillationArgs
+
+    for trainer_type, block in (("sdft", {}), ("sdpo", {"verifier": "multiple_choice"}),
+                                ("sdzero", {"phase": "distill", "verifier": "multiple_choice"})):
+        parsed = SelfDistillationArgs.model_validate(
+            {"trainer_type": trainer_type, trainer_type: {**block, "log_completions": True, "num_completions_to_print": 2}})
+        assert getattr(parsed, trainer_type)["log_completions"] is True
+        assert getattr(parsed, trainer_type)["num_completions_to_print"] == 2
