@@ -148,13 +148,15 @@ def test_model_output_cannot_drive_the_terminal_or_rich_markup():
     from rich.console import Console
 
     hostile = "[bold red]fake header[/bold red] \x1b[2J\x1b]0;title\x07 done\r"
+    tokenizer = types.SimpleNamespace(decode=lambda ids, skip_special_tokens: hostile)  # the rollout's text
+    row = completions_module.CompletionRow(prompt_ids=[1], completion_ids=[2], teacher_context=hostile, reward=None)
+    table = completions_module.completions_table(tokenizer, [row], step=1)
     buffer = io.StringIO()
-    completions_module.print_completions(["step", "prompt", "completion", "teacher_context"],
-                                         [[1, "q", completions_module.clean(hostile), "ctx"]], 1,
-                                         Console(file=buffer, width=200, force_terminal=False))
+    completions_module.print_completions(table["columns"], table["rows"], 1, Console(file=buffer, width=300, force_terminal=False))
     out = buffer.getvalue()
-    assert "[bold red]fake header[/bold red]" in out  # shown as text, not interpreted
+    assert out.count("[bold red]fake header[/bold red]") == 3  # prompt, completion, context: shown, not interpreted
     assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+    assert all("\x1b" not in cell for cell in table["rows"][0][1:])  # nor sent to W&B
 
 
 def test_plain_text_without_rich(monkeypatch, capsys):
