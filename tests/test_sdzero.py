@@ -591,6 +591,8 @@ INVALID_FILE = "<tmp>/bad_rows.jsonl"
 # The shared step's numeric guards (skip a non-finite step, check divergences) act the same for every method
 # and are tested with the base trainer.
 BASE_GUARDS = {"max_consecutive_nonfinite_steps", "debug_numerics"}
+# Logging only (the training step is the same), tested in tests/test_completions_log.py.
+LOGGING_OPTIONS = {"log_completions", "num_completions_to_print"}
 # (phase, option, value, baseline overrides, data with an invalid row)
 OPTION_CASES = [
     ("distill", "max_prompt_length", 64, {}, False),
@@ -648,7 +650,7 @@ NONDEFAULT = {
     "liger_loss": False, "teacher": "base", "teacher_ema_rate": 0.5, "teacher_ema_rank": 2, "teacher_sync_steps": 1,
     "verifier": "multiple_choice", "verifier_kwargs": {"answer_field": "x"}, "success_threshold": 0.5,
     "control_phrase_family": "olmo", "control_phrase_correct": "Again:", "control_phrase_incorrect": "No:",
-    "srt_objective": "revision",
+    "srt_objective": "revision", "log_completions": True, "num_completions_to_print": 2,
 }
 
 
@@ -660,7 +662,7 @@ def test_every_option_changes_behaviour_or_is_rejected_in_each_phase():
         exercised = {name for case_phase, name, *_ in OPTION_CASES if case_phase == phase}
         rejected = set(PHASE_ONLY_OPTIONS[other])
         assert not exercised & rejected
-        assert exercised | rejected | BASE_GUARDS == names, phase
+        assert exercised | rejected | BASE_GUARDS | LOGGING_OPTIONS == names, phase
 
 
 @pytest.mark.parametrize("phase,other", [("srt", "distill"), ("distill", "srt")])
