@@ -105,7 +105,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     torch.testing.assert_close(torch.tensor(logged(ranks[0], "grad_norm")), torch.tensor(logged(one, "grad_norm")), rtol=1e-3, atol=0)
     # The other metrics are averaged over both processes: every rank logs the same values, and a per-row
     # mean over 2 + 2 rows equals the one-process mean over 4.
-    for key in ("kl", "completion_length", "teacher_prompt_length"):
+    for key in ("distillation_loss", "completion_length", "teacher_prompt_length"):
         assert logged(ranks[0], key) == logged(ranks[1], key), key
     torch.testing.assert_close(torch.tensor(logged(ranks[0], "completion_length")),
                                torch.tensor(logged(one, "completion_length")))

@@ -387,7 +387,8 @@ def test_srt_trains_and_logs_both_objectives(tmp_path, tokenizer):
     trainer.train()
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if p.requires_grad)
     logged = trainer.state.log_history[0]
-    assert {"revision_loss", "generation_loss", "ce_loss"} <= set(logged) and "kl" not in logged
+    # ce_loss and kl would repeat distillation_loss (every SRT token is cross-entropy): not logged
+    assert {"revision_loss", "generation_loss", "distillation_loss"} <= set(logged) and not {"ce_loss", "kl"} & set(logged)
     import sd_plugin
 
     assert sd_plugin.SDZeroTrainer is SDZeroTrainer and sd_plugin.SDZeroConfig is SDZeroConfig
@@ -604,6 +605,8 @@ VLLM_OPTIONS = {"use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_en
 # Evaluation during training works the same in both phases; tested in tests/test_evaluation.py.
 EVALUATION_OPTIONS = {"eval_prompts", "eval_verifier", "prior_prompts", "prior_verifier", "eval_generation_steps",
                       "eval_max_new_tokens"}
+# Logging only (the training step is the same), tested in tests/test_completions_log.py.
+LOGGING_OPTIONS = {"log_completions", "num_completions_to_print"}
 # (phase, option, value, baseline overrides, data with an invalid row)
 OPTION_CASES = [
     ("distill", "max_prompt_length", 64, {}, False),
@@ -666,6 +669,7 @@ NONDEFAULT = {
     "vllm_gpu_memory_utilization": 0.5, "vllm_enable_sleep_mode": True, "vllm_tensor_parallel_size": 2,
     "vllm_max_model_length": 9000, "vllm_model_impl": "transformers", "vllm_server_base_url": "http://h:1",
     "vllm_server_host": "h", "vllm_server_port": 1, "vllm_server_timeout": 1.0, "vllm_group_port": 1,
+    "log_completions": True, "num_completions_to_print": 2,
 }
 
 
@@ -677,7 +681,7 @@ def test_every_option_changes_behaviour_or_is_rejected_in_each_phase():
         exercised = {name for case_phase, name, *_ in OPTION_CASES if case_phase == phase}
         rejected = set(PHASE_ONLY_OPTIONS[other])
         assert not exercised & rejected
-        assert exercised | rejected | BASE_GUARDS | EVALUATION_OPTIONS | (VLLM_OPTIONS if phase == "distill" else set()) == names, phase
+        assert exercised | rejected | BASE_GUARDS | EVALUATION_OPTIONS | LOGGING_OPTIONS | (VLLM_OPTIONS if phase == "distill" else set()) == names, phase
 
 
 @pytest.mark.parametrize("phase,other", [("srt", "distill"), ("distill", "srt")])
@@ -818,7 +822,8 @@ def test_axolotl_train_tiny_configs_run_the_sdzero_trainer(tmp_path, phase):
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert PLUGIN_RAN + "sdzero" in log
-    keys = ("revision_loss", "generation_loss", "ce_loss") if phase == "srt" else ("correct_fraction", "teacher_truncated_tokens", "kl")
+    keys = ("revision_loss", "generation_loss") if phase == "srt" else ("correct_fraction", "teacher_truncated_tokens")
+    keys += ("distillation_loss",)
     for key in keys:
         assert f"'{key}'" in log, key
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()

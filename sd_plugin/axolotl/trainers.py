@@ -4,12 +4,24 @@ checkpointing, reporting and Hub push stay Axolotl's)."""
 from __future__ import annotations
 
 from axolotl.core.trainers.base import AxolotlTrainer
+from transformers import Trainer
+
+
+class WithoutPerplexity(Trainer):
+    """Drops the `ppl` / `eval_ppl` that AxolotlTrainer.log adds as exp(loss): the loss of these trainers is a
+    divergence between two models' distributions, not a cross-entropy on data, so its exponential is no
+    perplexity. Sits after AxolotlTrainer in the bases, so its `log` runs once Axolotl's has added them."""
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        logs.pop("ppl", None)
+        logs.pop("eval_ppl", None)
+        super().log(logs, start_time)
 
 
 def sdft():
     from sd_plugin.trainers.sdft import SDFTTrainer
 
-    class AxolotlSDFTTrainer(SDFTTrainer, AxolotlTrainer):
+    class AxolotlSDFTTrainer(SDFTTrainer, AxolotlTrainer, WithoutPerplexity):
         pass
 
     return AxolotlSDFTTrainer
@@ -18,7 +30,7 @@ def sdft():
 def sdpo():
     from sd_plugin.trainers.sdpo import SDPOTrainer
 
-    class AxolotlSDPOTrainer(SDPOTrainer, AxolotlTrainer):
+    class AxolotlSDPOTrainer(SDPOTrainer, AxolotlTrainer, WithoutPerplexity):
         pass
 
     return AxolotlSDPOTrainer
@@ -27,7 +39,7 @@ def sdpo():
 def sdzero():
     from sd_plugin.trainers.sdzero import SDZeroTrainer
 
-    class AxolotlSDZeroTrainer(SDZeroTrainer, AxolotlTrainer):
+    class AxolotlSDZeroTrainer(SDZeroTrainer, AxolotlTrainer, WithoutPerplexity):
         pass
 
     return AxolotlSDZeroTrainer

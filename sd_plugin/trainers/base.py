@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from transformers import Trainer, TrainerCallback
 
+from sd_plugin.completions_log import CompletionsLog
 from sd_plugin.contexts import render_ids
 from sd_plugin.data import Columns, RecordError, end_of_turn_ids, prompt_record
 from sd_plugin.losses import (
@@ -88,6 +89,15 @@ class SelfDistillationOptions:
     vllm_server_port: int = field(default=8000, metadata={"help": "server: port of `trl vllm-serve`."})
     vllm_server_timeout: float = field(default=240.0, metadata={"help": "server: seconds to wait for the server to come up."})
     vllm_group_port: int = field(default=51216, metadata={"help": "server: port of the weight-update process group."})
+    # Evaluation during training (sd_plugin.evaluation): greedy answers to held-out prompt sets, scored by verifiers.
+    eval_prompts: str | None = field(default=None, metadata={"help": "JSONL of held-out prompt records of the task (prompt + the fields eval_verifier reads), answered greedily at step 0, every eval_generation_steps and at the end."})
+    eval_verifier: str | None = field(default=None, metadata={"help": "Verifier of eval_prompts: a built-in name (sd_plugin.verifiers) or package.module:callable."})
+    prior_prompts: str | None = field(default=None, metadata={"help": "JSONL of prompts the base model already answers (prior-capability probe), scored the same way: forgetting as a number."})
+    prior_verifier: str | None = field(default=None, metadata={"help": "Verifier of prior_prompts (default: eval_verifier)."})
+    eval_generation_steps: int = field(default=0, metadata={"help": "Evaluate the prompt sets every N steps (0: at step 0 and at the end only)."})
+    eval_max_new_tokens: int | None = field(default=None, metadata={"help": "Greedy answer cap in the evaluation (default: max_completion_length)."})
+    log_completions: bool = field(default=False, metadata={"help": "On each logging step, print prompts, rollouts, teacher contexts and rewards of the latest step (a rich table when rich is installed) and log them to W&B as a table when W&B is a reporter (TRL's name)."})
+    num_completions_to_print: int | None = field(default=4, metadata={"help": "Rows of log_completions printed, drawn at random (None: all); W&B gets every row (TRL's name)."})
 
     def to_dict(self) -> dict:
         """The arguments as saved (training_config.json) and logged (W&B, TensorBoard): secret-looking values
@@ -96,13 +106,6 @@ class SelfDistillationOptions:
 
     def __str__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{key}={value!r}' for key, value in sorted(self.to_dict().items()))})"
-    # Evaluation during training (sd_plugin.evaluation): greedy answers to held-out prompt sets, scored by verifiers.
-    eval_prompts: str | None = field(default=None, metadata={"help": "JSONL of held-out prompt records of the task (prompt + the fields eval_verifier reads), answered greedily at step 0, every eval_generation_steps and at the end."})
-    eval_verifier: str | None = field(default=None, metadata={"help": "Verifier of eval_prompts: a built-in name (sd_plugin.verifiers) or package.module:callable."})
-    prior_prompts: str | None = field(default=None, metadata={"help": "JSONL of prompts the base model already answers (prior-capability probe), scored the same way: forgetting as a number."})
-    prior_verifier: str | None = field(default=None, metadata={"help": "Verifier of prior_prompts (default: eval_verifier)."})
-    eval_generation_steps: int = field(default=0, metadata={"help": "Evaluate the prompt sets every N steps (0: at step 0 and at the end only)."})
-    eval_max_new_tokens: int | None = field(default=None, metadata={"help": "Greedy answer cap in the evaluation (default: max_completion_length)."})
 
     def check(self) -> None:
         """Reject contradictory options before any training step (messages name the key)."""
@@ -145,6 +148,8 @@ class SelfDistillationOptions:
         default_rate = next(f.default for f in fields(self) if f.name == "teacher_ema_rate")
         if self.teacher != "ema" and self.teacher_ema_rate != default_rate:
             raise ValueError(f"teacher_ema_rate is set but teacher is {self.teacher!r}: set teacher: ema")
+        if self.num_completions_to_print is not None and self.num_completions_to_print < 1:
+            raise ValueError(f"num_completions_to_print must be >= 1 or None, got {self.num_completions_to_print}")
         if self.max_consecutive_nonfinite_steps < 1:
             raise ValueError(f"max_consecutive_nonfinite_steps must be >= 1, got {self.max_consecutive_nonfinite_steps}")
         self.check_vllm()
@@ -315,6 +320,10 @@ class StepBatch:
     teacher_prompts: list[list[int] | None] = field(default_factory=list)  # None: no teacher signal for that row
     student_hidden: torch.Tensor | None = None  # [N, C, H] set by compute_loss (for a method's own loss terms)
     loss_normalizer: float | None = None  # set by get_batch_samples: the step's loss tokens (or sequences) per micro-batch
+    # For log_completions, per rollout: what the teacher sees that the student does not (SDFT: read from the
+    # batch's demonstrations instead), and the verifier's reward (methods with a verifier).
+    teacher_contexts: list[str] = field(default_factory=list)
+    rewards: list[float] | None = None
 
     def loss_mask(self) -> torch.Tensor:
         """[N, C]: completion tokens of the rows that get a loss (a teacher signal, or cross-entropy rows)."""
@@ -391,6 +400,7 @@ class SelfDistillationTrainer(Trainer):
             from sd_plugin.vllm_rollout import make_vllm_rollouts
 
             self.vllm_rollouts = make_vllm_rollouts(self)
+        self.completions_log = CompletionsLog(self.options.num_completions_to_print) if self.options.log_completions else None
 
     # ------------------------------------------------------------------ hooks for the methods
     def prepare_dataset(self, dataset, tokenizer, args, split):
@@ -452,6 +462,8 @@ class SelfDistillationTrainer(Trainer):
         """Sample and score one micro-batch, and build its teacher prompts: everything before the forwards."""
         batch = self.make_rollouts(model, inputs)
         batch.teacher_prompts = self.teacher_prompts(inputs, batch)
+        if self.completions_log is not None and self.model.training and self.accelerator.is_main_process:
+            self.completions_log.record(self.state.global_step, batch, inputs)
         return batch
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -577,19 +589,22 @@ class SelfDistillationTrainer(Trainer):
         # Diagnostics come back for the tokens in the loss, in row-major order.
         in_loss = loss_token_mask(loss_mask, skip_first=self.options.num_loss_tokens_to_skip, unskipped_rows=batch.ce_rows)
         if out.per_token_divergence is None:  # the Liger path: distilled rows only, loss only
-            metrics["kl"].append(out.loss.item())
             return
+        # `kl` and `ce_loss` split distillation_loss by kind of row. Only SDFT with lambda_on_policy < 1 mixes
+        # both kinds; in every other run one of them would be distillation_loss again under another name.
+        split = getattr(self.options, "lambda_on_policy", 1.0) < 1.0
         ce_tokens = ce_mask[in_loss]
         per_token = out.per_token_divergence
         if rollouts.old_logprobs is not None and out.student_token_logprobs is not None and (~ce_tokens).any():
             self.record_importance_weights(metrics, out.student_token_logprobs[~ce_tokens],
                                            rollouts.old_logprobs[in_loss][~ce_tokens])
         if (~ce_tokens).any():
-            metrics["kl"].append(per_token[~ce_tokens].mean().item())
+            if split:
+                metrics["kl"].append(per_token[~ce_tokens].mean().item())
             if out.teacher_token_logprobs is not None:
                 gap = (out.teacher_token_logprobs - out.student_token_logprobs)[~ce_tokens]
                 metrics["teacher_student_logprob_gap"].append(gap.mean().item())
-        if ce_tokens.any():
+        if ce_tokens.any() and split:
             metrics["ce_loss"].append(per_token[ce_tokens].mean().item())
 
     def record_importance_weights(self, metrics, student_token_logprobs, old_logprobs) -> None:
@@ -716,6 +731,8 @@ class SelfDistillationTrainer(Trainer):
             averaged = {f"eval_{key}": value for key, value in averaged.items()}
         super().log({**logs, **averaged}, start_time)
         self._metrics[mode].clear()
+        if self.completions_log is not None and mode == "train" and self.accelerator.is_main_process:
+            self.completions_log.write(self.processing_class, self.state.global_step, self.args.report_to)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Saves the model (adapter) and, on the final save, `training_config.json` and `trainer_state.json`

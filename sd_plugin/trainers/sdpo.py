@@ -128,6 +128,7 @@ class SDPOTrainer(SelfDistillationTrainer):
         batch = SDPOStepBatch(**vars(super().make_rollouts(model, inputs)))
         batch.records = [json.loads(r) for r in inputs["sd_record"]]
         batch.scored = self.score(inputs, batch)
+        batch.rewards = batch.scored.rewards.tolist()
         return batch
 
     def score(self, inputs, batch: SDPOStepBatch) -> Scored:
@@ -164,6 +165,7 @@ class SDPOTrainer(SelfDistillationTrainer):
             feedback = scored.feedback[i] if o.use_feedback else None
             if o.feedback_only_without_solution and solution is not None:
                 feedback = None
+            batch.teacher_contexts.append(teacher_context_text(solution, feedback))
             messages = sdpo_teacher_messages(records[group]["messages"], solution, feedback)
             if messages is None:
                 prompts.append(None)
@@ -215,3 +217,9 @@ class SDPOTrainer(SelfDistillationTrainer):
         if o.sdpo_mode == "policy":
             return policy_loss
         return policy_loss + o.distillation_weight * out.loss
+
+
+def teacher_context_text(solution: str | None, feedback: str | None) -> str:
+    """What the SDPO teacher sees that the student does not, for log_completions."""
+    parts = ([f"solution: {solution}"] if solution is not None else []) + ([f"feedback: {feedback}"] if feedback is not None else [])
+    return "\n".join(parts) or "(none: no teacher signal)"

@@ -55,6 +55,7 @@ PHASE_ONLY_OPTIONS = {
         "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_tensor_parallel_size", "vllm_max_model_length",
         "vllm_model_impl", "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
         "vllm_group_port",
+        "log_completions", "num_completions_to_print",
     ),
     "srt": ("srt_objective",),
 }
@@ -202,6 +203,7 @@ class SDZeroTrainer(SelfDistillationTrainer):
         if o.phase == "distill":
             self.verifier = load_verifier(o.verifier, o.verifier_kwargs)
             phrases = control_phrases(o.control_phrase_family, o.control_phrase_correct, o.control_phrase_incorrect)
+            self.control_phrase_texts = {outcome: f"control phrase: {phrase}" for outcome, phrase in phrases.items()}
             self.delimiter_ids = {outcome: sdzero_delimiter_ids(self.processing_class, phrase, o.separator)
                                   for outcome, phrase in phrases.items()}
 
@@ -254,6 +256,7 @@ class SDZeroTrainer(SelfDistillationTrainer):
         rollouts = batch.rollouts
         records = [json.loads(r) for r in inputs["sd_record"]]
         truncated_tokens, without_signal = 0, 0
+        batch.rewards = []
         for i, group in enumerate(rollouts.prompt_index.tolist()):
             length = int(rollouts.completion_mask[i].sum())
             response = rollouts.completion_ids[i, :length].tolist()
@@ -261,6 +264,8 @@ class SDZeroTrainer(SelfDistillationTrainer):
             record = records[group]
             result = safe_verify(self.verifier, record["messages"], text, record, row=record.get("idx", f"batch row {group}"))
             correct = result.reward >= o.success_threshold
+            batch.rewards.append(result.reward)
+            batch.teacher_contexts.append(self.control_phrase_texts[correct])
             prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist()
             teacher = sdzero_teacher_ids(prompt, response, self.delimiter_ids[correct],
                                          max_length=o.max_teacher_prompt_length, end_of_turn_ids=self.eos_token_ids)
