@@ -1,0 +1,192 @@
+"""Sequence tiling (sd_plugin/tiling.py): tiled forwards and gradients equal the untiled model's."""
+
+import pytest
+import torch
+
+from sd_plugin.testing import build_model
+from sd_plugin.tiling import tiled_decoder
+from sd_plugin.trainers.base import completion_hidden_states
+
+PROMPT, COMPLETION = 21, 11
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiles are many tiny matmuls: on a loaded 2-core machine two threads are ~100x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_close(actual, expected, tol, name=""):
+    """Max abs difference within tol x the tensor's largest magnitude (gradients span 1e-2 to 1e2)."""
+    scale = max(expected.abs().max().item(), 1.0)
+    difference = (actual - expected).abs().max().item()
+    assert difference <= tol * scale, f"{name}: max |diff| {difference:.3g} > {tol:g} x {scale:.3g}"
+
+
+def batch(vocab: int, *, pad: int = 0, seed: int = 1):
+    """Two rows: the second left-padded by `pad` tokens (as the trainers pad prompts)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(10, vocab, (2, PROMPT), generator=g)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[1, :pad] = 0
+    prompt_ids[1, :pad] = 0
+    completion_ids = torch.randint(10, vocab, (2, COMPLETION), generator=g)
+    return prompt_ids, prompt_mask, completion_ids, torch.ones_like(completion_ids)
+
+
+def model_of(kind, tokenizer, dtype, **overrides):
+    model = build_model(kind, tokenizer, num_layers=4, **overrides).to(dtype)
+    model.config._attn_implementation = "sdpa"  # eager attention's softmax runs in fp32: no fp64 reference
+    return model
+
+
+def tolerance(dtype):
+    # fp64: the models' RMSNorm still upcasts to fp32 (the gradient through it is rounded to fp32), so tiled
+    # and untiled agree to fp32 rounding summed in another order. fp32: transformers' chunked delta rule
+    # takes differences of cumulative log-decays that tiles restart, ~1e-4 relative on dt_bias / A_log.
+    return 1e-6 if dtype == torch.float64 else 5e-4
+
+
+def delta_rule_in_input_dtype(query, key, value, g, beta, initial_state=None, output_final_state=False,
+                              use_qk_l2norm_in_kernel=False, **kwargs):
+    """The gated delta rule token by token in the inputs' dtype (transformers' torch version computes in fp32)."""
+    if use_qk_l2norm_in_kernel:
+        query = query * torch.rsqrt((query * query).sum(-1, keepdim=True) + 1e-6)
+        key = key * torch.rsqrt((key * key).sum(-1, keepdim=True) + 1e-6)
+    query, key, value, beta, g = (x.transpose(1, 2) for x in (query, key, value, beta, g.to(query.dtype)))
+    batch, heads, length, key_dim = key.shape
+    query = query * key_dim**-0.5
+    state = initial_state if initial_state is not None else query.new_zeros(batch, heads, key_dim, value.shape[-1])
+    outputs = []
+    for t in range(length):
+        state = state * g[:, :, t].exp()[..., None, None]
+        delta = (value[:, :, t] - (state * key[:, :, t, :, None]).sum(-2)) * beta[:, :, t, None]
+        state = state + key[:, :, t, :, None] * delta[:, :, None, :]
+        outputs.append((state * query[:, :, t, :, None]).sum(-2))
+    return torch.stack(outputs, dim=1), (state if output_final_state else None)
+
+
+@pytest.fixture
+def exact_delta_rule(monkeypatch):
+    """fp64 runs use an fp64 delta rule, so a tiling error cannot hide under fp32 rounding."""
+    import transformers.models.qwen3_5.modeling_qwen3_5 as modeling
+
+    monkeypatch.setattr(modeling, "torch_chunk_gated_delta_rule", delta_rule_in_input_dtype)
+
+
+def hidden_and_grads(model, inputs, tile_size):
+    model.zero_grad()
+    hidden = completion_hidden_states(model, model, *inputs, sequence_tile_size=tile_size)
+    weights = torch.linspace(-1, 1, hidden.numel(), dtype=hidden.dtype).view_as(hidden)
+    (hidden * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return hidden.detach(), grads
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_5"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tile_size,pad", [(5, 0), (8, 7), (64, 3)])
+def test_tiled_outputs_and_gradients_equal_untiled(tokenizer, kind, dtype, tile_size, pad, request):
+    """Tile borders inside the prompt and the completion (state + conv carry), left padding, one big tile."""
+    if dtype == torch.float64:
+        request.getfixturevalue("exact_delta_rule")
+    tol = tolerance(dtype)
+    model = model_of(kind, tokenizer, dtype)
+    inputs = batch(model.config.vocab_size, pad=pad)
+    reference, reference_grads = hidden_and_grads(model, inputs, 0)
+    tiled, tiled_grads = hidden_and_grads(model, inputs, tile_size)
+    assert_close(tiled, reference, tol)
+    assert reference_grads.keys() == tiled_grads.keys()
+    for name, grad in reference_grads.items():
+        assert_close(tiled_grads[name], grad, tol, name)
+
+
+def test_tile_shorter_than_conv_kernel_carries_the_convolution(tokenizer, exact_delta_rule):
+    """Tiles of 1-2 tokens: the conv tail spans several earlier tiles (kernel 4 needs 3 columns)."""
+    model = model_of("qwen3_5", tokenizer, torch.float64)
+    inputs = batch(model.config.vocab_size, pad=2)
+    reference, reference_grads = hidden_and_grads(model, inputs, 0)
+    for tile_size in (1, 2):
+        tiled, tiled_grads = hidden_and_grads(model, inputs, tile_size)
+        assert_close(tiled, reference, 1e-6)
+        for name, grad in reference_grads.items():
+            assert_close(tiled_grads[name], grad, 1e-6, name)
+
+
+def test_dropping_the_state_carry_breaks_equality(tokenizer, exact_delta_rule, monkeypatch):
+    """The carry matters: tiles that restart the delta rule from zero state give different outputs."""
+    import sd_plugin.tiling as tiling
+
+    model = model_of("qwen3_5", tokenizer, torch.float64)
+    inputs = batch(model.config.vocab_size)
+    with torch.no_grad():
+        reference = completion_hidden_states(model, model, *inputs)
+        original = tiling.delta_net_tile
+        monkeypatch.setattr(tiling, "delta_net_tile",
+                            lambda layer, h, m, tail, state: original(layer, h, m, torch.zeros_like(tail), None))
+        broken = completion_hidden_states(model, model, *inputs, sequence_tile_size=8)
+    assert not torch.allclose(broken, reference, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_5"])
+def test_chunked_teacher_equals_full_teacher_at_completion_positions(tokenizer, kind):
+    """No grad (the teacher): the tiled forward is a chunked prefill returning a copy of the completion slice."""
+    model = model_of(kind, tokenizer, torch.float32)
+    inputs = batch(model.config.vocab_size, pad=5)
+    with torch.no_grad():
+        full = completion_hidden_states(model, model, *inputs)
+        chunked = completion_hidden_states(model, model, *inputs, sequence_tile_size=6)
+    torch.testing.assert_close(chunked, full, rtol=2e-5, atol=2e-5)
+    assert chunked.shape == (2, COMPLETION, model.config.hidden_size)
+    # A copy: its storage is the completion slice, not a [B, T, H] buffer.
+    assert chunked.untyped_storage().nbytes() == chunked.numel() * chunked.element_size()
+
+
+def test_offloaded_layer_inputs_give_the_same_gradients(tokenizer, exact_delta_rule):
+    model = model_of("qwen3_5", tokenizer, torch.float64)
+    inputs = batch(model.config.vocab_size, pad=4)
+    reference, reference_grads = hidden_and_grads(model, inputs, 0)
+    model.zero_grad()
+    hidden = completion_hidden_states(model, model, *inputs, sequence_tile_size=7, sequence_tile_offload=True)
+    (hidden * torch.linspace(-1, 1, hidden.numel(), dtype=hidden.dtype).view_as(hidden)).sum().backward()
+    assert_close(hidden.detach(), reference, 1e-6)
+    for name, grad in reference_grads.items():
+        assert_close(dict(model.named_parameters())[name].grad, grad, 1e-6, name)
+
+
+def test_lora_student_tiled_gradients_equal_untiled(tokenizer, exact_delta_rule):
+    """peft LoRA wraps the projections the tiles call: the adapter's gradients match too."""
+    from peft import LoraConfig, get_peft_model
+
+    model = model_of("qwen3_5", tokenizer, torch.float64)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    inputs = batch(model.config.vocab_size, pad=3)
+    reference, reference_grads = hidden_and_grads(model, inputs, 0)
+    tiled, tiled_grads = hidden_and_grads(model, inputs, 6)
+    assert_close(tiled, reference, 1e-6)
+    assert any("lora_A" in name for name in tiled_grads)
+    for name, grad in reference_grads.items():
+        assert_close(tiled_grads[name], grad, 1e-6, name)
+
+
+def test_unsupported_decoder_is_refused_naming_the_key():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match="sequence_tile_size.*LlamaModel"):
+        with tiled_decoder(model.get_decoder(), 4, keep=slice(0, 1)):
+            pass
+
+
+def test_sequence_tile_size_option_is_checked():
+    from sd_plugin.trainers.base import SelfDistillationOptions
+
+    with pytest.raises(ValueError, match="sequence_tile_size"):
+        SelfDistillationOptions(sequence_tile_size=-1).check()
+    with pytest.raises(ValueError, match="sequence_tile_offload"):
+        SelfDistillationOptions(sequence_tile_offload=True).check()
