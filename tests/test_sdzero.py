@@ -590,6 +590,8 @@ INVALID_FILE = "<tmp>/bad_rows.jsonl"
 # The shared step's numeric guards (skip a non-finite step, check divergences) act the same for every method
 # and are tested with the base trainer.
 BASE_GUARDS = {"max_consecutive_nonfinite_steps", "debug_numerics"}
+# Sequence tiling gives the untiled step by design (tests/test_tiling.py checks it through the shared step).
+BASE_GUARDS |= {"sequence_tile_size", "sequence_tile_offload"}
 # (phase, option, value, baseline overrides, data with an invalid row)
 OPTION_CASES = [
     ("distill", "max_prompt_length", 64, {}, False),

@@ -190,3 +190,43 @@ def test_sequence_tile_size_option_is_checked():
         SelfDistillationOptions(sequence_tile_size=-1).check()
     with pytest.raises(ValueError, match="sequence_tile_offload"):
         SelfDistillationOptions(sequence_tile_offload=True).check()
+
+
+def test_sdft_step_with_tiling_equals_the_untiled_step(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+    """Through the trainer: the teacher (no grad) and the student both run tiled; same loss and gradients."""
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    import sd_plugin.tiling as tiling
+    from sd_plugin import SDFTConfig, SDFTTrainer
+    from sd_plugin.rollout import Rollouts
+
+    def fixed_sample(self, model, prompt_ids, prompt_mask):
+        ids = torch.tensor([[30, 31, 32, 33, 34, 35, 36]] * prompt_ids.shape[0])
+        return Rollouts(ids, torch.ones_like(ids), torch.arange(ids.shape[0]), torch.zeros(ids.shape[0], dtype=torch.bool))
+
+    monkeypatch.setattr(SDFTTrainer, "sample", fixed_sample)
+    grad_modes = []
+    real = tiling.tiled_hidden_states
+    monkeypatch.setattr(tiling, "tiled_hidden_states", lambda *a, **k: grad_modes.append(torch.is_grad_enabled()) or real(*a, **k))
+    data = Dataset.from_list([{"prompt": r["prompt"], "demonstration": r["demonstration"]} for r in quickstart_rows[:2]])
+
+    def step(tile_size):
+        torch.manual_seed(0)
+        args = SDFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1, report_to="none",
+                          save_strategy="no", use_cpu=True, seed=0, max_completion_length=7, sequence_tile_size=tile_size)
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "in_proj_qkv", "out_proj"],
+                          init_lora_weights=False, task_type="CAUSAL_LM")
+        trainer = SDFTTrainer(model=build_model("qwen3_5", tokenizer), args=args, train_dataset=data,
+                              processing_class=tokenizer, peft_config=lora)
+        inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        loss = trainer.compute_loss(trainer.model, inputs)
+        return loss.detach(), torch.autograd.grad(loss, [p for p in trainer.model.parameters() if p.requires_grad])
+
+    reference, reference_grads = step(0)
+    assert grad_modes == []
+    tiled, tiled_grads = step(16)
+    assert grad_modes == [False, True], "teacher (no grad) then student, both tiled"
+    assert_close(tiled, reference, 5e-4)
+    for a, b in zip(tiled_grads, reference_grads):
+        assert_close(a, b, 5e-4)
