@@ -122,10 +122,10 @@ def tiled_hidden_states(decoder, *, input_ids=None, inputs_embeds=None, attentio
             keys, values = torch.cat(keys, dim=2), torch.cat(values, dim=2)
             for start, end in tiles:
                 cos_sin = decoder.rotary_emb(like, position_ids[..., start:end])
-                allowed = tile_attention_mask(mask, start, end)
-                out = run(lambda h, cos, sin, k, v, allowed, layer=layer:
-                          attention_tile(layer, h, (cos, sin), k, v, allowed),
-                          tile_of(hidden, start, end), *cos_sin, keys[:, :, :end], values[:, :, :end], allowed)
+                # The [tile, end] mask is built inside the checkpoint: kept for backward it would cost T^2 / 2 bytes.
+                out = run(lambda h, cos, sin, k, v, start=start, layer=layer:
+                          attention_tile(layer, h, (cos, sin), k, v, tile_attention_mask(mask, start, start + h.shape[1])),
+                          tile_of(hidden, start, end), *cos_sin, keys[:, :, :end], values[:, :, :end])
                 outputs.append(out.to("cpu") if offload else out)
             del keys, values
         hidden = torch.cat(outputs, dim=1)
