@@ -230,3 +230,46 @@ def test_sdft_step_with_tiling_equals_the_untiled_step(tmp_path, tokenizer, quic
     assert_close(tiled, reference, 5e-4)
     for a, b in zip(tiled_grads, reference_grads):
         assert_close(a, b, 5e-4)
+
+
+# ---------------------------------------------------------------------------------------------- the planner
+def test_planner_tiled_student_memory_grows_with_the_tile_not_the_length():
+    from dataclasses import replace
+
+    from sd_plugin.planner import QWEN3_5_9B, TrainingSetup, plan
+
+    def student(length, tile):
+        setup = TrainingSetup(shape=QWEN3_5_9B, weight_format="nf4", adapter="qlora", lora_r=64,
+                              gradient_checkpointing="offload", prompt_length=length - 256,
+                              teacher_prompt_length=length - 256, completion_length=256,
+                              sequence_tile_size=tile, sequence_tile_offload=True)
+        result = plan(setup, suggest=False)
+        return result.backward_working_set, result
+    untiled_8k, untiled_64k = student(8192, 0)[0], student(65536, 0)[0]
+    tiled_8k, tiled_64k = student(8192, 4096)[0], student(65536, 4096)[0]
+    assert untiled_64k > 7 * untiled_8k  # one layer recomputed over the whole sequence
+    assert tiled_64k < 0.3 * untiled_64k
+    # What still grows with T under tiling: the [tile, T] mask and the [T, H] / K/V gradients of one layer.
+    assert tiled_64k < 4 * tiled_8k
+    _, result = student(65536, 4096)
+    assert result.host_offloaded > 0 and any("sequence_tile_size" in note for note in result.notes)
+    bigger_tile = plan(replace(result.setup, sequence_tile_size=8192), suggest=False)
+    assert bigger_tile.backward_working_set > result.backward_working_set
+
+
+def test_64k_two_24gb_config_fits_only_with_tiling():
+    from pathlib import Path
+
+    from sd_plugin.planner import load_config, plan_memory
+
+    path = Path(__file__).resolve().parents[1] / "example_configs" / "sdft-qwen3.5-9b-64k-2x24gb.yml"
+    cfg = load_config(str(path))
+    tiled = plan_memory(cfg, gpus=2, gpu_memory="24GB")
+    assert tiled.fits, tiled.summary()
+    assert tiled.setup.sequence_tile_size == 4096 and tiled.setup.sequence_tile_offload
+    assert tiled.setup.prompt_length + tiled.setup.completion_length == 65536
+    cfg["sdft"].pop("sequence_tile_size")
+    cfg["sdft"].pop("sequence_tile_offload")
+    untiled = plan_memory(cfg, gpus=2, gpu_memory="24GB")
+    assert not untiled.fits
+    assert any(s.startswith("sequence_tile_size: 4096") for s in untiled.suggestions)
