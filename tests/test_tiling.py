@@ -273,3 +273,53 @@ def test_64k_two_24gb_config_fits_only_with_tiling():
     untiled = plan_memory(cfg, gpus=2, gpu_memory="24GB")
     assert not untiled.fits
     assert any(s.startswith("sequence_tile_size: 4096") for s in untiled.suggestions)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_64k_step_of_a_qwen3_5_9b_shaped_model_against_the_planner():
+    """A 64K-token student forward + backward, tiles of 4,096, random bf16 Qwen3.5-9B-shaped weights + LoRA r16.
+
+    Prints the measured peak (torch.cuda.max_memory_allocated over the step, minus what was allocated before it)
+    next to the planner's student terms for the same setup.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
+
+    from sd_plugin.planner import QWEN3_5_9B, TrainingSetup, plan
+
+    s = QWEN3_5_9B
+    config = Qwen3_5TextConfig(
+        vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_layers, num_attention_heads=s.num_attention_heads,
+        num_key_value_heads=s.num_key_value_heads, head_dim=s.head_dim, linear_num_key_heads=s.linear_num_key_heads,
+        linear_num_value_heads=s.linear_num_value_heads, linear_key_head_dim=s.linear_key_head_dim,
+        linear_value_head_dim=s.linear_value_head_dim, linear_conv_kernel_dim=s.linear_conv_kernel_dim,
+        full_attention_interval=s.num_layers // s.full_attention_layers, max_position_embeddings=131072,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    targets = ["q_proj", "v_proj", "in_proj_qkv", "out_proj"]
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    length, completion, tile = 65536, 256, 4096
+    prompt_ids = torch.randint(10, s.vocab_size, (1, length - completion), device="cuda")
+    completion_ids = torch.randint(10, s.vocab_size, (1, completion), device="cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    hidden = completion_hidden_states(model, model, prompt_ids, torch.ones_like(prompt_ids), completion_ids,
+                                      torch.ones_like(completion_ids), sequence_tile_size=tile)
+    hidden.float().pow(2).mean().backward()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - before
+    setup = TrainingSetup(shape=s, weight_format="bf16", adapter="lora", lora_r=16, lora_targets=targets,
+                          gradient_checkpointing="full", attention="sdpa", prompt_length=length - completion,
+                          teacher_prompt_length=length - completion, completion_length=completion,
+                          sequence_tile_size=tile)
+    result = plan(setup, suggest=False)
+    predicted = result.student_activations + result.backward_working_set + result.lora_grads + result.hidden_states
+    print(f"64K tiled step: measured {measured / 2**30:.2f} GiB, planner {predicted / 2**30:.2f} GiB")
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert measured <= 1.3 * predicted + 2**30
