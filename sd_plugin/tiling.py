@@ -95,27 +95,34 @@ def tiled_hidden_states(decoder, *, input_ids=None, inputs_embeds=None, attentio
     grad = torch.is_grad_enabled()
     run = (lambda fn, *args: checkpoint(fn, *args, use_reentrant=False)) if grad else (lambda fn, *args: fn(*args))
 
-    def tile_of(tensor, start, end):  # a tile of a layer input, on the compute device
-        return tensor[:, start:end].to(device)
+    def tile_of(tensor, start, end):
+        # A tile of a layer input, copied to the device INSIDE each checkpoint (`on_device`), so that with
+        # offload the checkpoint keeps the host slice, not a device copy.
+        return tensor[:, start:end]
+
+    def on_device(h):
+        return h.to(device)
 
     like = torch.empty(0, dtype=hidden.dtype, device=device)  # rotary tables: dtype and device of the compute
+    if offload:
+        hidden = hidden.to("cpu")
 
     for layer in decoder.layers[: decoder.config.num_hidden_layers]:
         outputs = []
         if hasattr(layer, "linear_attn"):
             gdn = layer.linear_attn
-            conv_tail = hidden.new_zeros(batch, gdn.conv_dim, gdn.conv_kernel_size - 1)
+            conv_tail = torch.zeros(batch, gdn.conv_dim, gdn.conv_kernel_size - 1, dtype=hidden.dtype, device=device)
             state = None
             for start, end in tiles:
                 out, conv_tail, state = run(
-                    lambda h, m, tail, s, layer=layer: delta_net_tile(layer, h, m, tail, s),
+                    lambda h, m, tail, s, layer=layer: delta_net_tile(layer, on_device(h), m, tail, s),
                     tile_of(hidden, start, end), mask[:, start:end], conv_tail, state)
                 outputs.append(out.to("cpu") if offload else out)
         else:
             keys, values = [], []
             for start, end in tiles:
                 cos_sin = decoder.rotary_emb(like, position_ids[..., start:end])
-                k, v = run(lambda h, cos, sin, layer=layer: attention_kv_tile(layer, h, (cos, sin)),
+                k, v = run(lambda h, cos, sin, layer=layer: attention_kv_tile(layer, on_device(h), (cos, sin)),
                            tile_of(hidden, start, end), *cos_sin)
                 keys.append(k)
                 values.append(v)
@@ -124,7 +131,8 @@ def tiled_hidden_states(decoder, *, input_ids=None, inputs_embeds=None, attentio
                 cos_sin = decoder.rotary_emb(like, position_ids[..., start:end])
                 # The [tile, end] mask is built inside the checkpoint: kept for backward it would cost T^2 / 2 bytes.
                 out = run(lambda h, cos, sin, k, v, start=start, layer=layer:
-                          attention_tile(layer, h, (cos, sin), k, v, tile_attention_mask(mask, start, start + h.shape[1])),
+                          attention_tile(layer, on_device(h), (cos, sin), k, v,
+                                         tile_attention_mask(mask, start, start + h.shape[1])),
                           tile_of(hidden, start, end), *cos_sin, keys[:, :, :end], values[:, :, :end])
                 outputs.append(out.to("cpu") if offload else out)
             del keys, values

@@ -278,7 +278,8 @@ def test_64k_two_24gb_config_fits_only_with_tiling():
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_64k_step_of_a_qwen3_5_9b_shaped_model_against_the_planner():
+@pytest.mark.parametrize("offload", [False, True])
+def test_64k_step_of_a_qwen3_5_9b_shaped_model_against_the_planner(offload):
     """A 64K-token student forward + backward, tiles of 4,096, random bf16 Qwen3.5-9B-shaped weights + LoRA r16.
 
     Prints the measured peak (torch.cuda.max_memory_allocated over the step, minus what was allocated before it)
@@ -310,16 +311,17 @@ def test_64k_step_of_a_qwen3_5_9b_shaped_model_against_the_planner():
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     hidden = completion_hidden_states(model, model, prompt_ids, torch.ones_like(prompt_ids), completion_ids,
-                                      torch.ones_like(completion_ids), sequence_tile_size=tile)
+                                      torch.ones_like(completion_ids), sequence_tile_size=tile,
+                                      sequence_tile_offload=offload)
     hidden.float().pow(2).mean().backward()
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - before
     setup = TrainingSetup(shape=s, weight_format="bf16", adapter="lora", lora_r=16, lora_targets=targets,
                           gradient_checkpointing="full", attention="sdpa", prompt_length=length - completion,
                           teacher_prompt_length=length - completion, completion_length=completion,
-                          sequence_tile_size=tile)
+                          sequence_tile_size=tile, sequence_tile_offload=offload)
     result = plan(setup, suggest=False)
     predicted = result.student_activations + result.backward_working_set + result.lora_grads + result.hidden_states
-    print(f"64K tiled step: measured {measured / 2**30:.2f} GiB, planner {predicted / 2**30:.2f} GiB")
+    print(f"64K tiled step (offload {offload}): measured {measured / 2**30:.2f} GiB, planner {predicted / 2**30:.2f} GiB")
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
     assert measured <= 1.3 * predicted + 2**30
