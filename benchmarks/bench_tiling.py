@@ -3,8 +3,8 @@
 On the tiny random Qwen3 / Qwen3.5 (sd_plugin.testing.build_model, hidden 64, 4 layers, fp32, CPU; Qwen3.5:
 2 Gated DeltaNet + 2 full-attention layers through transformers' torch fallback kernels), one row of T tokens
 (T - 256 prompt + 256 completion) runs `completion_hidden_states` (the trainers' student forward) and a
-backward from the completion's hidden states. Each run is its own subprocess; the number is the step's own
-peak RSS: VmHWM (reset just before the step) minus the RSS before it. Workers run with
+backward from the completion's hidden states. Each run is its own subprocess; after one warm-up step of the same
+length, the number is the second step's own peak RSS: VmHWM (reset just before it) minus the RSS before it. Workers run with
 MALLOC_MMAP_THRESHOLD_=1 MiB so RSS follows live tensors.
 
 Without tiling the model runs as the trainers run it untiled: HF gradient checkpointing on, SDPA attention.
@@ -75,12 +75,7 @@ def worker(kind: str, length: int, tile: int) -> dict:
         (hidden * weights).sum().backward()
         model.zero_grad(set_to_none=False)
 
-    step_small = (prompt[:, :64], completion)  # warm-up on a short row: lazy imports, thread pools, grads
-    hidden = completion_hidden_states(model, model, step_small[0], torch.ones_like(step_small[0]), completion,
-                                      torch.ones_like(completion), sequence_tile_size=tile)
-    (hidden * weights).sum().backward()
-    model.zero_grad(set_to_none=False)
-    del hidden
+    step()  # warm-up at the same length: the first step's allocator and thread-pool growth is not the step's
     before = vm_status("VmRSS")
     reset_peak()
     start = time.perf_counter()
