@@ -192,6 +192,7 @@ def test_sequence_tile_size_option_is_checked():
         SelfDistillationOptions(sequence_tile_offload=True).check()
 
 
+@pytest.mark.slow
 def test_sdft_step_with_tiling_equals_the_untiled_step(tmp_path, tokenizer, quickstart_rows, monkeypatch):
     """Through the trainer: the teacher (no grad) and the student both run tiled; same loss and gradients."""
     from datasets import Dataset
