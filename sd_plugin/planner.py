@@ -277,6 +277,8 @@ class TrainingSetup:
     vllm_mode: str | None = None         # None: rollouts with HF generate | colocate | server (use_vllm)
     vllm_gpu_memory_utilization: float = 0.3  # colocate: the GPU share vLLM reserves (TRL's default)
     vllm_sleep_mode: bool = False        # colocate: vLLM releases its share outside the rollout
+    sequence_tile_size: int = 0           # the method block's sequence_tile_size (0: layers run over the whole sequence)
+    sequence_tile_offload: bool = False   # sequence_tile_offload: layer inputs in host memory
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -397,6 +399,8 @@ def setup_from_config(cfg: dict, gpus: int | None = None) -> TrainingSetup:
         gpus=int(gpus or max(context_parallel, 1)),
         device=str(cfg.get("device", "cuda")),
         **vllm_setup(block),
+        sequence_tile_size=int(block.get("sequence_tile_size") or 0),
+        sequence_tile_offload=_truthy(block.get("sequence_tile_offload")),
     )
 
 
@@ -652,6 +656,14 @@ def plan(setup: TrainingSetup, gpu_memory: int = 80 * GiB, *, suggest: bool = Tr
     chunk = min(setup.loss_chunk_size, max(1, math.ceil(completion_tokens / cp)))
     loss_chunks = int(buffers * chunk * shape.vocab_size * 4 + 2 * b * shape.hidden_size * completion_tokens / cp)
 
+    if setup.sequence_tile_size:
+        tiled = tiled_terms(setup, saved)
+        student_activations, backward_working_set = tiled["student_activations"], tiled["backward_working_set"]
+        teacher_forward, hidden_states, host_offloaded = tiled["teacher_forward"], tiled["hidden_states"], tiled["host_offloaded"]
+        notes.append(f"sequence_tile_size {setup.sequence_tile_size}: activations per tile; kept for backward: "
+                     f"{'host-offloaded' if setup.sequence_tile_offload else 'one'} [T, hidden] per layer, K/V of the "
+                     f"full-attention layers, the Gated DeltaNet state at each tile border")
+
     persistent = weights + lora_params + optimizer_states + teacher_state
     phases = {
         "rollout": persistent + rollout_kv_cache + rollout_working_set,
@@ -717,6 +729,47 @@ def vllm_terms(setup: TrainingSetup, gpu_memory: int, persistent: int, rollout_k
         if name != "rollout" and not setup.vllm_sleep_mode:
             phases[name] += share
     return share
+def tiled_terms(setup: TrainingSetup, saved: dict[str, float]) -> dict[str, int]:
+    """Training terms with `sequence_tile_size` (sd_plugin/tiling.py): what scales with T, what with the tile.
+
+    Kept from the student forward to its backward: each layer's input [T, H] (in host memory with
+    sequence_tile_offload; the embeddings stay on the device), the keys/values of every full-attention layer, and
+    each Gated DeltaNet layer's recurrent state + (conv_kernel - 1) convolution columns at every tile border.
+    Backward: one tile of one layer recomputed (its saved tensors + transient), the [tile, T] attention mask,
+    the gradients of one layer's output and input [T, H] and of its keys/values. The teacher (no grad) keeps a
+    layer's input and output [T, H], its keys/values and one tile's temporaries; only the completion
+    positions' hidden states leave either forward.
+    """
+    shape, b = setup.shape, setup.compute_bytes
+    rows = setup.micro_batch_size * setup.num_generations
+    student_length = setup.prompt_length + setup.completion_length
+    teacher_length = setup.teacher_prompt_length + setup.completion_length
+    student_tokens, teacher_tokens = rows * student_length, rows * teacher_length
+    tile = min(setup.sequence_tile_size, student_length)
+    tile_tokens = rows * tile
+    row = b * shape.hidden_size  # one token of one [T, H] hidden state
+    kv = 2 * shape.kv_dim * b    # one token of one layer's keys + values
+    tiles = math.ceil(student_length / tile)
+    carry = shape.linear_attention_layers * rows * tiles * (
+        shape.linear_conv_dim * (shape.linear_conv_kernel_dim - 1) * b
+        + shape.linear_num_value_heads * shape.linear_key_head_dim * shape.linear_value_head_dim * 4)
+    layer_inputs = shape.num_layers * row * student_tokens
+    kept_kv = shape.full_attention_layers * kv * student_tokens
+    if setup.sequence_tile_offload:
+        student_activations, host_offloaded = row * student_tokens + kept_kv + carry, layer_inputs
+    else:
+        student_activations, host_offloaded = layer_inputs + kept_kv + carry, 0
+    mask = (1 + b) * tile_tokens * student_length  # bool [tile, T], converted for the attention kernel
+    working = forward_working_bytes_per_token(setup)
+    backward = (max(saved.values()) + BACKWARD_TRANSIENT_FACTOR * working) * tile_tokens + mask
+    backward += 2 * row * student_tokens + (kv * student_tokens if shape.full_attention_layers else 0)
+    teacher_tile = rows * min(setup.sequence_tile_size, teacher_length)
+    teacher = (working * teacher_tile + (1 + b) * teacher_tile * teacher_length + 3 * row * teacher_tokens
+               + (kv * teacher_tokens if shape.full_attention_layers else 0))
+    completion_tokens = rows * setup.completion_length
+    hidden_states = 2 * row * completion_tokens + (b if setup.liger_rms_norm else 4) * shape.hidden_size * completion_tokens
+    return {"student_activations": int(student_activations), "backward_working_set": int(backward),
+            "teacher_forward": int(teacher), "hidden_states": int(hidden_states), "host_offloaded": int(host_offloaded)}
 
 
 def suggestions(setup: TrainingSetup, gpu_memory: int) -> list[str]:
@@ -751,6 +804,9 @@ def suggestions(setup: TrainingSetup, gpu_memory: int) -> list[str]:
         candidates.append(("vllm_enable_sleep_mode: true", replace(setup, vllm_sleep_mode=True)))
     if setup.vllm_mode == "colocate":
         candidates.append(("vllm_mode: server (vLLM on another GPU)", replace(setup, vllm_mode="server")))
+    if not setup.sequence_tile_size and setup.prompt_length + setup.completion_length > 8192:
+        candidates.append(("sequence_tile_size: 4096 + sequence_tile_offload: true (Qwen3 / Qwen3.5)",
+                           replace(setup, sequence_tile_size=4096, sequence_tile_offload=True)))
     shorter = max(1024, setup.prompt_length // 2)
     if shorter < setup.prompt_length:
         candidates.append((f"max_prompt_length / max_teacher_prompt_length: {shorter}",

@@ -607,6 +607,8 @@ EVALUATION_OPTIONS = {"eval_prompts", "eval_verifier", "prior_prompts", "prior_v
                       "eval_max_new_tokens"}
 # Logging only (the training step is the same), tested in tests/test_completions_log.py.
 LOGGING_OPTIONS = {"log_completions", "num_completions_to_print"}
+# Sequence tiling gives the untiled step by design (tests/test_tiling.py checks it through the shared step).
+BASE_GUARDS |= {"sequence_tile_size", "sequence_tile_offload"}
 # (phase, option, value, baseline overrides, data with an invalid row)
 OPTION_CASES = [
     ("distill", "max_prompt_length", 64, {}, False),

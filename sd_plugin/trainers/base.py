@@ -12,6 +12,7 @@ projection and no [tokens, vocab] tensor exists for the whole sequence.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -98,6 +99,8 @@ class SelfDistillationOptions:
     eval_max_new_tokens: int | None = field(default=None, metadata={"help": "Greedy answer cap in the evaluation (default: max_completion_length)."})
     log_completions: bool = field(default=False, metadata={"help": "On each logging step, print prompts, rollouts, teacher contexts and rewards of the latest step (a rich table when rich is installed) and log them to W&B as a table when W&B is a reporter (TRL's name)."})
     num_completions_to_print: int | None = field(default=4, metadata={"help": "Rows of log_completions printed, drawn at random (None: all); W&B gets every row (TRL's name)."})
+    sequence_tile_size: int = field(default=0, metadata={"help": "Run each decoder layer over the sequence in tiles of this many tokens (checkpointed per tile; Qwen3 / Qwen3.5 text decoders), for the student and teacher forwards: activation memory grows with the tile, not the length (0: off)."})
+    sequence_tile_offload: bool = field(default=False, metadata={"help": "With sequence_tile_size: keep the layer inputs (one [T, hidden] per layer) in CPU memory between forward and backward."})
 
     def to_dict(self) -> dict:
         """The arguments as saved (training_config.json) and logged (W&B, TensorBoard): secret-looking values
@@ -150,6 +153,10 @@ class SelfDistillationOptions:
             raise ValueError(f"teacher_ema_rate is set but teacher is {self.teacher!r}: set teacher: ema")
         if self.num_completions_to_print is not None and self.num_completions_to_print < 1:
             raise ValueError(f"num_completions_to_print must be >= 1 or None, got {self.num_completions_to_print}")
+        if self.sequence_tile_size < 0:
+            raise ValueError(f"sequence_tile_size must be >= 0 (0: off), got {self.sequence_tile_size}")
+        if self.sequence_tile_offload and not self.sequence_tile_size:
+            raise ValueError("sequence_tile_offload is set but sequence_tile_size is 0: set sequence_tile_size")
         if self.max_consecutive_nonfinite_steps < 1:
             raise ValueError(f"max_consecutive_nonfinite_steps must be >= 1, got {self.max_consecutive_nonfinite_steps}")
         self.check_vllm()
@@ -526,12 +533,14 @@ class SelfDistillationTrainer(Trainer):
             teacher_ids, teacher_mask = teacher_ids.to(device), teacher_mask.to(device)
             with torch.no_grad(), self.teacher.scoring(self.accelerator.unwrap_model(model)) as teacher_model:
                 teacher_hidden = completion_hidden_states(teacher_model, teacher_model, teacher_ids, teacher_mask,
-                                                          rollouts.completion_ids, rollouts.completion_mask)
+                                                          rollouts.completion_ids, rollouts.completion_mask,
+                                                          sequence_tile_size=self.options.sequence_tile_size)
                 teacher_head = output_head(teacher_model)  # inside the block: modules_to_save heads differ
             self._metrics[mode]["teacher_prompt_length"].append(teacher_mask[distilled].sum(-1).float().mean().item())
         student_hidden = batch.student_hidden = completion_hidden_states(
             self.accelerator.unwrap_model(model), model, batch.prompt_ids, batch.prompt_mask,
-            rollouts.completion_ids, rollouts.completion_mask)
+            rollouts.completion_ids, rollouts.completion_mask, sequence_tile_size=self.options.sequence_tile_size,
+            sequence_tile_offload=self.options.sequence_tile_offload)
 
         head_weight, head_bias = output_head(self.accelerator.unwrap_model(model))
         teacher_weight, teacher_bias = teacher_head if teacher_head is not None else (None, None)
@@ -761,26 +770,38 @@ class SelfDistillationTrainer(Trainer):
                         resume_from_checkpoint, TEACHER_STATE_FILE, self.options.teacher)
 
 
-def completion_hidden_states(unwrapped, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+def completion_hidden_states(unwrapped, model, prompt_ids, prompt_mask, completion_ids, completion_mask, *,
+                             sequence_tile_size: int = 0, sequence_tile_offload: bool = False) -> torch.Tensor:
     """Final hidden states at the positions that predict each completion token: [N, C, H].
 
     Runs the model's own forward (so DDP / FSDP / DeepSpeed wrappers see the call) with an empty
     `logits_to_keep`, and takes the decoder's output through a forward hook: no logits are computed.
+    With `sequence_tile_size` the decoder runs tiled (sd_plugin/tiling.py) and returns the completion slice only.
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     # Left padding: positions count real tokens only, so padded and unpadded prompts see the same rotary phases.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    start = prompt_ids.shape[1] - 1
+    keep = slice(start, start + completion_ids.shape[1])
     captured = {}
 
     def grab(module, args, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    hook = unwrapped.get_decoder().register_forward_hook(grab)
+    decoder = unwrapped.get_decoder()
+    hook = decoder.register_forward_hook(grab)
+    tiling = contextlib.nullcontext()
+    if sequence_tile_size:
+        from ..tiling import tiled_decoder
+
+        tiling = tiled_decoder(decoder, sequence_tile_size, keep=keep, offload=sequence_tile_offload)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-              logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
+        with tiling:
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                  logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
     finally:
         hook.remove()
-    start = prompt_ids.shape[1] - 1
-    return captured["hidden"][:, start: start + completion_ids.shape[1]]
+    if sequence_tile_size:
+        return captured["hidden"]
+    return captured["hidden"][:, keep].clone()  # a copy: the [N, T, H] output is not kept alive by a view
