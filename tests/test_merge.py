@@ -204,7 +204,7 @@ def test_model_card_shows_the_configuration_actually_used(trained, merged):
     state = json.loads(trained.trainer_state.read_text())
     final_loss = [entry for entry in state["log_history"] if "loss" in entry][-1]["loss"]
     assert f"{final_loss:.4g} (step 2)" in text
-    assert "`distillation_loss`" in text and "`kl`" in text
+    assert "`distillation_loss`" in text and "`completion_length`" in text
     assert "arXiv:2601.19897" in text and "Shenfeld" in text
     assert "Merge check: max |logit difference|" in text
     assert 'AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.bfloat16' in text and '"me/tiny-sdft"' in text

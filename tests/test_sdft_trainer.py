@@ -72,9 +72,9 @@ def test_student_and_teacher_score_the_same_ids_at_a_tokenization_boundary(tmp_p
     seen = []
     real = base_module.completion_hidden_states
 
-    def spy(unwrapped, model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    def spy(unwrapped, model, prompt_ids, prompt_mask, completion_ids, completion_mask, **tiling):
         seen.append((prompt_ids.clone(), prompt_mask.clone(), completion_ids.clone()))
-        return real(unwrapped, model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        return real(unwrapped, model, prompt_ids, prompt_mask, completion_ids, completion_mask, **tiling)
 
     monkeypatch.setattr(SDFTTrainer, "sample", fake_sample)
     monkeypatch.setattr(base_module, "completion_hidden_states", spy)

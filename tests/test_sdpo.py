@@ -137,8 +137,8 @@ def test_rows_without_signal_contribute_zero_loss_and_zero_gradient(tmp_path, to
     captured = []
     real = base_module.completion_hidden_states
 
-    def spy(*args):
-        hidden = real(*args)
+    def spy(*args, **kwargs):
+        hidden = real(*args, **kwargs)
         if hidden.requires_grad:
             hidden.retain_grad()
             captured.append(hidden)

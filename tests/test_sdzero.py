@@ -443,10 +443,10 @@ def spy_forwards(monkeypatch):
     seen = []
     real = base_module.completion_hidden_states
 
-    def spy(unwrapped, model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    def spy(unwrapped, model, prompt_ids, prompt_mask, completion_ids, completion_mask, **tiling):
         seen.append(([ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)],
                      completion_ids.clone(), completion_mask.clone()))
-        return real(unwrapped, model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        return real(unwrapped, model, prompt_ids, prompt_mask, completion_ids, completion_mask, **tiling)
 
     monkeypatch.setattr(base_module, "completion_hidden_states", spy)
     return seen
