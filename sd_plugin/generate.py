@@ -275,9 +275,8 @@ def resolve_verifier(spec, kwargs):
 
 
 def load_model(model_path: str, adapter: str | None, dtype: str):
-    """The model (optionally with a LoRA adapter folded in, which makes sampling as fast as the base) and its
-    tokenizer (the adapter's folder wins when it holds one: trainers save the tokenizer next to the adapter)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The model, optionally with a LoRA adapter folded in (which makes sampling as fast as the base)."""
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)

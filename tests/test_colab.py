@@ -1,7 +1,6 @@
 """The Colab notebooks in colab/: valid nbformat v4 with cleared outputs, a working SMOKE switch, and each
 notebook executed end to end in smoke mode with nbclient (the tiny local model, no Unsloth, no push)."""
 
-import os
 import sys
 from pathlib import Path
 
