@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 
@@ -40,6 +41,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def argument_parser(command: str, description: str) -> argparse.ArgumentParser:
     """The parser every subcommand's `main(argv)` starts from: `sd-plugin COMMAND` as prog, defaults in --help."""
     return argparse.ArgumentParser(prog=f"sd-plugin {command}", description=description, formatter_class=HelpFormatter)
+
+
+def json_object(text: str) -> dict:
+    """argparse type of --verifier-kwargs: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error.msg} at column {error.colno}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}: {text!r}")
+    return value
 
 
 # subcommand -> (module, function taking argv); modules are imported only when their command runs.

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from sd_plugin.contexts import render_ids
 from sd_plugin.data import Columns, RecordError, prompt_record
+from sd_plugin.rows import left_pad
 from sd_plugin.verifiers import load_verifier, safe_verify
 
 LOG = logging.getLogger("sd_plugin")
@@ -55,8 +56,6 @@ def read_prompt_set(path: str, prompt_column: str = "prompt") -> list[dict]:
 def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: list[int],
                    batch_size: int = 16) -> list[list[int]]:
     """Greedy completion ids (through the first eos, excluded) for each prompt, in batches, left-padded."""
-    from sd_plugin.trainers.base import left_pad
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -2,20 +2,25 @@
 
 One JSONL reader for every command (errors name file:line), one check that an output is not also an input,
 and one atomic write (temporary file next to the target, fsync, rename) that gives the file the mode a plain
-`open(path, "w")` would. Bad input raises `sd_plugin.cli.UsageError`, which the CLI prints as one line and
+`open(path, "w")` would. The attempts log (OUTPUT.attempts.jsonl) makes `collect-revisions` and `generate`
+resumable: entries are appended and fsync'd per batch, and a rerun reads back the finished ones. Bad input raises `sd_plugin.cli.UsageError`, which the CLI prints as one line and
 exit status 2.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sd_plugin.cli import UsageError
 
+LOG = logging.getLogger("sd_plugin")
 SHOWN_ERRORS = 5  # a list of bad or skipped rows shows this many, then "... and N more"
 
 
@@ -160,3 +165,53 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         pass
     finally:
         os.close(directory)
+
+
+# ------------------------------------------------------------------ the attempts log (collect-revisions, generate)
+def attempts_path(output_path: str | os.PathLike) -> Path:
+    """The append-only log next to the output: OUTPUT.jsonl -> OUTPUT.attempts.jsonl."""
+    output = Path(output_path)
+    return output.with_name(f"{output.stem}.attempts.jsonl")
+
+
+def row_fingerprint(raw: dict[str, Any]) -> str:
+    """A row's identity in an attempts log: a resumed run refuses a log written for other rows."""
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_attempts(path: Path, problems: list) -> dict[int, dict[str, Any]]:
+    """The finished entries of earlier runs, by source row (`problems[row].fingerprint` must match).
+
+    A last line without its newline (a write cut off by a crash) is removed from the file; a log written for
+    other problems is an error."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    complete, _, unfinished = data.rpartition(b"\n")
+    if unfinished:
+        LOG.warning("%s: dropping an unfinished last line (%d bytes) left by an interrupted run", path, len(unfinished))
+        with open(path, "r+b") as handle:
+            handle.truncate(len(data) - len(unfinished))
+    attempts = {}
+    for number, line in enumerate(complete.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            attempt = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {number} is not valid JSON ({error}); fix or delete the log") from None
+        row = attempt["source_row"]
+        if row >= len(problems) or problems[row].fingerprint != attempt["fingerprint"]:
+            raise ValueError(f"{path} line {number} was written for a different problem at row {row}: the problems "
+                             "changed since that run; use another --output or delete the log to start over")
+        attempts[row] = attempt
+    return attempts
+
+
+def append_attempts(path: Path, attempts: list[dict[str, Any]]) -> None:
+    """Append finished entries, one line each, in one write, then fsync: a crash loses at most the batch in flight
+    (a cut line is dropped on resume)."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in attempts))
+        handle.flush()
+        os.fsync(handle.fileno())

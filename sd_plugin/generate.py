@@ -35,12 +35,19 @@ from typing import Any
 
 import torch
 
-from sd_plugin.cli import UsageError, argument_parser
+from sd_plugin.cli import UsageError, argument_parser, json_object
 from sd_plugin.data import Columns, RecordError, completion_text, end_of_turn_ids, prompt_record
-from sd_plugin.files import read_jsonl_rows, refuse_output_over_input, write_text_atomic
-from sd_plugin.revisions import _append_attempts, _fingerprint, attempts_path, json_object, read_attempts
+from sd_plugin.files import (
+    append_attempts,
+    attempts_path,
+    read_attempts,
+    read_jsonl_rows,
+    refuse_output_over_input,
+    row_fingerprint,
+    write_text_atomic,
+)
 from sd_plugin.rollout import SamplingOptions, generate_rollouts
-from sd_plugin.trainers.base import left_pad, tokenize_prompt
+from sd_plugin.rows import left_pad, tokenize_prompt
 from sd_plugin.verifiers import load_verifier, safe_verify
 
 
@@ -127,7 +134,7 @@ def prepare_prompts(numbered_rows, tokenizer, options: GenerateOptions, source: 
             ids = tokenize_prompt(tokenizer, record, options.max_prompt_length, index)
         except RecordError as error:
             raise UsageError(f"{source}:{line}: {error.reason}") from None
-        prompts.append(_Prompt(index, line, raw, record, ids, _fingerprint(raw)))
+        prompts.append(_Prompt(index, line, raw, record, ids, row_fingerprint(raw)))
     return prompts
 
 
@@ -252,7 +259,7 @@ def generate_corpus(model, tokenizer, prompts, output_path: str | os.PathLike, o
         entries = sampler.batch(batch, provenance)
         for entry in entries:
             entry["settings"] = settings
-        _append_attempts(log_path, entries)
+        append_attempts(log_path, entries)
         for entry in entries:
             attempts[entry["source_row"]] = entry
         sampled_now += len(batch) * options.num_samples

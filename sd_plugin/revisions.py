@@ -21,10 +21,7 @@ writes OUTPUT from that log, so a crash never duplicates or loses finished rows.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -33,15 +30,22 @@ from typing import Any
 
 import torch
 
-from sd_plugin.cli import UsageError, argument_parser
+from sd_plugin.cli import UsageError, argument_parser, json_object
 from sd_plugin.contexts import control_phrases, sdzero_delimiter_ids, sdzero_teacher_ids
 from sd_plugin.data import Columns, RecordError, completion_text, end_of_turn_ids, prompt_record
-from sd_plugin.files import read_jsonl_rows, refuse_output_over_input, write_text_atomic
+from sd_plugin.files import (
+    append_attempts,
+    attempts_path,
+    read_attempts,
+    read_jsonl_rows,
+    refuse_output_over_input,
+    row_fingerprint,
+    write_text_atomic,
+)
 from sd_plugin.rollout import SamplingOptions, generate_rollouts
-from sd_plugin.trainers.base import left_pad, tokenize_prompt
+from sd_plugin.rows import left_pad, tokenize_prompt
 from sd_plugin.verifiers import load_verifier, safe_verify
 
-LOG = logging.getLogger("sd_plugin.revisions")
 
 
 @dataclass
@@ -104,55 +108,10 @@ class _Problem:
     fingerprint: str
 
 
-def attempts_path(output_path: str | os.PathLike) -> Path:
-    """The append-only log next to the output: OUTPUT.jsonl -> OUTPUT.attempts.jsonl."""
-    output = Path(output_path)
-    return output.with_name(f"{output.stem}.attempts.jsonl")
-
-
-def _fingerprint(raw: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _load_problems(problems) -> list[dict[str, Any]]:
     if isinstance(problems, (str, os.PathLike)):
         return [row for _, row in read_jsonl_rows(problems)]  # a malformed line: UsageError naming file:line
     return [dict(row) for row in problems]
-
-
-def read_attempts(path: Path, problems: list[_Problem]) -> dict[int, dict[str, Any]]:
-    """The finished problems of earlier runs, by source row. A last line without its newline (a write cut off by
-    a crash) is removed from the file; a log written for other problems is an error."""
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    complete, _, unfinished = data.rpartition(b"\n")
-    if unfinished:
-        LOG.warning("%s: dropping an unfinished last line (%d bytes) left by an interrupted run", path, len(unfinished))
-        with open(path, "r+b") as handle:
-            handle.truncate(len(data) - len(unfinished))
-    attempts = {}
-    for number, line in enumerate(complete.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            attempt = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} line {number} is not valid JSON ({error}); fix or delete the log") from None
-        row = attempt["source_row"]
-        if row >= len(problems) or problems[row].fingerprint != attempt["fingerprint"]:
-            raise ValueError(f"{path} line {number} was written for a different problem at row {row}: the problems "
-                             "changed since that run; use another --output or delete the log to start over")
-        attempts[row] = attempt
-    return attempts
-
-
-def _append_attempts(path: Path, attempts: list[dict[str, Any]]) -> None:
-    # One write per batch, then fsync: a crash loses at most the batch in flight (cut lines are dropped on resume).
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in attempts))
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _write_output(path: Path, problems: list[_Problem], attempts: dict[int, dict[str, Any]], max_kept: int | None) -> int:
@@ -251,7 +210,7 @@ def collect_revisions(model, tokenizer, problems, output_path: str | os.PathLike
             prompt_ids = tokenize_prompt(tokenizer, record, options.max_prompt_length, index)
         except RecordError as error:
             raise ValueError(f"problem {error}") from None
-        items.append(_Problem(index, raw, record, prompt_ids, _fingerprint(raw)))
+        items.append(_Problem(index, raw, record, prompt_ids, row_fingerprint(raw)))
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     log_path = attempts_path(output)
@@ -267,7 +226,7 @@ def collect_revisions(model, tokenizer, problems, output_path: str | os.PathLike
         # Seeded by the batch's first row: a resumed run samples its batches exactly as an uninterrupted one.
         torch.manual_seed(options.seed * 1_000_003 + batch[0].source_row)
         finished = collector.batch(batch)
-        _append_attempts(log_path, finished)
+        append_attempts(log_path, finished)
         for attempt in finished:
             attempts[attempt["source_row"]] = attempt
         kept += sum(len(a["kept"]) for a in finished)
@@ -284,17 +243,6 @@ def collect_revisions(model, tokenizer, problems, output_path: str | os.PathLike
         output=str(output),
         attempts_log=str(log_path),
     )
-
-
-def json_object(text: str) -> dict[str, Any]:
-    """argparse type of --verifier-kwargs: a JSON object."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not JSON ({error.msg} at column {error.colno}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}: {text!r}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,7 +206,7 @@ def test_sdzero_verifies_completions_with_their_special_tags(tmp_path, tokenizer
 def completions_by_prompt(tokenizer, lengths):
     """A `sample` replacement: prompt i (by its text) always gets the same completion, of length lengths[i]."""
     from sd_plugin.rollout import Rollouts
-    from sd_plugin.trainers.base import right_pad
+    from sd_plugin.rows import right_pad
 
     def sample(self, model, prompt_ids, prompt_mask):
         completions = []

@@ -15,6 +15,7 @@ from sd_plugin.contexts import SDPO_FEEDBACK, SDPO_SOLUTION
 from sd_plugin.losses import chunked_token_logprobs, group_advantages, grpo_loss
 from sd_plugin.rollout import Rollouts
 from sd_plugin.testing import build_model
+from sd_plugin import rows as rows_module
 from sd_plugin.trainers import base as base_module
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
@@ -52,7 +53,7 @@ def scripted_sampler(tokenizer, texts=TEXTS, replace=None):
         completions = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
         for row, make in (replace or {}).items():
             completions[row] = make(completions[row])
-        ids, mask = base_module.right_pad(completions, tokenizer.pad_token_id)
+        ids, mask = rows_module.right_pad(completions, tokenizer.pad_token_id)
         groups = torch.arange(prompt_ids.shape[0]).repeat_interleave(self.options.num_generations)
         return Rollouts(ids, mask, groups, torch.zeros(len(texts), dtype=torch.bool))
 

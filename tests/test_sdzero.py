@@ -18,6 +18,7 @@ from sd_plugin.data import Columns, prompt_record
 from sd_plugin.revisions import RevisionOptions, attempts_path, collect_revisions
 from sd_plugin.rollout import Rollouts
 from sd_plugin.testing import build_model, read_jsonl
+from sd_plugin import rows as rows_module
 from sd_plugin.trainers import base as base_module
 from sd_plugin.trainers.base import SelfDistillationCollator
 from sd_plugin.trainers.sdzero import PHASE_ONLY_OPTIONS, SDZeroConfig, SDZeroOptions, SDZeroTrainer, srt_rows
@@ -429,7 +430,7 @@ def fixed_rollouts(tokenizer, completions_by_question, *, old_logprob=None):
         completions = [next(ids for question, ids in completions_by_question.items() if question in text) for text in texts]
         options = self.sampling_options()
         completions = [c for c in completions for _ in range(options.num_generations)]
-        ids, mask = base_module.right_pad(completions, tokenizer.pad_token_id)
+        ids, mask = rows_module.right_pad(completions, tokenizer.pad_token_id)
         index = torch.arange(len(texts)).repeat_interleave(options.num_generations)
         old = None if old_logprob is None else torch.full(ids.shape, old_logprob)
         self.sampled_with = (options.max_new_tokens, options.temperature, options.top_p, options.top_k, options.num_generations,

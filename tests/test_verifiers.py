@@ -625,7 +625,7 @@ def test_hostile_code_cannot_hang_or_kill_an_sdpo_training_run(tmp_path, tokeniz
     from sd_plugin import SDPOConfig, SDPOTrainer
     from sd_plugin.rollout import Rollouts
     from sd_plugin.testing import build_model
-    from sd_plugin.trainers import base as base_module
+    from sd_plugin import rows as rows_module
 
     completions = [
         _py("def add(a, b):\n    while True:\n        pass"),
@@ -638,7 +638,7 @@ def test_hostile_code_cannot_hang_or_kill_an_sdpo_training_run(tmp_path, tokeniz
 
     def hostile_rollouts(self, model, prompt_ids, prompt_mask):
         ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in completions]
-        ids, mask = base_module.right_pad(ids, tokenizer.pad_token_id)
+        ids, mask = rows_module.right_pad(ids, tokenizer.pad_token_id)
         groups = torch.arange(prompt_ids.shape[0]).repeat_interleave(self.options.num_generations)
         return Rollouts(ids, mask, groups, torch.zeros(len(completions), dtype=torch.bool))
 

@@ -66,7 +66,7 @@ class SelfDistillationPlugin(BasePlugin):
     def get_collator_cls_and_kwargs(self, cfg, is_eval=False):
         if not cfg.trainer_type:
             return None
-        from sd_plugin.trainers.base import SelfDistillationCollator
+        from sd_plugin.rows import SelfDistillationCollator
 
         return SelfDistillationCollator, {}
 

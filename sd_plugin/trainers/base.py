@@ -13,7 +13,6 @@ projection and no [tokens, vocab] tensor exists for the whole sequence.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -24,8 +23,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from sd_plugin.completions_log import CompletionsLog
-from sd_plugin.contexts import render_ids
-from sd_plugin.data import Columns, RecordError, end_of_turn_ids, prompt_record
+from sd_plugin.data import end_of_turn_ids
 from sd_plugin.losses import (
     DivergenceOptions,
     chunked_distillation_loss,
@@ -37,6 +35,7 @@ from sd_plugin.losses import (
 )
 from sd_plugin.redact import redact_secrets
 from sd_plugin.rollout import Rollouts, SamplingOptions, generate_rollouts
+from sd_plugin.rows import SelfDistillationCollator, invalid_rows_path, left_pad
 from sd_plugin.teacher import KINDS as TEACHER_KINDS
 from sd_plugin.teacher import Teacher, output_head
 
@@ -74,7 +73,7 @@ class SelfDistillationOptions:
     teacher_sync_steps: int = field(default=0, metadata={"help": "Copy the student into the teacher every N steps (0: never)."})
     liger_loss: bool | None = field(default=None, metadata={"help": "Liger-Kernel's fused linear JSD for full-vocabulary steps: None = on a GPU when liger-kernel is installed, true = always, false = never."})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (reported, written to invalid_rows_file) instead of failing."})
-    invalid_rows_file: str | None = field(default=None, metadata={"help": "Where skipped rows go (default: output_dir/invalid_rows.jsonl)."})
+    invalid_rows_file: str | None = field(default=None, metadata={"help": "Where skipped rows go (default: output_dir/invalid_rows_train.jsonl, _eval for the eval split)."})
     max_consecutive_nonfinite_steps: int = field(default=3, metadata={"help": "Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error."})
     debug_numerics: bool = field(default=False, metadata={"help": "Check every training step that each per-token divergence is >= 0 (tolerance 1e-4); stop at the first that is not."})
     # Rollouts with vLLM through TRL's VLLMGeneration (names and defaults: TRL's GRPOConfig).
@@ -226,96 +225,6 @@ def options_from_args(args, options_cls):
     return options
 
 
-def tokenize_rows(dataset, tokenize_one, *, skip_invalid: bool, invalid_rows_file: str | None):
-    """`tokenize_one(raw, index) -> row` over a dataset; invalid rows fail with their index, or are skipped and saved."""
-    from datasets import Dataset
-
-    rows, invalid = [], []
-    for index, raw in enumerate(dataset):
-        try:
-            rows.append(tokenize_one(raw, index))
-        except RecordError as error:
-            invalid.append((index, error.reason, raw))
-    if invalid and not skip_invalid:
-        shown = "; ".join(f"row {i}: {reason}" for i, reason, _ in invalid[:5])
-        raise ValueError(f"{len(invalid)} of {len(dataset)} rows are invalid ({shown}); fix them or set skip_invalid=True")
-    if invalid:
-        path = invalid_rows_file or "invalid_rows.jsonl"
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as handle:
-            for index, reason, raw in invalid:
-                handle.write(json.dumps({"row": index, "reason": reason, "record": raw}, default=str) + "\n")
-        LOG.warning("skipped %d invalid rows of %d (written to %s)", len(invalid), len(dataset), path)
-    if not rows:
-        raise ValueError("no valid rows left in the dataset")
-    return Dataset.from_list(rows)
-
-
-def tokenize_prompt(tokenizer, record: dict, max_prompt_length: int, row: int | None = None) -> list[int]:
-    """Chat-template ids of a prompt record (`prompt_record`), refused (never cut) above the cap."""
-    ids = render_ids(tokenizer, record["messages"], record["tools"])
-    if len(ids) > max_prompt_length:
-        raise RecordError(row, f"the prompt has {len(ids)} tokens, over max_prompt_length={max_prompt_length}")
-    return ids
-
-
-def tokenize_prompt_rows(dataset, tokenizer, options, *, invalid_rows_file: str | None = None):
-    """Prompt-only records ({"prompt", "tools"?, task fields}) -> rows with `input_ids` and `sd_record`.
-
-    `sd_record` is the record as JSON ({"messages", "tools", **task fields}): what teacher contexts and
-    verifiers read. `options` needs `prompt_column`, `tools_column`, `max_prompt_length`, `skip_invalid`.
-    """
-    columns = Columns(prompt=options.prompt_column, tools=options.tools_column)
-
-    def tokenize_one(raw, index):
-        record = prompt_record(raw, index, columns)
-        ids = tokenize_prompt(tokenizer, record, options.max_prompt_length, index)
-        return {"input_ids": ids, "sd_record": json.dumps(record, default=str)}
-
-    return tokenize_rows(dataset, tokenize_one, skip_invalid=options.skip_invalid, invalid_rows_file=invalid_rows_file)
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-    return ids, mask
-
-
-def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(s) for s in sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-    return ids, mask
-
-
-class SelfDistillationCollator:
-    """Pads the prompt columns on the left (for generation) and keeps other list columns as lists.
-
-    Called as `cls(tokenizer, **kwargs)` by Axolotl too; rows carry `input_ids` (student prompt) and
-    whatever the method needs (`teacher_input_ids`, `demonstration_ids`, task fields for verifiers).
-    """
-
-    def __init__(self, tokenizer=None, pad_token_id: int | None = None, **unused):
-        self.pad_token_id = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
-
-    def __call__(self, rows: list[dict]) -> dict:
-        batch = {}
-        batch["input_ids"], batch["attention_mask"] = left_pad([list(r["input_ids"]) for r in rows], self.pad_token_id)
-        for key in rows[0]:
-            if key not in ("input_ids", "attention_mask", "labels", "position_ids", "length"):
-                batch[key] = [r[key] for r in rows]
-        return batch
-
-
 @dataclass
 class StepBatch:
     """Everything one loss computation needs, built by `make_rollouts` and `teacher_prompts`."""
@@ -415,8 +324,8 @@ class SelfDistillationTrainer(Trainer):
         return dataset
 
     def invalid_rows_path(self, args, split: str) -> str:
-        """Where `skip_invalid` writes the rows it drops: `invalid_rows_file`, else output_dir/invalid_rows_{split}.jsonl."""
-        return self.options.invalid_rows_file or os.path.join(args.output_dir or ".", f"invalid_rows_{split}.jsonl")
+        """Where `skip_invalid` writes the rows it drops (`sd_plugin.rows.invalid_rows_path`)."""
+        return invalid_rows_path(self.options, args.output_dir, split)
 
     def make_rollouts(self, model, inputs) -> StepBatch:
         """Sample completions for every prompt of the batch (subclasses may add off-policy rows)."""

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from sd_plugin.contexts import resolve_template, tokenize_sdft
-from sd_plugin.data import Columns, sdft_record
+from sd_plugin.contexts import resolve_template
+from sd_plugin.data import Columns
 from sd_plugin.rollout import Rollouts
-from sd_plugin.trainers.base import SelfDistillationOptions, SelfDistillationTrainer, StepBatch, right_pad, tokenize_rows
+from sd_plugin.rows import right_pad, sdft_row, tokenize_rows
+from sd_plugin.trainers.base import SelfDistillationOptions, SelfDistillationTrainer, StepBatch
 
 
 @dataclass
@@ -53,23 +54,10 @@ class SDFTConfig(SDFTOptions, TrainingArguments):
 
 
 def tokenize_sdft_rows(dataset, tokenizer, options: SDFTOptions, *, invalid_rows_file: str | None = None):
-    """Validate and tokenize raw SDFT records; invalid rows fail with their index, or are skipped and saved."""
+    """Validate and tokenize raw SDFT records (`sd_plugin.rows.sdft_row`); invalid rows fail with their index, or are skipped and saved."""
     columns = Columns(options.prompt_column, options.demonstration_column, options.tools_column)
-
-    def tokenize_one(raw, index):
-        tokens = tokenize_sdft(
-            tokenizer, sdft_record(raw, index, columns), template=options.teacher_template,
-            max_prompt_length=options.max_prompt_length, max_teacher_prompt_length=options.max_teacher_prompt_length,
-            teacher_truncation=options.teacher_truncation, row=index,
-        )
-        return {
-            "input_ids": tokens.input_ids,
-            "teacher_input_ids": tokens.teacher_input_ids,
-            "demonstration_ids": tokens.demonstration_ids,
-            "teacher_truncated_tokens": tokens.teacher_truncated_tokens,
-        }
-
-    return tokenize_rows(dataset, tokenize_one, skip_invalid=options.skip_invalid, invalid_rows_file=invalid_rows_file)
+    return tokenize_rows(dataset, lambda raw, index: sdft_row(tokenizer, raw, index, columns, options),
+                         skip_invalid=options.skip_invalid, invalid_rows_file=invalid_rows_file)
 
 
 class SDFTTrainer(SelfDistillationTrainer):

@@ -18,8 +18,9 @@ from transformers import TrainingArguments
 from sd_plugin.contexts import render_ids, sdpo_teacher_messages
 from sd_plugin.data import completion_text
 from sd_plugin.losses import chunked_token_logprobs, group_advantages, grpo_loss
+from sd_plugin.rows import tokenize_prompt_rows
 from sd_plugin.teacher import output_head
-from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch, tokenize_prompt_rows
+from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch
 from sd_plugin.verifiers import load_verifier, safe_verify
 
 SDPO_MODES = ("distill", "policy", "hybrid")

@@ -26,23 +26,14 @@ import torch
 from transformers import TrainingArguments
 
 from sd_plugin.contexts import control_phrases, sdzero_delimiter_ids, sdzero_teacher_ids
-from sd_plugin.data import Columns, RecordError, completion_text, prompt_record
+from sd_plugin.data import Columns, completion_text
 from sd_plugin.rollout import Rollouts
-from sd_plugin.trainers.base import (
-    LOG,
-    SelfDistillationOptions,
-    SelfDistillationTrainer,
-    StepBatch,
-    right_pad,
-    tokenize_prompt,
-    tokenize_prompt_rows,
-    tokenize_rows,
-)
+from sd_plugin.rows import right_pad, srt_rows, tokenize_prompt_rows, tokenize_rows
+from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch
 from sd_plugin.verifiers import load_verifier, safe_verify
 
 PHASES = ("srt", "distill")
 SRT_OBJECTIVES = ("joint", "revision", "generation")
-SRT_COLUMNS = ("y_init", "control_phrase", "y_revised")
 # Options that only one phase reads; setting one in the other phase is an error (never a silently ignored knob).
 PHASE_ONLY_OPTIONS = {
     "distill": (
@@ -126,39 +117,8 @@ class SDZeroConfig(SDZeroOptions, TrainingArguments):
         self.check()
 
 
-def srt_rows(tokenizer, raw: dict, index: int | None, columns: Columns, options: SDZeroOptions) -> list[dict]:
-    """The SRT training rows of one kept revision: `input_ids` (context) and `completion_ids` (targets).
-
-    revision row:   context chat(x) + y_init + delimiter     targets y_revised + end-of-turn
-    generation row: context chat(x)                          targets y_init + delimiter + y_revised + end-of-turn
-    (delimiter = separator + control_phrase + separator). Both rows are the same token sequence; each segment is
-    tokenized on its own and the ids are concatenated. A prompt over max_prompt_length or a turn over
-    max_completion_length is refused, never cut.
-    """
-    record = prompt_record(raw, index, columns)
-    for key in SRT_COLUMNS:
-        value = record.get(key)
-        if not isinstance(value, str) or not value.strip():
-            raise RecordError(index, f"{key!r} must be a non-empty string (SRT rows come from sd-plugin collect-revisions), got {str(value)[:60]!r}")
-    prompt_ids = tokenize_prompt(tokenizer, record, options.max_prompt_length, index)
-    init_ids = tokenizer(record["y_init"], add_special_tokens=False)["input_ids"]
-    delimiter_ids = sdzero_delimiter_ids(tokenizer, record["control_phrase"], options.separator)
-    # The revision ends its turn as a sampled rollout does: with the end-of-turn (eos) token.
-    revised_ids = tokenizer(record["y_revised"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    turn_ids = init_ids + delimiter_ids + revised_ids
-    if len(turn_ids) > options.max_completion_length:
-        raise RecordError(index, f"the assistant turn y_init + control phrase + y_revised has {len(turn_ids)} tokens, "
-                                 f"over max_completion_length={options.max_completion_length}")
-    rows = []
-    if options.srt_objective in ("joint", "revision"):
-        rows.append({"input_ids": prompt_ids + init_ids + delimiter_ids, "completion_ids": revised_ids, "srt_objective": "revision"})
-    if options.srt_objective in ("joint", "generation"):
-        rows.append({"input_ids": prompt_ids, "completion_ids": turn_ids, "srt_objective": "generation"})
-    return rows
-
-
 def tokenize_srt_rows(dataset, tokenizer, options: SDZeroOptions, *, invalid_rows_file: str | None = None):
-    """Kept revisions -> SRT rows (one or two per revision, see `srt_rows`); invalid rows fail with their index."""
+    """Kept revisions -> SRT rows (one or two per revision, see `sd_plugin.rows.srt_rows`); invalid rows fail with their index."""
     from datasets import Dataset
 
     columns = Columns(prompt=options.prompt_column, tools=options.tools_column)

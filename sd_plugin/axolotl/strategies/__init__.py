@@ -18,13 +18,10 @@ teacher's prompt ids (SDFT) or the record as JSON (`sd_record`, for SDPO / SD-Ze
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
-from sd_plugin.contexts import tokenize_sdft
-from sd_plugin.data import Columns, RecordError, prompt_record, sdft_record, split_trace
-from sd_plugin.trainers.base import tokenize_prompt
+from sd_plugin.data import Columns, RecordError, split_trace
+from sd_plugin.rows import invalid_rows_path, prompt_row, sdft_row, write_invalid_rows
 
 LOG = logging.getLogger("sd_plugin")
 
@@ -58,7 +55,7 @@ class RowStrategy:
             messages=ds_cfg.get("field_messages") or "messages",
             system=ds_cfg.get("field_system") or "system",
         )
-        self.invalid_file = self.options.invalid_rows_file or os.path.join(cfg.get("output_dir") or ".", "invalid_rows.jsonl")
+        self.invalid_file = invalid_rows_path(self.options, cfg.get("output_dir"))
 
     def rows_for(self, row: dict, where: str) -> list[dict]:
         raise NotImplementedError
@@ -77,8 +74,7 @@ class RowStrategy:
                 if not self.options.skip_invalid:
                     raise ValueError(f"{message} (fix the row or set skip_invalid: true in the {self.method} block)") from None
                 LOG.warning("skipping invalid row: %s", message)
-                with open(self.invalid_file, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps({"source": self.source, "reason": error.reason, "record": row}, default=str) + "\n")
+                write_invalid_rows(self.invalid_file, [{"source": self.source, "reason": error.reason, "record": row}], append=True)
                 continue
             for item in produced:
                 # `labels` all -100: Axolotl's bookkeeping expects them; the loss never reads them.
@@ -108,18 +104,7 @@ class SDFTStrategy(RowStrategy):
         return [{self.columns.prompt: t["prompt"], self.columns.demonstration: t["demonstration"], self.columns.tools: t["tools"]} for t in turns]
 
     def rows_for(self, row: dict, where: str) -> list[dict]:
-        produced = []
-        for record_row in self.records(row, where):
-            tokens = tokenize_sdft(
-                self.tokenizer, sdft_record(record_row, None, self.columns), template=self.options.teacher_template,
-                max_prompt_length=self.options.max_prompt_length,
-                max_teacher_prompt_length=self.options.max_teacher_prompt_length,
-                teacher_truncation=self.options.teacher_truncation,
-            )
-            produced.append({"input_ids": tokens.input_ids, "teacher_input_ids": tokens.teacher_input_ids,
-                             "demonstration_ids": tokens.demonstration_ids,
-                             "teacher_truncated_tokens": tokens.teacher_truncated_tokens})
-        return produced
+        return [sdft_row(self.tokenizer, record_row, None, self.columns, self.options) for record_row in self.records(row, where)]
 
 
 class PromptStrategy(RowStrategy):
@@ -128,6 +113,4 @@ class PromptStrategy(RowStrategy):
     output_columns = ("sd_record",)
 
     def rows_for(self, row: dict, where: str) -> list[dict]:
-        record = prompt_record(row, None, self.columns)
-        ids = tokenize_prompt(self.tokenizer, record, self.options.max_prompt_length)
-        return [{"input_ids": ids, "sd_record": json.dumps(record, default=str)}]
+        return [prompt_row(self.tokenizer, row, None, self.columns, self.options.max_prompt_length)]

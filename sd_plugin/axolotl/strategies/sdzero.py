@@ -2,11 +2,11 @@
 
 Rows come from `sd-plugin collect-revisions` ({"prompt", "system"?, "tools"?, "y_init", "control_phrase",
 "y_revised"}); each becomes a revision row and/or a generation row (`sdzero.srt_objective`), see
-`sd_plugin.trainers.sdzero.srt_rows`. Phase distill reads prompt rows (`type: sd_plugin.axolotl.strategies.prompts`).
+`sd_plugin.rows.srt_rows`. Phase distill reads prompt rows (`type: sd_plugin.axolotl.strategies.prompts`).
 """
 
 from sd_plugin.axolotl.strategies import RowStrategy
-from sd_plugin.trainers.sdzero import srt_rows
+from sd_plugin.rows import srt_rows
 
 
 class SRTStrategy(RowStrategy):
