@@ -32,7 +32,7 @@ import torch
 
 from sd_plugin.cli import UsageError, argument_parser, json_object
 from sd_plugin.contexts import control_phrases, sdzero_delimiter_ids, sdzero_teacher_ids
-from sd_plugin.data import Columns, RecordError, completion_text, end_of_turn_ids, prompt_record
+from sd_plugin.data import Columns, RecordError, end_of_turn_ids, prompt_record
 from sd_plugin.files import (
     append_attempts,
     attempts_path,
@@ -44,7 +44,7 @@ from sd_plugin.files import (
 )
 from sd_plugin.rollout import SamplingOptions, generate_rollouts
 from sd_plugin.rows import left_pad, tokenize_prompt
-from sd_plugin.verifiers import load_verifier, safe_verify
+from sd_plugin.verifiers import load_verifier, verify_completion
 
 
 
@@ -151,9 +151,9 @@ class _Collector:
         return [rollouts.completion_ids[i, :length].tolist() for i, length in enumerate(lengths)]
 
     def verify(self, problem: _Problem, response: list[int]) -> tuple[str, bool]:
-        text = completion_text(self.tokenizer, response, self.eos_token_ids)
-        result = safe_verify(self.verifier, problem.record["messages"], text, problem.record, row=problem.source_row)
-        return text, result.reward >= self.options.success_threshold
+        verdict = verify_completion(self.verifier, self.tokenizer, response, problem.record, row=problem.source_row,
+                                    end_of_turn_ids=self.eos_token_ids, success_threshold=self.options.success_threshold)
+        return verdict.text, verdict.correct
 
     def batch(self, problems: list[_Problem]) -> list[dict[str, Any]]:
         o = self.options

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Mapping, NamedTuple, Protocol, runtime_checkable
 
+from sd_plugin.data import completion_text
 from sd_plugin.sandbox import SandboxUnavailable, make_job, run_sandbox, sandbox_mode, sandbox_setup
 
 logger = logging.getLogger("sd_plugin.verifiers")
@@ -434,3 +435,21 @@ def safe_verify(
     if feedback is not None and not isinstance(feedback, str):
         feedback = str(feedback)
     return VerifierResult(value, feedback or None)
+
+
+class Verdict(NamedTuple):
+    """A completion as the verifier read it and what the verifier said."""
+
+    text: str
+    reward: float
+    feedback: str | None
+    correct: bool  # reward >= success_threshold
+
+
+def verify_completion(verifier: Verifier, tokenizer, completion_ids: list[int], record: Mapping[str, Any], *,
+                      end_of_turn_ids: list[int], success_threshold: float, row: Any = None) -> Verdict:
+    """Decode a completion (`sd_plugin.data.completion_text`), verify it (`safe_verify`: never raises) and compare
+    the reward with the threshold: the one rule of SDPO, SD-Zero and collect-revisions."""
+    text = completion_text(tokenizer, completion_ids, end_of_turn_ids)
+    result = safe_verify(verifier, record["messages"], text, record, row=row)
+    return Verdict(text, result.reward, result.feedback, result.reward >= success_threshold)
