@@ -73,9 +73,8 @@ def first_batch(trainer):
 
 
 def teacher_texts(trainer, inputs):
-    batch = trainer.make_rollouts(trainer.model, inputs)
-    prompts = trainer.teacher_prompts(inputs, batch)
-    return [None if p is None else trainer.processing_class.decode(p) for p in prompts], batch
+    batch = trainer.prepare_step(trainer.model, inputs)
+    return [None if p is None else trainer.processing_class.decode(p) for p in batch.teacher_prompts], batch
 
 
 # ------------------------------------------------------------------ teacher contexts
@@ -244,8 +243,8 @@ def test_policy_mode_gradient_is_the_naive_grpo_gradient(tmp_path, tokenizer, qu
     loss = trainer.compute_loss(model, inputs)
     ours = torch.autograd.grad(loss, params)
 
-    batch = trainer.make_rollouts(model, inputs)
-    rewards = batch.scored.rewards
+    batch = trainer.prepare_step(model, inputs)
+    rewards = torch.tensor(batch.rewards)
     advantages = group_advantages(rewards, 3)
     total, rows = 0.0, 0
     for i, group in enumerate(batch.rollouts.prompt_index.tolist()):

@@ -1,18 +1,20 @@
-"""One self-distillation step, shared by SDFT, SDPO and SD-Zero.
+"""One self-distillation step, shared by SDFT, SDPO and SD-Zero, in the order the code runs it:
 
-    batch of prompts -> rollouts (student samples y) -> teacher prompts (method-specific)
-    -> teacher forward on teacher prompt + y (no grad) -> student forward on prompt + y
-    -> chunked divergence from hidden states -> backward -> teacher update (EMA / sync)
+    prepare_step   1. make_rollouts    the completions y (student samples)    hook: SDFT, SD-Zero srt
+                   2. score_rollouts   the verifier's verdict on each rollout  hook: SDPO, SD-Zero distill
+                   3. teacher_prompts  each row's teacher prompt, or None      hook: every method
+    compute_loss   4. teacher forward on teacher prompt + y (no grad), student forward on prompt + y
+                   5. chunked divergence from hidden states (+ `total_loss`: SDPO's GRPO term)
+    then backward, the optimizer step (skipped if non-finite: trainers/numerics.py), the teacher update.
 
-A method subclass overrides `teacher_prompts` (and, for SDPO, `make_rollouts` and `total_loss`); everything
-else is here.
-Both forwards return hidden states at the completion positions only: the prompt never gets an lm_head
-projection and no [tokens, vocab] tensor exists for the whole sequence.
+A method fills in its hooks and nothing else; everything else is here. The step's data is
+`trainers/step.py`'s StepBatch. Both forwards return hidden states at the completion positions only: the
+prompt never gets an lm_head projection and no [tokens, vocab] tensor exists for the whole sequence.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import math
 import os
@@ -38,6 +40,9 @@ from sd_plugin.rollout import Rollouts, SamplingOptions, generate_rollouts
 from sd_plugin.rows import SelfDistillationCollator, invalid_rows_path, left_pad
 from sd_plugin.teacher import KINDS as TEACHER_KINDS
 from sd_plugin.teacher import Teacher, output_head
+from sd_plugin.trainers.numerics import NonFiniteStepGuard
+from sd_plugin.trainers.step import StepBatch, StepGroup, completion_hidden_states
+from sd_plugin.verifiers import verify_completion
 
 LOG = logging.getLogger("sd_plugin")
 TEACHER_STATE_FILE = "sd_teacher_state.pt"
@@ -225,36 +230,6 @@ def options_from_args(args, options_cls):
     return options
 
 
-@dataclass
-class StepBatch:
-    """Everything one loss computation needs, built by `make_rollouts` and `teacher_prompts`."""
-
-    prompt_ids: torch.Tensor          # [N, P] left-padded student prompts
-    prompt_mask: torch.Tensor
-    rollouts: Rollouts                # completions y (shared by student and teacher)
-    ce_rows: torch.Tensor             # [N] bool: rows trained with cross-entropy on y instead of distillation
-    teacher_prompts: list[list[int] | None] = field(default_factory=list)  # None: no teacher signal for that row
-    student_hidden: torch.Tensor | None = None  # [N, C, H] set by compute_loss (for a method's own loss terms)
-    loss_normalizer: float | None = None  # set by get_batch_samples: the step's loss tokens (or sequences) per micro-batch
-    # For log_completions, per rollout: what the teacher sees that the student does not (SDFT: read from the
-    # batch's demonstrations instead), and the verifier's reward (methods with a verifier).
-    teacher_contexts: list[str] = field(default_factory=list)
-    rewards: list[float] | None = None
-
-    def loss_mask(self) -> torch.Tensor:
-        """[N, C]: completion tokens of the rows that get a loss (a teacher signal, or cross-entropy rows)."""
-        has_teacher = torch.tensor([p is not None for p in self.teacher_prompts], device=self.prompt_ids.device)
-        return self.rollouts.completion_mask * (has_teacher | self.ce_rows).unsqueeze(-1)
-
-
-@dataclass
-class StepGroup:
-    """The micro-batches of one optimizer step (as collated), prepared together by the first of them."""
-
-    batches: list[dict]
-    steps: list[StepBatch] | None = None
-
-
 class _TeacherUpdate(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
@@ -267,8 +242,8 @@ class _TeacherUpdate(TrainerCallback):
             self.trainer._metrics["train"]["teacher_ema_truncation_error"].append(teacher.truncation_error)
 
 
-class SelfDistillationTrainer(Trainer):
-    """Base trainer; subclasses set `options_class` and implement `teacher_prompts` / `prepare_dataset`."""
+class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
+    """Base trainer; subclasses set `options_class` and fill in the step's hooks (module doc) and `prepare_dataset`."""
 
     options_class = SelfDistillationOptions
 
@@ -327,16 +302,42 @@ class SelfDistillationTrainer(Trainer):
         """Where `skip_invalid` writes the rows it drops (`sd_plugin.rows.invalid_rows_path`)."""
         return invalid_rows_path(self.options, args.output_dir, split)
 
+    @property
+    def mode(self) -> str:
+        """"train" or "eval": the `_metrics` the step's hooks and `log` write to and read."""
+        return "train" if self.model.training else "eval"
+
     def make_rollouts(self, model, inputs) -> StepBatch:
-        """Sample completions for every prompt of the batch (subclasses may add off-policy rows)."""
+        """Step 1: sample completions for every prompt of the batch (subclasses may add off-policy rows)."""
         prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
         rollouts = self.sample(model, prompt_ids, prompt_mask)
         index = rollouts.prompt_index
         return StepBatch(prompt_ids[index], prompt_mask[index], rollouts,
                          torch.zeros(len(index), dtype=torch.bool, device=prompt_ids.device))
 
+    def score_rollouts(self, inputs, batch: StepBatch) -> None:
+        """Step 2: judge the rollouts (methods with a verifier call `verify_rollouts`); SDFT scores nothing."""
+
     def teacher_prompts(self, inputs, batch: StepBatch) -> list[list[int] | None]:
+        """Step 3: each row's teacher prompt ids (None: no teacher signal for that row)."""
         raise NotImplementedError
+
+    def total_loss(self, model, batch: StepBatch, student_hidden: torch.Tensor, out) -> torch.Tensor:
+        """Step 5: the loss to optimize from the distillation output (SDPO adds its GRPO term here)."""
+        return out.loss
+
+    def verify_rollouts(self, inputs, batch: StepBatch) -> None:
+        """Decode, verify and judge every rollout (`verify_completion`) against its prompt record (`sd_record`)."""
+        batch.records = [json.loads(r) for r in inputs["sd_record"]]
+        rollouts, batch.verdicts = batch.rollouts, []
+        for i, group in enumerate(rollouts.prompt_index.tolist()):
+            ids = rollouts.completion_ids[i, : int(rollouts.completion_mask[i].sum())].tolist()
+            record = batch.records[group]
+            # Name the row for warnings: its `idx` column when it has one, else the start of its question.
+            row = record.get("idx", repr(record["messages"][-1]["content"][:60]))
+            batch.verdicts.append(verify_completion(self.verifier, self.processing_class, ids, record, row=row,
+                                                    end_of_turn_ids=self.eos_token_ids,
+                                                    success_threshold=self.options.success_threshold))
 
     # ------------------------------------------------------------------ the step
     def sampling_options(self) -> SamplingOptions:
@@ -375,10 +376,14 @@ class SelfDistillationTrainer(Trainer):
                           self.options.distillation_support).check_vocab(vocab)
 
     def prepare_step(self, model, inputs) -> StepBatch:
-        """Sample and score one micro-batch, and build its teacher prompts: everything before the forwards."""
+        """Steps 1-3 of one micro-batch: everything before the forwards."""
         batch = self.make_rollouts(model, inputs)
+        self.score_rollouts(inputs, batch)
         batch.teacher_prompts = self.teacher_prompts(inputs, batch)
-        if self.completions_log is not None and self.model.training and self.accelerator.is_main_process:
+        for row, length in enumerate(batch.scored_lengths or []):
+            if length is not None:  # the teacher holds y[:L] only: the student scores the same tokens
+                batch.rollouts.completion_mask[row, length:] = 0
+        if self.completions_log is not None and self.mode == "train" and self.accelerator.is_main_process:
             self.completions_log.record(self.state.global_step, batch, inputs)
         return batch
 
@@ -419,7 +424,7 @@ class SelfDistillationTrainer(Trainer):
         group.steps = steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if model.training else "eval"
+        mode = self.mode
         # Training micro-batches come as a step group (get_batch_samples); evaluation prepares its own.
         group = inputs.get("sd_step_group")
         if group is None:
@@ -446,7 +451,7 @@ class SelfDistillationTrainer(Trainer):
                                                           sequence_tile_size=self.options.sequence_tile_size)
                 teacher_head = output_head(teacher_model)  # inside the block: modules_to_save heads differ
             self._metrics[mode]["teacher_prompt_length"].append(teacher_mask[distilled].sum(-1).float().mean().item())
-        student_hidden = batch.student_hidden = completion_hidden_states(
+        student_hidden = completion_hidden_states(
             self.accelerator.unwrap_model(model), model, batch.prompt_ids, batch.prompt_mask,
             rollouts.completion_ids, rollouts.completion_mask, sequence_tile_size=self.options.sequence_tile_size,
             sequence_tile_offload=self.options.sequence_tile_offload)
@@ -475,7 +480,7 @@ class SelfDistillationTrainer(Trainer):
             )
         if self.options.debug_numerics and mode == "train":
             self.check_divergence_values(out)
-        loss = self.total_loss(model, batch, out, mode)
+        loss = self.total_loss(model, batch, student_hidden, out)
         self.record_step_metrics(mode, batch, out, loss_mask, ce_mask)
         return (loss, None) if return_outputs else loss
 
@@ -489,10 +494,6 @@ class SelfDistillationTrainer(Trainer):
         if batch.ce_rows.any() or batch.rollouts.old_logprobs is not None:
             return False
         return bool(o.liger_loss) or (student_hidden.is_cuda and liger_available())
-
-    def total_loss(self, model, batch: StepBatch, out, mode: str) -> torch.Tensor:
-        """The loss to optimize from the distillation output (SDPO adds its GRPO term here)."""
-        return out.loss
 
     def record_step_metrics(self, mode, batch: StepBatch, out, loss_mask, ce_mask) -> None:
         metrics = self._metrics[mode]
@@ -533,92 +534,6 @@ class SelfDistillationTrainer(Trainer):
         metrics["importance_weight_max"].append(raw.max().item())
         metrics["importance_weight_clipped_fraction"].append((raw > clip).float().mean().item())
 
-    # ------------------------------------------------------------------ numerics guards
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """Trainer's forward + backward of one micro-batch, then the non-finite guard.
-
-        A micro-batch whose loss is not finite marks its optimizer step (a NaN or inf logit makes the loss
-        non-finite: the loss sums over every logit of the completion tokens). After the last micro-batch of the
-        step, once the gradients are synchronized, `guard_optimizer_step` skips the step when any process saw
-        a non-finite loss or holds a non-finite gradient. The backward of a non-finite loss still runs (every
-        process takes part in the gradient all-reduce); its gradients are dropped, never applied.
-        """
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not bool(torch.isfinite(loss).all()):
-            self._nonfinite_loss_in_step = True
-            for values in self._metrics["train"].values():  # keep this micro-batch's NaNs out of the logged means
-                values[:] = [value for value in values if math.isfinite(value)]
-        if self.accelerator.sync_gradients:
-            self.guard_optimizer_step()
-        return loss
-
-    def guard_optimizer_step(self) -> bool:
-        """Skip the optimizer step about to run when it is non-finite on any process; returns whether it is skipped.
-
-        Called once the step's gradients are complete. A skipped step's gradients are dropped (set to None), so
-        the optimizer changes neither the weights nor its own state; global_step and the learning-rate schedule
-        still advance. Skips are counted (`nonfinite_steps_skipped`, logged as `skipped_step_fraction`) and
-        warned about; `max_consecutive_nonfinite_steps` skips in a row stop the run with a RuntimeError.
-        Under DeepSpeed the optimizer steps inside backward: there the skip is DeepSpeed's own overflow check,
-        and this guard only counts and stops.
-        """
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        local_grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
-        nonfinite_loss = self.__dict__.pop("_nonfinite_loss_in_step", False)
-        nonfinite_grad = bool(local_grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(local_grads)))
-        # How many processes saw each; every process must take the same decision (FSDP / ZeRO shard gradients).
-        counts = torch.tensor([float(nonfinite_loss), float(nonfinite_grad)], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            counts = self.accelerator.reduce(counts, reduction="sum")
-        skipped = bool(counts.sum() > 0)
-        self._metrics["train"]["skipped_step_fraction"].append(float(skipped))
-        if not skipped:
-            self._nonfinite_steps_in_a_row = 0
-            return False
-        for param in params:
-            param.grad = None
-        self._nonfinite_steps_in_a_row = self.__dict__.get("_nonfinite_steps_in_a_row", 0) + 1
-        self._nonfinite_steps_skipped = self.nonfinite_steps_skipped + 1
-        step, in_a_row, limit = self.state.global_step + 1, self._nonfinite_steps_in_a_row, self.options.max_consecutive_nonfinite_steps
-        what = (f"loss on {int(counts[0])} of {self.accelerator.num_processes} process(es)" if counts[0] > 0
-                else "gradient")
-        LOG.warning("step %d skipped: non-finite %s; %d step(s) skipped so far, %d in a row (the run stops at %d)",
-                    step, what, self._nonfinite_steps_skipped, in_a_row, limit)
-        if in_a_row >= limit:
-            raise RuntimeError(
-                f"{in_a_row} optimizer steps in a row (the last: step {step}) had a non-finite {what}; stopping "
-                f"(max_consecutive_nonfinite_steps={limit}). No skipped step changed the weights. See 'Running long "
-                "jobs' in the README: lower the learning rate, look at the rows of these steps, resume from the last "
-                "checkpoint."
-            )
-        return True
-
-    @property
-    def nonfinite_steps_skipped(self) -> int:
-        """Optimizer steps skipped so far for a non-finite loss or gradient (this process's run)."""
-        return self.__dict__.get("_nonfinite_steps_skipped", 0)
-
-    def check_divergence_values(self, out) -> None:
-        """`debug_numerics`: every per-token divergence of the step must be >= 0 within 1e-4, else RuntimeError.
-
-        A divergence (forward / reverse KL, generalized JSD, cross-entropy) is never negative; a value below
-        -1e-4 means the loss is computed wrongly or in too low a precision. The sampled-token estimator of
-        `distillation_mode: sampled` is negative for some tokens by design and is not checked; non-finite
-        values are left to the non-finite guard (the step is skipped).
-        """
-        if self.options.distillation_mode == "sampled" or out.per_token_divergence is None:  # Liger: loss only
-            return
-        tolerance = 1e-4
-        values = out.per_token_divergence.detach().float()
-        values = values[torch.isfinite(values)]
-        if values.numel() and values.min().item() < -tolerance:
-            below = int((values < -tolerance).sum())
-            raise RuntimeError(
-                f"debug_numerics: {below} of {values.numel()} per-token divergences of step {self.state.global_step + 1} "
-                f"are below -{tolerance:g} (min {values.min().item():.4g}); a divergence is never negative, so the "
-                "loss is computed wrongly or in too low a precision"
-            )
-
     # ------------------------------------------------------------------ plumbing
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -631,7 +546,7 @@ class SelfDistillationTrainer(Trainer):
             self._signature_columns = list(PROMPT_COLUMNS)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
+        mode = self.mode
         sums = {key: (sum(v), len(v)) for key, v in self._metrics[mode].items() if v}
         if self.accelerator.num_processes > 1:
             # Every process logs: average each metric over all processes' values (a process may lack a key,
@@ -677,40 +592,3 @@ class SelfDistillationTrainer(Trainer):
         elif self.teacher.state_dict():
             LOG.warning("checkpoint %s has no %s: the %s teacher restarts from the base weights",
                         resume_from_checkpoint, TEACHER_STATE_FILE, self.options.teacher)
-
-
-def completion_hidden_states(unwrapped, model, prompt_ids, prompt_mask, completion_ids, completion_mask, *,
-                             sequence_tile_size: int = 0, sequence_tile_offload: bool = False) -> torch.Tensor:
-    """Final hidden states at the positions that predict each completion token: [N, C, H].
-
-    Runs the model's own forward (so DDP / FSDP / DeepSpeed wrappers see the call) with an empty
-    `logits_to_keep`, and takes the decoder's output through a forward hook: no logits are computed.
-    With `sequence_tile_size` the decoder runs tiled (sd_plugin/tiling.py) and returns the completion slice only.
-    """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    # Left padding: positions count real tokens only, so padded and unpadded prompts see the same rotary phases.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    start = prompt_ids.shape[1] - 1
-    keep = slice(start, start + completion_ids.shape[1])
-    captured = {}
-
-    def grab(module, args, output):
-        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-    decoder = unwrapped.get_decoder()
-    hook = decoder.register_forward_hook(grab)
-    tiling = contextlib.nullcontext()
-    if sequence_tile_size:
-        from ..tiling import tiled_decoder
-
-        tiling = tiled_decoder(decoder, sequence_tile_size, keep=keep, offload=sequence_tile_offload)
-    try:
-        with tiling:
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                  logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
-    finally:
-        hook.remove()
-    if sequence_tile_size:
-        return captured["hidden"]
-    return captured["hidden"][:, keep].clone()  # a copy: the [N, T, H] output is not kept alive by a view

@@ -88,7 +88,7 @@ class SDFTTrainer(SelfDistillationTrainer):
         """
         if self.options.lambda_on_policy >= 1.0:
             return torch.ones(size, dtype=torch.bool, device=device)
-        mode = "train" if self.model.training else "eval"
+        mode = self.mode
         key = (mode, self.state.global_step)
         micro_batch = self._draws[1] + 1 if getattr(self, "_draws", (None,))[0] == key else 0
         self._draws = (key, micro_batch)
@@ -125,6 +125,6 @@ class SDFTTrainer(SelfDistillationTrainer):
 
     def teacher_prompts(self, inputs, batch: StepBatch):
         if "teacher_truncated_tokens" in inputs:
-            self._metrics["train" if self.model.training else "eval"]["teacher_truncated_tokens"].append(
+            self._metrics[self.mode]["teacher_truncated_tokens"].append(
                 float(sum(inputs["teacher_truncated_tokens"])))
         return [list(ids) for ids in inputs["teacher_input_ids"]]

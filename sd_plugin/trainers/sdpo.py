@@ -8,7 +8,6 @@ GRPO only, or GRPO + weight x distillation.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +15,11 @@ import torch
 from transformers import TrainingArguments
 
 from sd_plugin.contexts import render_ids, sdpo_teacher_messages
-from sd_plugin.data import completion_text
 from sd_plugin.losses import chunked_token_logprobs, group_advantages, grpo_loss
 from sd_plugin.rows import tokenize_prompt_rows
 from sd_plugin.teacher import output_head
 from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch
-from sd_plugin.verifiers import load_verifier, safe_verify
+from sd_plugin.verifiers import load_verifier
 
 SDPO_MODES = ("distill", "policy", "hybrid")
 
@@ -85,21 +83,6 @@ class SDPOConfig(SDPOOptions, TrainingArguments):
         self.check()
 
 
-@dataclass
-class Scored:
-    """Verifier results for the rollouts of one step (rows in rollout order)."""
-
-    rewards: torch.Tensor              # [N]
-    feedback: list[str | None]
-    texts: list[str]                   # decoded completions
-
-
-@dataclass
-class SDPOStepBatch(StepBatch):
-    records: list[dict] = field(default_factory=list)  # the batch's prompt records (sd_record), parsed once
-    scored: Scored | None = None
-
-
 class SDPOTrainer(SelfDistillationTrainer):
     """Self-Distillation Policy Optimization.
 
@@ -124,46 +107,31 @@ class SDPOTrainer(SelfDistillationTrainer):
         invalid_file = self.invalid_rows_path(args, split)
         return tokenize_prompt_rows(dataset, tokenizer, self.options, invalid_rows_file=invalid_file)
 
-    # ------------------------------------------------------------------ rollouts and rewards
-    def make_rollouts(self, model, inputs) -> StepBatch:
-        batch = SDPOStepBatch(**vars(super().make_rollouts(model, inputs)))
-        batch.records = [json.loads(r) for r in inputs["sd_record"]]
-        batch.scored = self.score(inputs, batch)
-        batch.rewards = batch.scored.rewards.tolist()
-        return batch
+    # ------------------------------------------------------------------ step 2: rewards
+    def score_rollouts(self, inputs, batch: StepBatch) -> None:
+        """Every rollout decoded and verified (a verifier error gives reward 0 and a warning)."""
+        self.verify_rollouts(inputs, batch)
+        metrics = self._metrics[self.mode]
+        rewards = torch.tensor(batch.rewards, dtype=torch.float32)
+        solved = torch.tensor([v.correct for v in batch.verdicts], dtype=torch.float32).reshape(-1, self.options.num_generations)
+        metrics["reward_mean"].append(rewards.mean().item())
+        metrics["reward_std"].append(rewards.std().item() if rewards.numel() > 1 else 0.0)
+        metrics["success_fraction"].append(solved.mean().item())
+        metrics["group_solved_fraction"].append((solved.sum(-1) > 0).float().mean().item())
 
-    def score(self, inputs, batch: SDPOStepBatch) -> Scored:
-        """Decode every rollout and run the verifier on it (a verifier error gives reward 0 and a warning)."""
-        rollouts, records = batch.rollouts, batch.records
-        rewards, feedback, texts = [], [], []
-        for i, group in enumerate(rollouts.prompt_index.tolist()):
-            ids = rollouts.completion_ids[i][rollouts.completion_mask[i].bool()].tolist()
-            text = completion_text(self.processing_class, ids, self.eos_token_ids)
-            record = records[group]
-            # Name the row for warnings: its `idx` column when it has one, else the start of its question.
-            row = record.get("idx", repr(record["messages"][-1]["content"][:60]))
-            result = safe_verify(self.verifier, record["messages"], text, record, row=row)
-            rewards.append(result.reward)
-            feedback.append(result.feedback)
-            texts.append(text)
-        return Scored(torch.tensor(rewards, dtype=torch.float32), feedback, texts)
-
-    # ------------------------------------------------------------------ teacher contexts
-    def teacher_prompts(self, inputs, batch: SDPOStepBatch) -> list[list[int] | None]:
+    # ------------------------------------------------------------------ step 3: teacher contexts
+    def teacher_prompts(self, inputs, batch: StepBatch) -> list[list[int] | None]:
         o = self.options
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        scored: Scored = batch.scored
+        metrics = self._metrics[self.mode]
+        verdicts, records = batch.verdicts, batch.records
         groups = batch.rollouts.prompt_index.tolist()
-        records = batch.records
-        successful = (scored.rewards >= o.success_threshold).tolist()
-        self.record_reward_metrics(metrics, scored.rewards, groups)
         if o.sdpo_mode == "policy":
             return [None] * len(groups)
         prompts, with_solution, with_feedback, overflow = [], 0, 0, 0
         for i, group in enumerate(groups):
-            siblings = [j for j, g in enumerate(groups) if g == group and successful[j] and (j != i or o.include_own_solution)]
-            solution = scored.texts[siblings[0]] if siblings else None
-            feedback = scored.feedback[i] if o.use_feedback else None
+            siblings = [j for j, g in enumerate(groups) if g == group and verdicts[j].correct and (j != i or o.include_own_solution)]
+            solution = verdicts[siblings[0]].text if siblings else None
+            feedback = verdicts[i].feedback if o.use_feedback else None
             if o.feedback_only_without_solution and solution is not None:
                 feedback = None
             batch.teacher_contexts.append(teacher_context_text(solution, feedback))
@@ -190,27 +158,19 @@ class SDPOTrainer(SelfDistillationTrainer):
                         overflow, o.max_teacher_prompt_length)
         return prompts
 
-    def record_reward_metrics(self, metrics, rewards: torch.Tensor, groups: list[int]) -> None:
-        size = self.options.num_generations
-        solved = (rewards >= self.options.success_threshold).float().reshape(-1, size)
-        metrics["reward_mean"].append(rewards.mean().item())
-        metrics["reward_std"].append(rewards.std().item() if rewards.numel() > 1 else 0.0)
-        metrics["success_fraction"].append(solved.mean().item())
-        metrics["group_solved_fraction"].append((solved.sum(-1) > 0).float().mean().item())
-
-    # ------------------------------------------------------------------ the loss
-    def total_loss(self, model, batch: SDPOStepBatch, out, mode: str) -> torch.Tensor:
+    # ------------------------------------------------------------------ step 5: the loss
+    def total_loss(self, model, batch: StepBatch, student_hidden: torch.Tensor, out) -> torch.Tensor:
         o = self.options
-        metrics = self._metrics[mode]
+        metrics = self._metrics[self.mode]
         if o.sdpo_mode == "distill":
             return out.loss
         rollouts = batch.rollouts
         head_weight, head_bias = output_head(self.accelerator.unwrap_model(model))
-        logprobs = chunked_token_logprobs(batch.student_hidden, head_weight, rollouts.completion_ids,
+        logprobs = chunked_token_logprobs(student_hidden, head_weight, rollouts.completion_ids,
                                           rollouts.completion_mask, chunk_size=o.loss_chunk_size, lm_head_bias=head_bias)
         # On-policy rollouts: the ratio is 1 in value and the clip only matters for rollouts from another engine.
         old_logprobs = rollouts.old_logprobs if rollouts.old_logprobs is not None else logprobs.detach()
-        advantages = group_advantages(batch.scored.rewards.to(logprobs.device), o.num_generations)
+        advantages = group_advantages(torch.tensor(batch.rewards, dtype=torch.float32, device=logprobs.device), o.num_generations)
         policy_loss, clip_fraction = grpo_loss(logprobs, old_logprobs, advantages, rollouts.completion_mask,
                                                epsilon=o.grpo_epsilon, reduction=o.loss_reduction)
         metrics["policy_loss"].append(policy_loss.item())

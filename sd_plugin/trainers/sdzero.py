@@ -18,7 +18,6 @@ never re-tokenized across a boundary, so the masked positions are exactly the in
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -26,11 +25,11 @@ import torch
 from transformers import TrainingArguments
 
 from sd_plugin.contexts import control_phrases, sdzero_delimiter_ids, sdzero_teacher_ids
-from sd_plugin.data import Columns, completion_text
+from sd_plugin.data import Columns
 from sd_plugin.rollout import Rollouts
 from sd_plugin.rows import right_pad, srt_rows, tokenize_prompt_rows, tokenize_rows
 from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch
-from sd_plugin.verifiers import load_verifier, safe_verify
+from sd_plugin.verifiers import load_verifier
 
 PHASES = ("srt", "distill")
 SRT_OBJECTIVES = ("joint", "revision", "generation")
@@ -132,12 +131,6 @@ class SRTStepBatch(StepBatch):
     objectives: list[str] = field(default_factory=list)  # "revision" | "generation" per row
 
 
-@dataclass
-class DistillStepBatch(StepBatch):
-    correct: list[bool] = field(default_factory=list)                            # verifier outcome per rollout
-    sdzero_teacher_prompts: list[list[int] | None] = field(default_factory=list)  # chat(x) + y + delimiter
-
-
 class SDZeroTrainer(SelfDistillationTrainer):
     """Self-Distillation Zero, both phases (`phase: srt | distill`).
 
@@ -185,13 +178,11 @@ class SDZeroTrainer(SelfDistillationTrainer):
                              "but the dataset holds SRT rows (type sd_plugin.axolotl.strategies.sdzero)")
         return tokenize_prompt_rows(dataset, tokenizer, o, invalid_rows_file=invalid_file)
 
-    # ------------------------------------------------------------------ the batch of one step
+    # ------------------------------------------------------------------ step 1: the completions
     def make_rollouts(self, model, inputs) -> StepBatch:
         if self.options.phase == "srt":
             return self.srt_batch(inputs)
-        batch = DistillStepBatch(**vars(super().make_rollouts(model, inputs)))
-        self.add_teacher_inputs(inputs, batch)
-        return batch
+        return super().make_rollouts(model, inputs)
 
     def srt_batch(self, inputs) -> SRTStepBatch:
         """The rows' targets as completions, every row trained with cross-entropy (no rollout, no teacher)."""
@@ -205,50 +196,43 @@ class SDZeroTrainer(SelfDistillationTrainer):
         return SRTStepBatch(prompt_ids, prompt_mask, rollouts, torch.ones(size, dtype=torch.bool, device=device),
                             objectives=list(inputs["srt_objective"]))
 
-    def add_teacher_inputs(self, inputs, batch: DistillStepBatch) -> None:
-        """Verify every rollout, pick its control phrase and build chat(x) + y + delimiter for the teacher.
+    # ------------------------------------------------------------------ step 2: correct or not
+    def score_rollouts(self, inputs, batch: StepBatch) -> None:
+        """distill: verify every rollout; its outcome picks the control phrase of its teacher input."""
+        if self.options.phase == "srt":
+            return
+        self.verify_rollouts(inputs, batch)
+        batch.teacher_contexts = [self.control_phrase_texts[verdict.correct] for verdict in batch.verdicts]
+        self._metrics[self.mode]["correct_fraction"].append(sum(v.correct for v in batch.verdicts) / len(batch.verdicts))
 
-        When the teacher input would exceed max_teacher_prompt_length, y is shortened symmetrically: the
-        rollout's completion mask is cut to the kept tokens, so student and teacher score the same y[:L].
+    # ------------------------------------------------------------------ step 3: the teacher inputs
+    def teacher_prompts(self, inputs, batch: StepBatch) -> list[list[int] | None]:
+        """distill: chat(x) + y + delimiter (the control phrase of the rollout's outcome) for each rollout.
+
+        When the teacher input would exceed max_teacher_prompt_length, y is shortened symmetrically: the row's
+        `scored_lengths` entry is the kept length, so student and teacher score the same y[:L].
         """
         o = self.options
-        metrics = self._metrics["train" if self.model.training else "eval"]
+        if o.phase == "srt":
+            return [None] * batch.prompt_ids.shape[0]
+        metrics = self._metrics[self.mode]
         rollouts = batch.rollouts
-        records = [json.loads(r) for r in inputs["sd_record"]]
-        truncated_tokens, without_signal = 0, 0
-        batch.rewards = []
-        for i, group in enumerate(rollouts.prompt_index.tolist()):
-            length = int(rollouts.completion_mask[i].sum())
-            response = rollouts.completion_ids[i, :length].tolist()
-            text = completion_text(self.processing_class, response, self.eos_token_ids)
-            record = records[group]
-            result = safe_verify(self.verifier, record["messages"], text, record, row=record.get("idx", f"batch row {group}"))
-            correct = result.reward >= o.success_threshold
-            batch.rewards.append(result.reward)
-            batch.teacher_contexts.append(self.control_phrase_texts[correct])
+        prompts, batch.scored_lengths, truncated_tokens = [], [], 0
+        for i, verdict in enumerate(batch.verdicts):
+            response = rollouts.completion_ids[i, : int(rollouts.completion_mask[i].sum())].tolist()
             prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist()
-            teacher = sdzero_teacher_ids(prompt, response, self.delimiter_ids[correct],
+            teacher = sdzero_teacher_ids(prompt, response, self.delimiter_ids[verdict.correct],
                                          max_length=o.max_teacher_prompt_length, end_of_turn_ids=self.eos_token_ids)
-            batch.correct.append(correct)
-            if teacher is None:
-                without_signal += 1
-                batch.sdzero_teacher_prompts.append(None)
-                continue
-            rollouts.completion_mask[i, teacher.scored_length:] = 0
-            truncated_tokens += teacher.truncated_tokens
-            batch.sdzero_teacher_prompts.append(teacher.teacher_input_ids)
-        count = len(batch.correct)
-        metrics["correct_fraction"].append(sum(batch.correct) / count)
+            prompts.append(None if teacher is None else teacher.teacher_input_ids)
+            batch.scored_lengths.append(None if teacher is None else teacher.scored_length)
+            truncated_tokens += 0 if teacher is None else teacher.truncated_tokens
+        without_signal = sum(p is None for p in prompts)
         metrics["teacher_truncated_tokens"].append(float(truncated_tokens))
-        metrics["no_teacher_signal_fraction"].append(without_signal / count)
+        metrics["no_teacher_signal_fraction"].append(without_signal / len(prompts))
         if without_signal:
             LOG.warning("%d SD-Zero teacher inputs do not fit max_teacher_prompt_length=%d even with y cut to one token: "
                         "those rollouts get no loss (the prompt is never cut)", without_signal, o.max_teacher_prompt_length)
-
-    def teacher_prompts(self, inputs, batch: StepBatch) -> list[list[int] | None]:
-        if self.options.phase == "srt":
-            return [None] * batch.prompt_ids.shape[0]
-        return batch.sdzero_teacher_prompts
+        return prompts
 
     # ------------------------------------------------------------------ metrics
     def record_step_metrics(self, mode, batch: StepBatch, out, loss_mask, ce_mask) -> None:
