@@ -34,13 +34,13 @@ from sd_plugin.files import (
     row_error_lines,
     write_text_atomic,
 )
+from sd_plugin.dedup import near_duplicates
 from sd_plugin.stats import (
     CORPUS_TABLE_ROWS,
     DEFAULT_GROUP_FIELD,
     TEXT_FIELD_CANDIDATES,
     corpus_stats,
     format_table,
-    near_duplicates,
     reward_error,
     row_groups,
     row_text,

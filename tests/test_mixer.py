@@ -18,7 +18,7 @@ from sd_plugin.mixer import (
     mix_corpora,
     mix_from_config,
 )
-from sd_plugin.stats import near_duplicates
+from sd_plugin.dedup import near_duplicates
 
 SYNTHETIC = Path(__file__).parent / "fixtures" / "mixer" / "synthetic.py"
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import sd_plugin.stats as stats
+import sd_plugin.dedup as dedup
 from sd_plugin.cli import main as cli_main
+from sd_plugin.dedup import jaccard, near_duplicates, shingles, tokenize
 from sd_plugin.stats import (
     Scenario,
     auc_mann_whitney,
@@ -20,11 +21,7 @@ from sd_plugin.stats import (
     bootstrap_intervals,
     corpus_stats,
     evaluation_metrics,
-    jaccard,
-    near_duplicates,
     read_jsonl,
-    shingles,
-    tokenize,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +89,7 @@ def test_minhash_lsh_finds_the_same_pairs_as_all_pairs(monkeypatch):
     texts = [" ".join(rng.choice([f"w{i}" for i in range(60)], size=20)) for _ in range(250)]
     texts += [t.rsplit(" ", 1)[0] + " changed" for t in texts[:50]]  # 50 near duplicates at Jaccard 17/19
     lsh = near_duplicates(texts, 0.8)
-    monkeypatch.setattr(stats, "EXACT_PAIRS_LIMIT", 10**9)
+    monkeypatch.setattr(dedup, "EXACT_PAIRS_LIMIT", 10**9)
     exact = near_duplicates(texts, 0.8)
     assert lsh.neighbors == exact.neighbors
     assert sum(lsh.has_near_duplicate()) == 100
@@ -222,19 +219,19 @@ def reference_neighbors(texts, threshold):
     distinct = {}
     text_id = [-1 if text is None else distinct.setdefault(text, len(distinct)) for text in texts]
     sets = [shingles(tokenize(text)) for text in distinct]
-    if len(sets) <= stats.EXACT_PAIRS_LIMIT:
+    if len(sets) <= dedup.EXACT_PAIRS_LIMIT:
         candidates = itertools.combinations(range(len(sets)), 2)
     else:
         rng = np.random.default_rng(0)
-        a = rng.integers(1, stats.MINHASH_PRIME, size=128, dtype=np.uint64)
-        b = rng.integers(0, stats.MINHASH_PRIME, size=128, dtype=np.uint64)
-        signatures = np.full((len(sets), 128), stats.MINHASH_PRIME, dtype=np.uint64)
+        a = rng.integers(1, dedup.MINHASH_PRIME, size=128, dtype=np.uint64)
+        b = rng.integers(0, dedup.MINHASH_PRIME, size=128, dtype=np.uint64)
+        signatures = np.full((len(sets), 128), dedup.MINHASH_PRIME, dtype=np.uint64)
         for index, shingle_set in enumerate(sets):
             if shingle_set:
-                crcs = [zlib.crc32(" ".join(s).encode()) % stats.MINHASH_PRIME for s in shingle_set]
+                crcs = [zlib.crc32(" ".join(s).encode()) % dedup.MINHASH_PRIME for s in shingle_set]
                 hashes = np.array(crcs, dtype=np.uint64)
-                signatures[index] = ((np.outer(a, hashes) + b[:, None]) % stats.MINHASH_PRIME).min(axis=1)
-        rows = stats.lsh_rows_per_band(threshold)
+                signatures[index] = ((np.outer(a, hashes) + b[:, None]) % dedup.MINHASH_PRIME).min(axis=1)
+        rows = dedup.lsh_rows_per_band(threshold)
         candidates = set()
         for start in range(0, 128 - rows + 1, rows):
             buckets = defaultdict(list)
@@ -325,8 +322,8 @@ def test_near_duplicates_of_a_collapsed_corpus_take_a_few_comparisons_per_text(m
     texts = [" ".join(words[:7] + [f"n{i}"] + words[8:]) for i in range(3000)]
     structure = near_duplicates(texts, 0.8)
     comparisons = []
-    real_jaccard = stats.id_jaccard
-    monkeypatch.setattr(stats, "id_jaccard", lambda a, b: (comparisons.append(1), real_jaccard(a, b))[1])
+    real_jaccard = dedup.id_jaccard
+    monkeypatch.setattr(dedup, "id_jaccard", lambda a, b: (comparisons.append(1), real_jaccard(a, b))[1])
     assert all(structure.has_near_duplicate())
     assert len(set(structure.clusters())) == 1
     assert structure.keep_first(list(range(len(texts)))) == [0]
