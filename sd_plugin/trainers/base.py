@@ -326,7 +326,7 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         """Step 5: the loss to optimize from the distillation output (SDPO adds its GRPO term here)."""
         return out.loss
 
-    def verify_rollouts(self, inputs, batch: StepBatch) -> None:
+    def verify_rollouts(self, inputs, batch: StepBatch, verifier, success_threshold: float) -> None:
         """Decode, verify and judge every rollout (`verify_completion`) against its prompt record (`sd_record`)."""
         batch.records = [json.loads(r) for r in inputs["sd_record"]]
         rollouts, batch.verdicts = batch.rollouts, []
@@ -335,9 +335,8 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
             record = batch.records[group]
             # Name the row for warnings: its `idx` column when it has one, else the start of its question.
             row = record.get("idx", repr(record["messages"][-1]["content"][:60]))
-            batch.verdicts.append(verify_completion(self.verifier, self.processing_class, ids, record, row=row,
-                                                    end_of_turn_ids=self.eos_token_ids,
-                                                    success_threshold=self.options.success_threshold))
+            batch.verdicts.append(verify_completion(verifier, self.processing_class, ids, record, row=row,
+                                                    end_of_turn_ids=self.eos_token_ids, success_threshold=success_threshold))
 
     # ------------------------------------------------------------------ the step
     def sampling_options(self) -> SamplingOptions:

@@ -110,7 +110,7 @@ class SDPOTrainer(SelfDistillationTrainer):
     # ------------------------------------------------------------------ step 2: rewards
     def score_rollouts(self, inputs, batch: StepBatch) -> None:
         """Every rollout decoded and verified (a verifier error gives reward 0 and a warning)."""
-        self.verify_rollouts(inputs, batch)
+        self.verify_rollouts(inputs, batch, self.verifier, self.options.success_threshold)
         metrics = self._metrics[self.mode]
         rewards = torch.tensor(batch.rewards, dtype=torch.float32)
         solved = torch.tensor([v.correct for v in batch.verdicts], dtype=torch.float32).reshape(-1, self.options.num_generations)

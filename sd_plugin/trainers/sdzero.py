@@ -201,7 +201,7 @@ class SDZeroTrainer(SelfDistillationTrainer):
         """distill: verify every rollout; its outcome picks the control phrase of its teacher input."""
         if self.options.phase == "srt":
             return
-        self.verify_rollouts(inputs, batch)
+        self.verify_rollouts(inputs, batch, self.verifier, self.options.success_threshold)
         batch.teacher_contexts = [self.control_phrase_texts[verdict.correct] for verdict in batch.verdicts]
         self._metrics[self.mode]["correct_fraction"].append(sum(v.correct for v in batch.verdicts) / len(batch.verdicts))
 
