@@ -21,9 +21,8 @@ import logging
 import torch
 from transformers import TrainerCallback
 
-from sd_plugin.contexts import render_ids
 from sd_plugin.data import Columns, RecordError, prompt_record
-from sd_plugin.rows import left_pad
+from sd_plugin.rows import left_pad, tokenize_prompt
 from sd_plugin.verifiers import load_verifier, safe_verify
 
 LOG = logging.getLogger("sd_plugin")
@@ -84,10 +83,10 @@ class PromptSet:
         self.verifier = load_verifier(verifier_spec)
         self.prompts = []
         for line_number, record in enumerate(self.records, 1):
-            ids = render_ids(tokenizer, record["messages"], record["tools"])
-            if len(ids) > max_prompt_length:
-                raise ValueError(f"{path}:{line_number}: the prompt has {len(ids)} tokens, over max_prompt_length={max_prompt_length}")
-            self.prompts.append(ids)
+            try:
+                self.prompts.append(tokenize_prompt(tokenizer, record, max_prompt_length, line_number))
+            except RecordError as error:
+                raise ValueError(f"{path}:{line_number}: {error.reason}") from None
 
     def score(self, model, tokenizer, max_new_tokens: int, eos_token_ids: list[int]) -> tuple[dict[str, float], list[str]]:
         """Mean metrics of greedy answers (see the module doc) and the answers' text."""
