@@ -43,6 +43,12 @@ TASK_VERIFIER = "sd_plugin.demo_task:ContactCardVerifier"
 PRIOR_VERIFIER = "sd_plugin.demo_task:AnswerContainsVerifier"
 # The teacher template that works for a 135M model (see benchmarks/README.md): the demonstration as the reply to give.
 COPY_TEMPLATE = "{question}\n\nReply with exactly this text and nothing else:\n{demonstration}"
+# A template that also names the format of the demonstration (this task's: one line of JSON).
+JSON_TEMPLATE = "{question}\n\nAnswer with one line of JSON exactly like this:\n{demonstration}"
+# The same without naming the format, to tell "shown as the reply" apart from "told it is JSON".
+LIKE_THIS_TEMPLATE = "{question}\n\nAnswer exactly like this:\n{demonstration}"
+TEMPLATE_NAMES = {COPY_TEMPLATE: "copy", JSON_TEMPLATE: "json", LIKE_THIS_TEMPLATE: "like-this", "paper": "paper",
+                  "expert_reference": "expert_reference"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EVAL_MAX_NEW_TOKENS = 32
 
@@ -87,6 +93,29 @@ def baseline(model_dir: str, template: str) -> dict:
     return {"base": base, "teacher_in_context": in_context}
 
 
+def teacher_in_context(model_dir: str, names: list[str], results: Path) -> None:
+    """Greedy answers of the base model with the demonstration in context, per teacher template: what SDFT can teach."""
+    from sd_plugin.contexts import render_ids, resolve_template, sdft_teacher_messages
+    from sd_plugin.testing import read_jsonl
+
+    model, tokenizer = load(model_dir)
+    demonstrations = [row["demonstration"] for row in read_jsonl(TASK_TEST)]
+    by_name = {name: text for text, name in TEMPLATE_NAMES.items()}
+    for name in names:
+        key = f"teacher-in-context/{name}"
+        if key in {row.get("key") for row in read_results(results)}:
+            continue
+        template = resolve_template(by_name.get(name, name))
+
+        def with_demonstration(task, template=template):
+            return [render_ids(tokenizer, sdft_teacher_messages(record["messages"], demo, template))
+                    for record, demo in zip(task.records, demonstrations)]
+
+        row = {"key": key, "template": template, "task": score_sets(model, tokenizer, with_demonstration)["task"]}
+        append(results, row)
+        print(json.dumps(row), flush=True)
+
+
 def train_one(model_dir: str, run: dict, output_root: Path) -> dict:
     import torch
     from datasets import load_dataset
@@ -103,9 +132,12 @@ def train_one(model_dir: str, run: dict, output_root: Path) -> dict:
         learning_rate=run["lr"], lr_scheduler_type="constant_with_warmup", warmup_steps=2, seed=run["seed"],
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
         max_completion_length=run["max_completion_length"], max_prompt_length=256, max_teacher_prompt_length=512,
-        teacher="base", teacher_template=run["template"], distillation_alpha=run["alpha"],
+        teacher=run.get("teacher") or "base", teacher_template=run["template"], distillation_alpha=run["alpha"],
         num_loss_tokens_to_skip=run["skip"], rollout_temperature=run["temperature"],
-        lambda_on_policy=0.0 if sft else 1.0,
+        lambda_on_policy=0.0 if sft else run.get("lambda_on_policy", 1.0),
+        **({"eval_prompts": str(TASK_TEST), "eval_verifier": TASK_VERIFIER, "prior_prompts": str(PRIOR_TEST),
+            "prior_verifier": PRIOR_VERIFIER, "eval_generation_steps": run["eval_every"],
+            "eval_max_new_tokens": EVAL_MAX_NEW_TOKENS} if run.get("eval_every") else {}),
     )
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     trainer = SDFTTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer, peft_config=peft_config)
@@ -113,15 +145,23 @@ def train_one(model_dir: str, run: dict, output_root: Path) -> dict:
     trainer.train()
     seconds = time.time() - start
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    # The learning curve when --eval-every is set: held-out scores at step 0, every N steps and at the end.
+    curve = [{"step": e["step"], "task": e["eval_task_reward"], "format": e["eval_task_format_rate"],
+              "prior": e.get("eval_prior_reward")} for e in trainer.state.log_history if "eval_task_reward" in e]
     return {**run, "key": run_key(run), "train_seconds": round(seconds, 1), "first_loss": losses[0], "last_loss": losses[-1],
-            **score_sets(trainer.model, tokenizer)}
+            **({"curve": curve} if curve else {}), **score_sets(trainer.model, tokenizer)}
 
 
 def run_key(run: dict) -> str:
     parts = [run["method"], f"lr{run['lr']:g}", f"seed{run['seed']}", f"steps{run['steps']}", f"batch{run['batch']}"]
     if run["method"] == "sdft":
-        template = {COPY_TEMPLATE: "copy"}.get(run["template"], run["template"])
+        template = TEMPLATE_NAMES.get(run["template"], run["template"])
         parts += [f"template-{template}", f"skip{run['skip']}", f"alpha{run['alpha']:g}", f"temp{run['temperature']:g}"]
+        # Settings added after the first sweep: in the key only when not the default, so earlier rows keep their keys.
+        if run.get("teacher", "base") != "base":
+            parts.append(f"teacher-{run['teacher']}")
+        if run.get("lambda_on_policy", 1.0) != 1.0:
+            parts.append(f"lambda{run['lambda_on_policy']:g}")
     return "/".join(parts)
 
 
@@ -140,13 +180,20 @@ def append(path: Path, row: dict) -> None:
 def report(path: Path, plot: Path | None) -> str:
     rows = read_results(path)
     base = next((r for r in rows if r.get("key") == "baseline"), None)
-    runs = [r for r in rows if r.get("key") != "baseline"]
+    teachers = [r for r in rows if r.get("key", "").startswith("teacher-in-context/")]
+    runs = [r for r in rows if r.get("key") != "baseline" and r not in teachers]
     lines = []
     if base:
         b, t = base["base"], base["teacher_in_context"]
         lines.append(f"base model: task exact {b['task']['reward']:.3f}, task format {b['task']['format_rate']:.3f}, "
                      f"prior {b['prior']['reward']:.3f}; with the demonstration in context (teacher): task exact "
                      f"{t['reward']:.3f}, format {t['format_rate']:.3f}")
+    if teachers:
+        lines.append("| teacher template (base model, demonstration in context) | task exact | task format |")
+        lines.append("|---|---|---|")
+        for r in teachers:
+            lines.append(f"| {r['key'].split('/', 1)[1]} | {r['task']['reward']:.3f} | {r['task']['format_rate']:.3f} |")
+        lines.append("")
     lines.append("| run | task exact | task format | prior (capitals) | first -> last loss | train s |")
     lines.append("|---|---|---|---|---|---|")
     for r in sorted(runs, key=lambda r: r["key"]):
@@ -203,15 +250,26 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--template", default=COPY_TEMPLATE, help="SDFT teacher template (paper, expert_reference, or a string)")
+    parser.add_argument("--template", default=COPY_TEMPLATE, help="SDFT teacher template (paper, expert_reference, copy, json, or a string)")
     parser.add_argument("--skip", type=int, default=0, help="SDFT num_loss_tokens_to_skip")
     parser.add_argument("--alpha", type=float, default=0.0, help="SDFT distillation_alpha (0 forward KL, 1 reverse KL)")
     parser.add_argument("--temperature", type=float, default=1.0, help="SDFT rollout temperature")
     parser.add_argument("--max-completion-length", type=int, default=32)
+    parser.add_argument("--teacher", default="base", help="SDFT teacher kind (base, ema, live, initial)")
+    parser.add_argument("--lambda-on-policy", type=float, default=1.0, help="SDFT fraction of on-policy rows (the rest SFT rows)")
+    parser.add_argument("--eval-every", type=int, default=0, help="also record the held-out learning curve every N steps")
+    parser.add_argument("--teacher-templates", default=None,
+                        help="only score the teacher in context with these templates (comma-separated names)")
     parser.add_argument("--report", action="store_true", help="print the table / write the plot from --results only")
     args = parser.parse_args(argv)
     results = Path(args.results)
-    if not args.report:
+    args.template = {name: text for text, name in TEMPLATE_NAMES.items()}.get(args.template, args.template)
+    if args.teacher_templates and not args.report:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+        teacher_in_context(args.model, args.teacher_templates.split(","), results)
+    elif not args.report:
         import torch
 
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -224,7 +282,8 @@ def main(argv=None) -> int:
                 for method in args.methods.split(","):
                     run = {"method": method, "lr": lr, "seed": seed, "steps": args.steps, "batch": args.batch,
                            "template": args.template, "skip": args.skip, "alpha": args.alpha, "temperature": args.temperature,
-                           "max_completion_length": args.max_completion_length}
+                           "max_completion_length": args.max_completion_length, "teacher": args.teacher,
+                           "lambda_on_policy": args.lambda_on_policy, "eval_every": args.eval_every}
                     if run_key(run) in {row.get("key") for row in read_results(results)}:  # another worker may have run it
                         continue
                     row = train_one(args.model, run, REPO / "outputs" / "bench_sft_vs_sdft")

@@ -1,9 +1,9 @@
-"""Learning on a real model (SmolLM2-135M-Instruct, `sd-plugin demo-model`): a test that fails when learning breaks.
+"""Learning on a real model (SmolLM2-135M-Instruct, `sd-plugin demo-model`): tests that fail when learning breaks.
 
-Cross-entropy rows (`lambda_on_policy: 0`, plain SFT through the self-distillation trainer) teach the
-contact-card format: the held-out exact-card score goes from 0 (the prompt does not describe the format)
-to most cards in 16 steps. The same run as `benchmarks/bench_sft_vs_sdft.py`'s sft/lr0.0003/seed0 row
-(0 -> 0.958 on 48 held-out cards), scored here on the first 24. Fixed seed, CPU.
+The contact-card task (sd_plugin.demo_task): a message about a person becomes one line of JSON; the prompt
+does not describe the format, so the base model scores 0. Each test is a run of
+`benchmarks/bench_sft_vs_sdft.py` (same data, LoRA, seed and settings), scored here on the first 24 of its 48
+held-out cards to keep the test short. Fixed seed, CPU, fp32.
 """
 
 from pathlib import Path
@@ -19,10 +19,12 @@ DATA = Path(__file__).resolve().parents[1] / "example_configs" / "assets" / "dat
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 STEPS = 16
+# The teacher template that makes the 135M base model write the card in context (98% of held-out cards,
+# benchmarks/README.md); the paper's template gives 0% on this model.
+JSON_TEMPLATE = "{question}\n\nAnswer with one line of JSON exactly like this:\n{demonstration}"
 
 
-@pytest.mark.slow
-def test_cross_entropy_rows_teach_the_demo_model_the_held_out_task(demo_model_dir, tmp_path):
+def train_on_contact_cards(demo_model_dir, tmp_path, prior: bool = False, **settings):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
@@ -31,17 +33,40 @@ def test_cross_entropy_rows_teach_the_demo_model_the_held_out_task(demo_model_di
     held_out = tmp_path / "contact_test.jsonl"
     held_out.write_text("".join((DATA / "contact_test.jsonl").read_text().splitlines(keepends=True)[:24]))
     records = load_dataset("json", data_files=str(DATA / "contact_train.jsonl"), split="train").remove_columns(["answer"])
+    probe = dict(prior_prompts=str(DATA / "capitals_test.jsonl"), prior_verifier="sd_plugin.demo_task:AnswerContainsVerifier") if prior else {}
     args = SDFTConfig(
-        output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=3e-4,
+        output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=4,
         lr_scheduler_type="constant_with_warmup", warmup_steps=2, seed=0, logging_steps=1, save_strategy="no",
         report_to="none", use_cpu=True, max_completion_length=32, max_prompt_length=256, max_teacher_prompt_length=512,
-        lambda_on_policy=0.0, eval_prompts=str(held_out), eval_verifier="sd_plugin.demo_task:ContactCardVerifier",
-        eval_max_new_tokens=32,
+        eval_prompts=str(held_out), eval_verifier="sd_plugin.demo_task:ContactCardVerifier", eval_max_new_tokens=32,
+        **probe, **settings,
     )
     trainer = SDFTTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer,
                           peft_config=LoraConfig(**LORA))
     trainer.train()
-    scores = {e["step"]: e for e in trainer.state.log_history if "eval_task_reward" in e}
+    return {e["step"]: e for e in trainer.state.log_history if "eval_task_reward" in e}
+
+
+@pytest.mark.slow
+def test_cross_entropy_rows_teach_the_demo_model_the_held_out_task(demo_model_dir, tmp_path):
+    """Plain SFT rows (`lambda_on_policy: 0`): the bench's sft/lr0.0003/seed0 row (0 -> 0.958 on 48 cards)."""
+    scores = train_on_contact_cards(demo_model_dir, tmp_path, lambda_on_policy=0.0, learning_rate=3e-4)
     assert scores[0]["eval_task_reward"] == 0.0 and scores[0]["eval_task_format_rate"] == 0.0
     assert scores[STEPS]["eval_task_format_rate"] >= 0.75
     assert scores[STEPS]["eval_task_reward"] >= 0.5
+
+
+@pytest.mark.slow
+def test_sdft_teaches_the_demo_model_the_held_out_task_and_keeps_the_prior(demo_model_dir, tmp_path):
+    """On-policy SDFT, the base model with the demonstration in context as teacher: the bench's
+    sdft/lr0.001/seed0/.../template-json row (task 0 -> 0.646 exact, 0.833 format on 48 cards; capitals
+    0.750 -> 0.906). The student never sees a demonstration token as a target, only the teacher's
+    distribution over its own samples, so a rise here is the self-distillation signal at work."""
+    scores = train_on_contact_cards(demo_model_dir, tmp_path, prior=True, learning_rate=1e-3, teacher="base",
+                                    teacher_template=JSON_TEMPLATE, num_loss_tokens_to_skip=0, distillation_alpha=0.0)
+    before, after = scores[0], scores[STEPS]
+    assert before["eval_task_reward"] == 0.0 and before["eval_task_format_rate"] == 0.0
+    assert after["eval_task_format_rate"] >= 0.4, after
+    assert after["eval_task_reward"] >= 0.25, after
+    # What it knew: capitals answered no worse than before training (SFT at this learning rate: 0.75 -> 0.41).
+    assert after["eval_prior_reward"] >= before["eval_prior_reward"] - 0.07, (before, after)
