@@ -204,8 +204,8 @@ def make_trainer(spec: dict, tokenizer, *, hidden_size: int, num_layers: int, pr
     rollout_module.sampling_generation_config = exact_length_config
     args = SDFTConfig(**common, max_prompt_length=prompt_tokens,
                       max_teacher_prompt_length=max(len(r["teacher_input_ids"]) for r in our_rows),
-                      rollout_temperature=1.0, rollout_top_p=1.0, distillation_mode=spec["mode"],
-                      teacher="base", loss_chunk_size=spec["loss_chunk_size"])
+                      temperature=1.0, top_p=1.0, distillation_mode=spec["mode"] + "_logits",
+                      teacher_model_kind="base", loss_chunk_size=spec["loss_chunk_size"])
     return SDFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(our_rows),
                        processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
 
@@ -269,7 +269,7 @@ def loss_worker(spec: dict) -> dict:
     rss_before = current_rss_bytes()
     start = time.perf_counter()
     out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, chunk_size=spec["loss_chunk_size"],
-                                    alpha=ALPHA, mode=spec["mode"], topk=TOPK if spec["mode"] == "topk" else None,
+                                    alpha=ALPHA, mode=spec["mode"] + "_logits", topk=TOPK if spec["mode"] == "topk" else None,
                                     sampled_ids=sampled, reduction="sequence", skip_first=SKIP_TOKENS)
     out.loss.backward()
     elapsed = time.perf_counter() - start

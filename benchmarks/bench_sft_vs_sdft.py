@@ -103,8 +103,8 @@ def train_one(model_dir: str, run: dict, output_root: Path) -> dict:
         learning_rate=run["lr"], lr_scheduler_type="constant_with_warmup", warmup_steps=2, seed=run["seed"],
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
         max_completion_length=run["max_completion_length"], max_prompt_length=256, max_teacher_prompt_length=512,
-        teacher="base", teacher_template=run["template"], distillation_alpha=run["alpha"],
-        num_loss_tokens_to_skip=run["skip"], rollout_temperature=run["temperature"],
+        teacher_model_kind="base", teacher_template=run["template"], distillation_alpha=run["alpha"],
+        num_loss_tokens_to_skip=run["skip"], temperature=run["temperature"],
         lambda_on_policy=0.0 if sft else 1.0,
     )
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")

@@ -8,9 +8,9 @@ Notation (per completion position t): s = log_softmax(student_logits / T), q = l
   (1 - alpha) KL(student || m) + alpha KL(teacher || m)   (SDPO)
   family "mixed": (1 - alpha) forward KL + alpha reverse KL   (SD-Zero; NeMo-RL kl_type=mixed)
 
-Supports ("modes"): "full" vocabulary; "topk" (K indices from the student's or the teacher's logits, both
+Supports ("modes"): "full_logits" (the whole vocabulary); "topk_logits" (K indices from the student's or the teacher's logits, both
 distributions renormalized over them, or kept unnormalized plus one tail bucket holding the rest of the
-mass); "sampled" (only the sampled token's log-probs: the REINFORCE-style reverse-KL estimator
+mass); "sampled_token" (only the sampled token's log-probs: the REINFORCE-style reverse-KL estimator
 stopgrad(s_y - q_y) * s_y, valid for alpha = 1 only).
 
 `divergence` is the readable reference on logits. `chunked_distillation_loss` computes the same weighted
@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-MODES = ("full", "topk", "sampled")
+MODES = ("full_logits", "topk_logits", "sampled_token")
 SUPPORTS = ("student", "teacher")
 REDUCTIONS = ("token", "sequence")
 FAMILIES = ("jsd", "mixed")
@@ -41,7 +41,7 @@ class DivergenceOptions:
     """The options shared by `divergence` and `chunked_distillation_loss` (validated on construction)."""
 
     alpha: float = 0.0
-    mode: str = "full"
+    mode: str = "full_logits"
     topk: int | None = None
     support: str = "student"
     add_tail: bool = False
@@ -59,15 +59,15 @@ class DivergenceOptions:
             raise ValueError(f"divergence must be one of {FAMILIES}, got {self.family!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.mode == "topk" and (self.topk is None or self.topk < 1):
-            raise ValueError(f"mode='topk' needs topk >= 1, got {self.topk}")
-        if self.mode == "sampled" and self.alpha != 1.0:
+        if self.mode == "topk_logits" and (self.topk is None or self.topk < 1):
+            raise ValueError(f"mode='topk_logits' needs topk >= 1, got {self.topk}")
+        if self.mode == "sampled_token" and self.alpha != 1.0:
             raise ValueError(
-                f"mode='sampled' estimates the reverse KL only: it needs alpha=1.0, got alpha={self.alpha}"
+                f"mode='sampled_token' estimates the reverse KL only: it needs alpha=1.0, got alpha={self.alpha}"
             )
 
     def check_vocab(self, vocab_size: int) -> None:
-        if self.mode == "topk" and self.topk > vocab_size:
+        if self.mode == "topk_logits" and self.topk > vocab_size:
             raise ValueError(f"topk={self.topk} is larger than the vocabulary ({vocab_size} tokens)")
 
 
@@ -124,9 +124,9 @@ def _token_terms(
     if sampled_ids is not None:
         teacher_token = teacher_logprobs.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
 
-    if options.mode == "full":
+    if options.mode == "full_logits":
         per_token = alpha_divergence(student_logprobs, teacher_logprobs, options.alpha, options.family)
-    elif options.mode == "topk":
+    elif options.mode == "topk_logits":
         source = student_logits if options.support == "student" else teacher_logits
         index = source.detach().topk(options.topk, dim=-1).indices
         student_k, teacher_k = topk_distributions(student_logprobs.gather(-1, index), teacher_logprobs.gather(-1, index),
@@ -134,7 +134,7 @@ def _token_terms(
         per_token = alpha_divergence(student_k, teacher_k, options.alpha, options.family)
     else:  # sampled
         if sampled_ids is None:
-            raise ValueError("mode='sampled' needs sampled_ids (the completion token ids)")
+            raise ValueError("mode='sampled_token' needs sampled_ids (the completion token ids)")
         per_token = (student_token - teacher_token).detach() * student_token
     return per_token, student_token, teacher_token
 
@@ -144,7 +144,7 @@ def divergence(
     teacher_logits: torch.Tensor,
     *,
     alpha: float,
-    mode: str = "full",
+    mode: str = "full_logits",
     topk: int | None = None,
     support: str = "student",
     add_tail: bool = False,
@@ -156,12 +156,12 @@ def divergence(
 
     Args:
         alpha: 0 forward KL, 1 reverse KL, in between generalized JSD.
-        mode: "full", "topk" or "sampled" (see the module docstring).
-        topk: size of the top-K support (mode "topk").
+        mode: "full_logits", "topk_logits" or "sampled_token" (see the module docstring).
+        topk: size of the top-K support (mode "topk_logits").
         support: whose top-K indices are used, "student" (TRL, SDPO) or "teacher" (Tinker, SD-Zero).
         add_tail: keep the mass outside the top-K as one extra bucket instead of renormalizing.
         temperature: both logits are divided by it before the softmax.
-        sampled_ids: the completion token ids [...], needed for mode "sampled".
+        sampled_ids: the completion token ids [...], needed for mode "sampled_token".
         family: for 0 < alpha < 1, "jsd" (generalized JSD) or "mixed" ((1 - alpha) forward + alpha reverse KL).
     """
     options = DivergenceOptions(alpha, mode, topk, support, add_tail, temperature, family)
@@ -263,7 +263,7 @@ def _chunk_loss_and_logit_grad(
     if teacher_hidden is not None:
         teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
     topk_index = None
-    if options.mode == "topk" and teacher_logits is not None:
+    if options.mode == "topk_logits" and teacher_logits is not None:
         source = student_logits if options.support == "student" else teacher_logits
         topk_index = source.topk(options.topk, dim=-1).indices
     student_logprobs = _log_probs(student_logits, temperature)
@@ -287,13 +287,13 @@ def _chunk_loss_and_logit_grad(
     if teacher_logprobs is None:
         per_token = torch.zeros_like(student_logprobs[..., 0])
         probs = student_logprobs.exp_()
-    elif options.mode == "full" and options.alpha == 1.0:
+    elif options.mode == "full_logits" and options.alpha == 1.0:
         gap = teacher_logprobs.sub_(student_logprobs).neg_()  # s - q
         probs = student_logprobs.exp_()
         value = _rowdot(probs, gap)
         direction = gap.sub_(value.unsqueeze(-1)).mul_(probs)
         per_token = leaves["divergence"] = value.requires_grad_(need_grad)
-    elif options.mode == "full" and options.alpha == 0.0:
+    elif options.mode == "full_logits" and options.alpha == 0.0:
         gap = teacher_logprobs - student_logprobs  # q - s
         teacher_probs = teacher_logprobs.exp_()
         value = _rowdot(teacher_probs, gap)
@@ -301,7 +301,7 @@ def _chunk_loss_and_logit_grad(
         probs = student_logprobs.exp_()
         direction = teacher_probs.neg_().add_(probs)  # p - e^q
         per_token = leaves["divergence"] = value.requires_grad_(need_grad)
-    elif options.mode == "full" and options.family == "mixed":
+    elif options.mode == "full_logits" and options.family == "mixed":
         alpha = options.alpha
         gap = student_logprobs - teacher_logprobs  # s - q
         teacher_probs = teacher_logprobs.exp_()
@@ -314,7 +314,7 @@ def _chunk_loss_and_logit_grad(
         del teacher_probs
         value = (1.0 - alpha) * forward + alpha * reverse
         per_token = leaves["divergence"] = value.requires_grad_(need_grad)
-    elif options.mode == "full":
+    elif options.mode == "full_logits":
         alpha = options.alpha
         mixture = student_logprobs + math.log(1.0 - alpha)
         torch.logaddexp(mixture, teacher_logprobs + math.log(alpha), out=mixture)
@@ -328,7 +328,7 @@ def _chunk_loss_and_logit_grad(
         divergence_scale = 1.0 - alpha
         value = (1.0 - alpha) * kl_student + alpha * kl_teacher
         per_token = leaves["divergence"] = value.requires_grad_(need_grad)
-    elif options.mode == "topk":
+    elif options.mode == "topk_logits":
         student_k = student_logprobs.gather(-1, topk_index).requires_grad_(need_grad)
         teacher_k = teacher_logprobs.gather(-1, topk_index)
         leaves["topk"] = student_k
@@ -338,7 +338,7 @@ def _chunk_loss_and_logit_grad(
             per_token = alpha_divergence(student_side, teacher_side, options.alpha, options.family)
     else:  # sampled
         if sampled_ids is None:
-            raise ValueError("mode='sampled' needs sampled_ids (the completion token ids)")
+            raise ValueError("mode='sampled_token' needs sampled_ids (the completion token ids)")
         probs = student_logprobs.exp_()
         per_token = None  # built below from the sampled-token leaf
     del teacher_logprobs
@@ -462,7 +462,7 @@ def chunked_distillation_loss(
     *,
     chunk_size: int = 1024,
     alpha: float = 0.0,
-    mode: str = "full",
+    mode: str = "full_logits",
     topk: int | None = None,
     support: str = "student",
     add_tail: bool = False,
@@ -471,7 +471,7 @@ def chunked_distillation_loss(
     reduction: str = "token",
     skip_first: int = 0,
     old_logprobs: torch.Tensor | None = None,
-    importance_sampling_clip: float = 2.0,
+    distillation_is_clip: float = 2.0,
     ce_mask: torch.Tensor | None = None,
     lm_head_bias: torch.Tensor | None = None,
     teacher_lm_head_weight: torch.Tensor | None = None,
@@ -483,9 +483,9 @@ def chunked_distillation_loss(
 
     student_hidden / teacher_hidden: [B, T, H] hidden states at the positions that predict the completion
     tokens (teacher_hidden is used without gradient; None means cross-entropy only). mask: [B, T].
-    sampled_ids: [B, T] completion token ids (mode "sampled", cross-entropy rows, importance sampling and
+    sampled_ids: [B, T] completion token ids (mode "sampled_token", cross-entropy rows, importance sampling and
     the logged log-prob gap need them). old_logprobs: [B, T] log-probs of the sampling policy; when given,
-    each token's loss is multiplied by min(exp(s_y - old_y), importance_sampling_clip). ce_mask: [B, T] bool,
+    each token's loss is multiplied by min(exp(s_y - old_y), distillation_is_clip). ce_mask: [B, T] bool,
     tokens that get next-token cross-entropy (-s_y) instead of the divergence. Other options as in
     `divergence`; reduction, skip_first and normalizer as in `loss_token_weights`.
 
@@ -496,9 +496,9 @@ def chunked_distillation_loss(
     options.check_vocab(lm_head_weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    needs_ids = mode == "sampled" or old_logprobs is not None or ce_mask is not None
+    needs_ids = mode == "sampled_token" or old_logprobs is not None or ce_mask is not None
     if needs_ids and sampled_ids is None:
-        raise ValueError("sampled_ids are needed for mode='sampled', old_logprobs and ce_mask")
+        raise ValueError("sampled_ids are needed for mode='sampled_token', old_logprobs and ce_mask")
 
     # Cross-entropy rows are plain SFT: every token, temperature 1, no importance weight (the skip and the
     # temperature belong to the distillation term only).
@@ -527,7 +527,7 @@ def chunked_distillation_loss(
         return _ChunkedDistillation.apply(
             student_rows, lm_head_weight, lm_head_bias, teacher, teacher_lm_head_weight.detach(), teacher_bias,
             flat_weights[selected], pick(flat_ids, selected), pick(old, selected), ce, run_options,
-            importance_sampling_clip, chunk_size, selected.nonzero().squeeze(-1),
+            distillation_is_clip, chunk_size, selected.nonzero().squeeze(-1),
         )
 
     distilled, cross_entropy = in_loss & ~is_ce, in_loss & is_ce
@@ -582,7 +582,7 @@ def liger_distillation_loss(
     teacher_lm_head_bias: torch.Tensor | None = None,
     normalizer: float | None = None,
 ) -> DistillationOutput:
-    """`chunked_distillation_loss(mode="full")` through Liger-Kernel's fused linear JSD (the GPU fast path).
+    """`chunked_distillation_loss(mode="full_logits")` through Liger-Kernel's fused linear JSD (the GPU fast path).
 
     Liger's generalized JSD uses the same convention as `alpha_divergence` (beta 0 = forward KL, 1 = reverse
     KL) and averages over the tokens it is given, so only the tokens in the loss are passed: once for

@@ -10,7 +10,7 @@ from sd_plugin.losses import chunked_distillation_loss, divergence, loss_token_w
 
 
 # ---------------------------------------------------------------- naive reference (loops over positions)
-def naive_per_token(student_logits, teacher_logits, *, alpha, mode="full", topk=None, support="student",
+def naive_per_token(student_logits, teacher_logits, *, alpha, mode="full_logits", topk=None, support="student",
                     add_tail=False, temperature=1.0, sampled_ids=None, family="jsd"):
     student_logits = student_logits.double() / temperature
     teacher_logits = teacher_logits.double() / temperature
@@ -21,11 +21,11 @@ def naive_per_token(student_logits, teacher_logits, *, alpha, mode="full", topk=
     for row in range(flat_s.shape[0]):
         p_s = torch.softmax(flat_s[row], -1)
         p_t = torch.softmax(flat_t[row], -1)
-        if mode == "sampled":
+        if mode == "sampled_token":
             log_s, log_t = p_s[ids[row]].log(), p_t[ids[row]].log()
             out.append((log_s - log_t).detach() * log_s)
             continue
-        if mode == "topk":
+        if mode == "topk_logits":
             source = flat_s[row] if support == "student" else flat_t[row]
             index = torch.argsort(source.detach(), descending=True)[:topk]
             if add_tail:
@@ -63,17 +63,17 @@ def naive_reduced(per_token, mask, reduction, skip_first=0):
 
 
 CASES = [
-    dict(alpha=0.0, mode="full"),
-    dict(alpha=1.0, mode="full"),
-    dict(alpha=0.5, mode="full"),
-    dict(alpha=0.3, mode="full", temperature=0.7),
-    dict(alpha=0.0, mode="topk", topk=5, support="student"),
-    dict(alpha=1.0, mode="topk", topk=5, support="teacher"),
-    dict(alpha=0.5, mode="topk", topk=7, support="student", add_tail=True),
-    dict(alpha=0.5, mode="topk", topk=7, support="teacher", add_tail=True),
-    dict(alpha=0.5, mode="full", family="mixed"),
-    dict(alpha=0.3, mode="topk", topk=7, support="teacher", family="mixed"),
-    dict(alpha=1.0, mode="sampled"),
+    dict(alpha=0.0, mode="full_logits"),
+    dict(alpha=1.0, mode="full_logits"),
+    dict(alpha=0.5, mode="full_logits"),
+    dict(alpha=0.3, mode="full_logits", temperature=0.7),
+    dict(alpha=0.0, mode="topk_logits", topk=5, support="student"),
+    dict(alpha=1.0, mode="topk_logits", topk=5, support="teacher"),
+    dict(alpha=0.5, mode="topk_logits", topk=7, support="student", add_tail=True),
+    dict(alpha=0.5, mode="topk_logits", topk=7, support="teacher", add_tail=True),
+    dict(alpha=0.5, mode="full_logits", family="mixed"),
+    dict(alpha=0.3, mode="topk_logits", topk=7, support="teacher", family="mixed"),
+    dict(alpha=1.0, mode="sampled_token"),
 ]
 
 
@@ -110,13 +110,13 @@ def test_token_weights_match_naive_reduction(reduction, skip_first):
 
 
 CHUNK_CASES = [
-    dict(alpha=0.0, mode="full", reduction="token"),
-    dict(alpha=1.0, mode="full", reduction="sequence", skip_first=3),
-    dict(alpha=0.5, mode="topk", topk=6, support="student", add_tail=True),
-    dict(alpha=0.5, mode="topk", topk=6, support="teacher", temperature=1.3),
-    dict(alpha=0.3, mode="full", family="mixed", temperature=1.3),
-    dict(alpha=0.5, mode="topk", topk=64 // 8, support="teacher", family="mixed"),
-    dict(alpha=1.0, mode="sampled"),
+    dict(alpha=0.0, mode="full_logits", reduction="token"),
+    dict(alpha=1.0, mode="full_logits", reduction="sequence", skip_first=3),
+    dict(alpha=0.5, mode="topk_logits", topk=6, support="student", add_tail=True),
+    dict(alpha=0.5, mode="topk_logits", topk=6, support="teacher", temperature=1.3),
+    dict(alpha=0.3, mode="full_logits", family="mixed", temperature=1.3),
+    dict(alpha=0.5, mode="topk_logits", topk=64 // 8, support="teacher", family="mixed"),
+    dict(alpha=1.0, mode="sampled_token"),
 ]
 
 
@@ -160,7 +160,7 @@ def test_chunked_importance_clip_and_cross_entropy_rows():
     ce_mask = torch.zeros(2, 6, dtype=torch.bool)
     ce_mask[1] = True
     out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, chunk_size=5, alpha=0.0,
-                                    sampled_ids=ids, old_logprobs=old, importance_sampling_clip=2.0,
+                                    sampled_ids=ids, old_logprobs=old, distillation_is_clip=2.0,
                                     ce_mask=ce_mask)
     out.loss.backward()
 
@@ -215,7 +215,7 @@ def test_matches_trl_sdft_helpers(alpha, topk, add_tail):
     else:
         trl = loss_utils.compute_topk_self_distillation_loss(
             student, teacher, distillation_topk=topk, distillation_alpha=alpha, distillation_add_tail=add_tail)
-        ours = divergence(student, teacher, alpha=alpha, mode="topk", topk=topk, add_tail=add_tail)
+        ours = divergence(student, teacher, alpha=alpha, mode="topk_logits", topk=topk, add_tail=add_tail)
     torch.testing.assert_close(ours, trl, atol=1e-5, rtol=1e-5)
 
 
@@ -226,7 +226,7 @@ def test_matches_trl_sampled_token_helper():
     teacher = torch.randn(2, 3, 25)
     ids = torch.randint(0, 25, (2, 3))
     trl = loss_utils.compute_sampled_token_self_distillation_loss(student, teacher, ids, distillation_alpha=1.0)
-    ours = divergence(student, teacher, alpha=1.0, mode="sampled", sampled_ids=ids)
+    ours = divergence(student, teacher, alpha=1.0, mode="sampled_token", sampled_ids=ids)
     torch.testing.assert_close(ours, trl)
     (trl_grad,) = torch.autograd.grad(trl.sum(), student)
     (our_grad,) = torch.autograd.grad(ours.sum(), student)
@@ -237,9 +237,9 @@ def test_matches_trl_sampled_token_helper():
     "kwargs,match",
     [
         (dict(alpha=1.5), "alpha"),
-        (dict(alpha=0.5, mode="sampled"), "alpha=1.0"),
-        (dict(alpha=0.0, mode="topk", topk=99), "larger than the vocabulary"),
-        (dict(alpha=0.0, mode="topk"), "topk"),
+        (dict(alpha=0.5, mode="sampled_token"), "alpha=1.0"),
+        (dict(alpha=0.0, mode="topk_logits", topk=99), "larger than the vocabulary"),
+        (dict(alpha=0.0, mode="topk_logits"), "topk"),
         (dict(alpha=0.0, mode="nope"), "mode"),
     ],
 )

@@ -14,10 +14,12 @@ from transformers import TrainingArguments
 
 from sd_plugin.contexts import resolve_template, tokenize_sdft
 from sd_plugin.data import Columns, sdft_record
+from sd_plugin.deprecated import accepts_deprecated_names
 from sd_plugin.rollout import Rollouts
 from sd_plugin.trainers.base import SelfDistillationOptions, SelfDistillationTrainer, StepBatch, right_pad, tokenize_rows
 
 
+@accepts_deprecated_names
 @dataclass
 class SDFTOptions(SelfDistillationOptions):
     """SDFT's options on top of the shared ones (paper defaults: forward KL, per-sequence mean, skip 3)."""
@@ -40,6 +42,7 @@ class SDFTOptions(SelfDistillationOptions):
             raise ValueError(f"lambda_on_policy must be in [0, 1], got {self.lambda_on_policy}")
 
 
+@accepts_deprecated_names
 @dataclass
 class SDFTConfig(SDFTOptions, TrainingArguments):
     """Training arguments for `SDFTTrainer`: `transformers.TrainingArguments` plus `SDFTOptions`."""
