@@ -12,7 +12,7 @@ from peft import LoraConfig
 
 from sd_plugin import SDPOConfig, SDPOTrainer
 from sd_plugin.contexts import SDPO_FEEDBACK, SDPO_SOLUTION
-from sd_plugin.losses import chunked_token_logprobs, group_advantages, grpo_loss
+from sd_plugin.grpo import chunked_token_logprobs, group_advantages, grpo_loss
 from sd_plugin.rollout import Rollouts
 from sd_plugin.testing import build_model
 from sd_plugin.trainers import base as base_module
@@ -198,8 +198,8 @@ def test_grpo_loss_matches_naive_value_and_gradient(reduction):
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0], dtype=torch.float64)
     old = naive_token_logprobs(hidden, weight, ids).detach() + 0.3 * torch.randn(rows, length, dtype=torch.float64)
 
-    ours_lp = chunked_token_logprobs(hidden, weight, ids, mask, chunk_size=4)
-    loss, clip_fraction = grpo_loss(ours_lp, old, group_advantages(rewards, 3), mask, epsilon=0.2, reduction=reduction)
+    ours_lp = chunked_token_logprobs(hidden, weight, ids, mask, loss_chunk_size=4)
+    loss, clip_fraction = grpo_loss(ours_lp, old, group_advantages(rewards, 3), mask, epsilon=0.2, loss_reduction=reduction)
     grads = torch.autograd.grad(loss, (hidden, weight))
     naive = naive_grpo(naive_token_logprobs(hidden, weight, ids), old, rewards, 3, mask, 0.2, reduction)
     naive_grads = torch.autograd.grad(naive, (hidden, weight))
@@ -228,7 +228,7 @@ def test_grpo_loss_matches_trl_sdpo_policy_loss():
         inputs = {"completion_ids": ids, "completion_mask": mask, "old_per_token_logps": old, "advantages": advantages}
         theirs = TRLSDPOTrainer._compute_policy_loss(fake, inputs, logits)
         logprobs = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        ours, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, reduction=reduction)
+        ours, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, loss_reduction=reduction)
         torch.testing.assert_close(ours, theirs)
         torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(theirs, logits)[0])
 

@@ -1,6 +1,7 @@
 """SD-Zero: revision collection (scripted policy), the SRT rows and loss, the distill teacher input and loss
 mask, every option's effect, the Axolotl strategy and configs (end-to-end runs are slow)."""
 
+import dataclasses
 import copy
 import json
 import math
@@ -465,7 +466,8 @@ def spy_loss(monkeypatch):
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
-        seen.append({"mask": args[3].clone(), "loss": out.loss.item(), **{k: kwargs[k] for k in ("alpha", "mode", "topk", "support", "add_tail", "reduction", "skip_first")}})
+        seen.append({"mask": args[3].clone(), "loss": out.loss.item(), **dataclasses.asdict(args[4]),
+                     **{k: kwargs[k] for k in ("loss_reduction", "num_loss_tokens_to_skip")}})
         return out
 
     monkeypatch.setattr(base_module, "chunked_distillation_loss", spy)
@@ -494,7 +496,8 @@ def test_distill_teacher_sees_prompt_response_phrase_and_scores_the_second_copy(
     assert torch.equal(student_ids, teacher_ids) and torch.equal(student_mask, teacher_mask)
     (call,) = loss_calls
     assert torch.equal(call["mask"], student_mask)  # the whole second copy (eos included), no token skipped
-    assert (call["alpha"], call["mode"], call["topk"], call["support"], call["add_tail"], call["reduction"], call["skip_first"]) == \
+    assert (call["distillation_alpha"], call["distillation_mode"], call["distillation_topk"], call["distillation_support"],
+            call["distillation_add_tail"], call["loss_reduction"], call["num_loss_tokens_to_skip"]) == \
         (0.5, "topk_logits", 64, "teacher", False, "token", 0)
     assert trainer.state.log_history[0]["correct_fraction"] == 0.5
 

@@ -27,15 +27,8 @@ from sd_plugin.completions_log import CompletionsLog
 from sd_plugin.contexts import render_ids
 from sd_plugin.data import Columns, RecordError, end_of_turn_ids, prompt_record
 from sd_plugin.deprecated import accepts_deprecated_names
-from sd_plugin.losses import (
-    DivergenceOptions,
-    chunked_distillation_loss,
-    importance_weights,
-    liger_available,
-    liger_distillation_loss,
-    loss_token_mask,
-    loss_units,
-)
+from sd_plugin.liger import liger_available, liger_distillation_loss
+from sd_plugin.losses import DivergenceOptions, chunked_distillation_loss, importance_weights, loss_token_mask, loss_units
 from sd_plugin.redact import redact_secrets
 from sd_plugin.rollout import Rollouts, SamplingOptions, generate_rollouts
 from sd_plugin.teacher import KINDS as TEACHER_KINDS
@@ -112,14 +105,13 @@ class SelfDistillationOptions:
     def __str__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{key}={value!r}' for key, value in sorted(self.to_dict().items()))})"
 
+    def divergence_options(self) -> DivergenceOptions:
+        """The loss's `DivergenceOptions`: the `distillation_*` options under the same names (validated)."""
+        return DivergenceOptions(**{f.name: getattr(self, f.name) for f in fields(DivergenceOptions)})
+
     def check(self) -> None:
         """Reject contradictory options before any training step (messages name the key)."""
-        try:
-            DivergenceOptions(self.distillation_alpha, self.distillation_mode, self.distillation_topk,
-                              self.distillation_support, self.distillation_add_tail, self.distillation_temperature,
-                              self.distillation_divergence)
-        except ValueError as error:  # its messages say "alpha", "mode", ...: name the option's key
-            raise ValueError(f"distillation_{error}") from None
+        self.divergence_options()
         for key in ("temperature", "distillation_temperature", "distillation_is_clip"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
                 raise ValueError(f"{key} must be a finite number > 0, got {getattr(self, key)}")
@@ -383,6 +375,7 @@ class SelfDistillationTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         self.options = options_from_args(args, self.options_class)
+        self.divergence_options = self.options.divergence_options()
         # The batch has no labels and the loss is a mean per micro-batch: let Trainer divide by accumulation.
         args.remove_unused_columns = False
         if train_dataset is not None:
@@ -464,8 +457,7 @@ class SelfDistillationTrainer(Trainer):
 
     def check_against_model(self) -> None:
         vocab = output_head(self.model)[0].shape[0]  # also refuses LoRA on lm_head
-        DivergenceOptions(self.options.distillation_alpha, self.options.distillation_mode, self.options.distillation_topk,
-                          self.options.distillation_support).check_vocab(vocab)
+        self.divergence_options.check_vocab(vocab)
 
     def prepare_step(self, model, inputs) -> StepBatch:
         """Sample and score one micro-batch, and build its teacher prompts: everything before the forwards."""
@@ -500,7 +492,7 @@ class SelfDistillationTrainer(Trainer):
         for inputs in group.batches:
             own = {k: v for k, v in inputs.items() if k not in ("sd_step_group", "sd_micro_batch")}
             step = self.prepare_step(model, self._prepare_inputs(own))
-            mask = loss_token_mask(step.loss_mask(), skip_first=self.options.num_loss_tokens_to_skip, unskipped_rows=step.ce_rows)
+            mask = loss_token_mask(step.loss_mask(), num_loss_tokens_to_skip=self.options.num_loss_tokens_to_skip, unskipped_rows=step.ce_rows)
             units += loss_units(mask, self.options.loss_reduction)
             steps.append(step)
         total = torch.tensor(float(units), device=self.accelerator.device)
@@ -548,23 +540,19 @@ class SelfDistillationTrainer(Trainer):
         teacher_weight, teacher_bias = teacher_head if teacher_head is not None else (None, None)
         o = self.options
         ce_mask = batch.ce_rows.unsqueeze(-1).expand_as(loss_mask)
+        # Both losses take the options under their own names; the rest is this step's tensors.
+        shape = dict(loss_chunk_size=o.loss_chunk_size, loss_reduction=o.loss_reduction,
+                     num_loss_tokens_to_skip=o.num_loss_tokens_to_skip)
+        heads = dict(lm_head_bias=head_bias, teacher_lm_head_weight=teacher_weight, teacher_lm_head_bias=teacher_bias,
+                     normalizer=batch.loss_normalizer)
         if distilled.any() and self.use_liger_loss(student_hidden, batch):
-            out = liger_distillation_loss(
-                student_hidden, teacher_hidden, head_weight, loss_mask, alpha=o.distillation_alpha,
-                temperature=o.distillation_temperature, chunk_size=o.loss_chunk_size, reduction=o.loss_reduction,
-                skip_first=o.num_loss_tokens_to_skip, lm_head_bias=head_bias, teacher_lm_head_weight=teacher_weight,
-                teacher_lm_head_bias=teacher_bias, normalizer=batch.loss_normalizer,
-            )
+            out = liger_distillation_loss(student_hidden, teacher_hidden, head_weight, loss_mask, self.divergence_options,
+                                          **shape, **heads)
         else:
             out = chunked_distillation_loss(
-                student_hidden, teacher_hidden, head_weight, loss_mask,
-                chunk_size=o.loss_chunk_size, alpha=o.distillation_alpha, mode=o.distillation_mode, topk=o.distillation_topk,
-                support=o.distillation_support, add_tail=o.distillation_add_tail, temperature=o.distillation_temperature,
-                sampled_ids=rollouts.completion_ids, reduction=o.loss_reduction, skip_first=o.num_loss_tokens_to_skip,
-                old_logprobs=rollouts.old_logprobs, distillation_is_clip=o.distillation_is_clip,
-                ce_mask=ce_mask if batch.ce_rows.any() else None, lm_head_bias=head_bias,
-                teacher_lm_head_weight=teacher_weight, teacher_lm_head_bias=teacher_bias, normalizer=batch.loss_normalizer,
-                family=o.distillation_divergence,
+                student_hidden, teacher_hidden, head_weight, loss_mask, self.divergence_options, **shape, **heads,
+                sampled_ids=rollouts.completion_ids, old_logprobs=rollouts.old_logprobs,
+                distillation_is_clip=o.distillation_is_clip, ce_mask=ce_mask if batch.ce_rows.any() else None,
             )
         if self.options.debug_numerics and mode == "train":
             self.check_divergence_values(out)
@@ -598,7 +586,7 @@ class SelfDistillationTrainer(Trainer):
             metrics["completions/clipped_ratio"].append(rollouts.truncated[on_policy].float().mean().item())
         metrics["on_policy_fraction"].append(on_policy.float().mean().item())
         # Diagnostics come back for the tokens in the loss, in row-major order.
-        in_loss = loss_token_mask(loss_mask, skip_first=self.options.num_loss_tokens_to_skip, unskipped_rows=batch.ce_rows)
+        in_loss = loss_token_mask(loss_mask, num_loss_tokens_to_skip=self.options.num_loss_tokens_to_skip, unskipped_rows=batch.ce_rows)
         if out.per_token_divergence is None:  # the Liger path: distilled rows only, loss only
             return
         # `kl` and `ce_loss` split the loss by kind of row. Only SDFT with lambda_on_policy < 1 mixes both

@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 from sd_plugin.contexts import render_ids, sdpo_teacher_messages
 from sd_plugin.data import completion_text
 from sd_plugin.deprecated import accepts_deprecated_names
-from sd_plugin.losses import chunked_token_logprobs, group_advantages, grpo_loss
+from sd_plugin.grpo import chunked_token_logprobs, group_advantages, grpo_loss
 from sd_plugin.teacher import output_head
 from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch, tokenize_prompt_rows
 from sd_plugin.verifiers import load_verifier, safe_verify
@@ -209,12 +209,12 @@ class SDPOTrainer(SelfDistillationTrainer):
         rollouts = batch.rollouts
         head_weight, head_bias = output_head(self.accelerator.unwrap_model(model))
         logprobs = chunked_token_logprobs(batch.student_hidden, head_weight, rollouts.completion_ids,
-                                          rollouts.completion_mask, chunk_size=o.loss_chunk_size, lm_head_bias=head_bias)
+                                          rollouts.completion_mask, loss_chunk_size=o.loss_chunk_size, lm_head_bias=head_bias)
         # On-policy rollouts: the ratio is 1 in value and the clip only matters for rollouts from another engine.
         old_logprobs = rollouts.old_logprobs if rollouts.old_logprobs is not None else logprobs.detach()
         advantages = group_advantages(batch.scored.rewards.to(logprobs.device), o.num_generations)
         policy_loss, clip_fraction = grpo_loss(logprobs, old_logprobs, advantages, rollouts.completion_mask,
-                                               epsilon=o.epsilon, reduction=o.loss_reduction)
+                                               epsilon=o.epsilon, loss_reduction=o.loss_reduction)
         metrics["clip_fraction"].append(clip_fraction.item())
         if o.sdpo_mode == "policy":
             return policy_loss
