@@ -204,8 +204,8 @@ def make_trainer(spec: dict, tokenizer, *, hidden_size: int, num_layers: int, pr
     rollout_module.sampling_generation_config = exact_length_config
     args = SDFTConfig(**common, max_prompt_length=prompt_tokens,
                       max_teacher_prompt_length=max(len(r["teacher_input_ids"]) for r in our_rows),
-                      rollout_temperature=1.0, rollout_top_p=1.0, distillation_mode=spec["mode"],
-                      teacher="base", loss_chunk_size=spec["loss_chunk_size"])
+                      temperature=1.0, top_p=1.0, distillation_mode=spec["mode"] + "_logits",
+                      teacher_model_kind="base", loss_chunk_size=spec["loss_chunk_size"])
     return SDFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(our_rows),
                        processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
 
@@ -253,7 +253,7 @@ def loss_worker(spec: dict) -> dict:
     """Peak RSS of `chunked_distillation_loss` forward + backward at one completion length (own subprocess)."""
     import torch
 
-    from sd_plugin.losses import chunked_distillation_loss
+    from sd_plugin.losses import DivergenceOptions, chunked_distillation_loss
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -268,9 +268,11 @@ def loss_worker(spec: dict) -> dict:
     reset_peak_rss()
     rss_before = current_rss_bytes()
     start = time.perf_counter()
-    out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, chunk_size=spec["loss_chunk_size"],
-                                    alpha=ALPHA, mode=spec["mode"], topk=TOPK if spec["mode"] == "topk" else None,
-                                    sampled_ids=sampled, reduction="sequence", skip_first=SKIP_TOKENS)
+    options = DivergenceOptions(distillation_alpha=ALPHA, distillation_mode=spec["mode"] + "_logits",
+                                distillation_topk=TOPK if spec["mode"] == "topk" else None)
+    out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, options,
+                                    loss_chunk_size=spec["loss_chunk_size"], sampled_ids=sampled,
+                                    loss_reduction="sequence", num_loss_tokens_to_skip=SKIP_TOKENS)
     out.loss.backward()
     elapsed = time.perf_counter() - start
     assert torch.isfinite(student_hidden.grad).all()

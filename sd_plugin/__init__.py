@@ -14,6 +14,7 @@ _LAZY = {
     "SDZeroConfig": "sd_plugin.trainers.sdzero",
     "SDZeroTrainer": "sd_plugin.trainers.sdzero",
     "SelfDistillationPlugin": "sd_plugin.axolotl.plugin",
+    "DivergenceOptions": "sd_plugin.losses",
     "divergence": "sd_plugin.losses",
     "chunked_distillation_loss": "sd_plugin.losses",
 }

@@ -8,10 +8,10 @@ Notation (per completion position t): s = log_softmax(student_logits / T), q = l
   (1 - alpha) KL(student || m) + alpha KL(teacher || m)   (SDPO)
   family "mixed": (1 - alpha) forward KL + alpha reverse KL   (SD-Zero; NeMo-RL kl_type=mixed)
 
-Supports ("modes"): "full" vocabulary; "topk" (K indices from the student's or the teacher's logits, both
-distributions renormalized over them, or kept unnormalized plus one tail bucket holding the rest of the
-mass); "sampled" (only the sampled token's log-probs: the REINFORCE-style reverse-KL estimator
-stopgrad(s_y - q_y) * s_y, valid for alpha = 1 only).
+Modes (`distillation_mode`, TRL's names): "full_logits" (the whole vocabulary); "topk_logits" (K indices from
+the student's or the teacher's logits, both distributions renormalized over them, or kept unnormalized plus one
+tail bucket holding the rest of the mass); "sampled_token" (only the sampled token's log-probs: the
+REINFORCE-style reverse-KL estimator stopgrad(s_y - q_y) * s_y, valid for alpha = 1 only).
 
 `divergence` is the readable reference on logits. `chunked_distillation_loss` computes the same weighted
 sum from final hidden states chunk by chunk: each chunk's logits exist only while that chunk is processed,
@@ -19,7 +19,9 @@ and its gradients (with respect to the hidden states and the lm_head weight) are
 no [tokens, vocab] tensor ever exists for the whole sequence and the lm_head is multiplied four times per
 chunk (student, teacher, two gradient products), as with materialized logits. The gradient with respect to
 a chunk's logits is written in closed form (see `_chunk_loss_and_logit_grad`), so a chunk needs 3-4 fp32
-[chunk, vocab] buffers instead of the ~8 that autograd through `_token_terms` would keep.
+[chunk, vocab] buffers instead of the ~8 that autograd through `divergence` would keep. Each divergence is one
+small function, picked by name from `DIVERGENCES` (reference) and `FULL_VOCABULARY_TERMS` (closed form).
+The GRPO term is in `sd_plugin.grpo`, the Liger-Kernel adapter in `sd_plugin.liger`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-MODES = ("full", "topk", "sampled")
+MODES = ("full_logits", "topk_logits", "sampled_token")
 SUPPORTS = ("student", "teacher")
 REDUCTIONS = ("token", "sequence")
 FAMILIES = ("jsd", "mixed")
@@ -38,54 +40,86 @@ FAMILIES = ("jsd", "mixed")
 
 @dataclass(frozen=True)
 class DivergenceOptions:
-    """The options shared by `divergence` and `chunked_distillation_loss` (validated on construction)."""
+    """What the per-token divergence is: the method's `distillation_*` options under the same names (built once
+    by the trainer from its options, validated on construction; the messages name the option)."""
 
-    alpha: float = 0.0
-    mode: str = "full"
-    topk: int | None = None
-    support: str = "student"
-    add_tail: bool = False
-    temperature: float = 1.0
-    family: str = "jsd"
+    distillation_alpha: float = 0.0
+    distillation_mode: str = "full_logits"
+    distillation_topk: int | None = None
+    distillation_support: str = "student"
+    distillation_add_tail: bool = False
+    distillation_temperature: float = 1.0
+    distillation_divergence: str = "jsd"
 
     def __post_init__(self):
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.alpha}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.support not in SUPPORTS:
-            raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
-        if self.family not in FAMILIES:
-            raise ValueError(f"divergence must be one of {FAMILIES}, got {self.family!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.mode == "topk" and (self.topk is None or self.topk < 1):
-            raise ValueError(f"mode='topk' needs topk >= 1, got {self.topk}")
-        if self.mode == "sampled" and self.alpha != 1.0:
-            raise ValueError(
-                f"mode='sampled' estimates the reverse KL only: it needs alpha=1.0, got alpha={self.alpha}"
-            )
+        alpha, mode, topk = self.distillation_alpha, self.distillation_mode, self.distillation_topk
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"distillation_alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {alpha}")
+        if mode not in MODES:
+            raise ValueError(f"distillation_mode must be one of {MODES}, got {mode!r}")
+        if self.distillation_support not in SUPPORTS:
+            raise ValueError(f"distillation_support must be one of {SUPPORTS}, got {self.distillation_support!r}")
+        if self.distillation_divergence not in FAMILIES:
+            raise ValueError(f"distillation_divergence must be one of {FAMILIES}, got {self.distillation_divergence!r}")
+        if not self.distillation_temperature > 0:
+            raise ValueError(f"distillation_temperature must be > 0, got {self.distillation_temperature}")
+        if mode == "topk_logits" and (topk is None or topk < 1):
+            raise ValueError(f"distillation_mode: topk_logits needs distillation_topk >= 1, got {topk}")
+        if mode == "sampled_token" and alpha != 1.0:
+            raise ValueError(f"distillation_mode: sampled_token estimates the reverse KL only: it needs "
+                             f"distillation_alpha=1.0, got distillation_alpha={alpha}")
 
     def check_vocab(self, vocab_size: int) -> None:
-        if self.mode == "topk" and self.topk > vocab_size:
-            raise ValueError(f"topk={self.topk} is larger than the vocabulary ({vocab_size} tokens)")
+        if self.distillation_mode == "topk_logits" and self.distillation_topk > vocab_size:
+            raise ValueError(f"distillation_topk={self.distillation_topk} is larger than the vocabulary ({vocab_size} tokens)")
+
+    @property
+    def divergence_name(self) -> str:
+        """The key of `DIVERGENCES` (and of the closed-form `FULL_VOCABULARY_TERMS`) these options pick."""
+        return divergence_name(self.distillation_alpha, self.distillation_divergence)
+
+
+# ------------------------------------------------------------------ the divergences, one function each
+def forward_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """KL(teacher || student) = sum_v e^q (q - s) (alpha = 0, the SDFT paper's results)."""
+    return (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
+
+
+def reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """KL(student || teacher) = sum_v e^s (s - q) (alpha = 1)."""
+    return (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
+
+
+def mixed_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 - alpha) forward KL + alpha reverse KL (SD-Zero; NeMo-RL kl_type=mixed)."""
+    return ((1.0 - alpha) * forward_kl(student_logprobs, teacher_logprobs, alpha)
+            + alpha * reverse_kl(student_logprobs, teacher_logprobs, alpha))
+
+
+def generalized_jsd(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 - alpha) KL(student || m) + alpha KL(teacher || m), m = (1 - alpha) e^s + alpha e^q (SDPO)."""
+    mixture = torch.logaddexp(student_logprobs + math.log(1.0 - alpha), teacher_logprobs + math.log(alpha))
+    kl_student = (student_logprobs.exp() * (student_logprobs - mixture)).sum(-1)
+    kl_teacher = (teacher_logprobs.exp() * (teacher_logprobs - mixture)).sum(-1)
+    return (1.0 - alpha) * kl_student + alpha * kl_teacher
+
+
+DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "mixed": mixed_kl, "jsd": generalized_jsd}
+
+
+def divergence_name(alpha: float, family: str = "jsd") -> str:
+    """alpha 0 and 1 are the two KLs in either family; in between the family (`distillation_divergence`) decides."""
+    if alpha == 0.0:
+        return "forward_kl"
+    if alpha == 1.0:
+        return "reverse_kl"
+    return family
 
 
 def alpha_divergence(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float,
                      family: str = "jsd") -> torch.Tensor:
     """D_alpha summed over the last dimension; both inputs are log-probabilities over the same support."""
-    if alpha == 0.0:
-        return (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
-    if alpha == 1.0:
-        return (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
-    if family == "mixed":
-        forward = (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
-        reverse = (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
-        return (1.0 - alpha) * forward + alpha * reverse
-    mixture = torch.logaddexp(student_logprobs + math.log(1.0 - alpha), teacher_logprobs + math.log(alpha))
-    kl_student = (student_logprobs.exp() * (student_logprobs - mixture)).sum(-1)
-    kl_teacher = (teacher_logprobs.exp() * (teacher_logprobs - mixture)).sum(-1)
-    return (1.0 - alpha) * kl_student + alpha * kl_teacher
+    return DIVERGENCES[divergence_name(alpha, family)](student_logprobs, teacher_logprobs, alpha)
 
 
 def with_tail_bucket(logprobs: torch.Tensor) -> torch.Tensor:
@@ -107,103 +141,75 @@ def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _token_terms(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    options: DivergenceOptions,
-    sampled_ids: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Per-token divergence plus the sampled tokens' student and teacher log-probs (None without ids)."""
-    student_logprobs = torch.log_softmax(_at_least_fp32(student_logits) / options.temperature, dim=-1)
-    student_token = teacher_token = None
-    if sampled_ids is not None:
-        student_token = student_logprobs.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
-    if teacher_logits is None:
-        return torch.zeros_like(student_logprobs[..., 0]), student_token, None
-    teacher_logprobs = torch.log_softmax(_at_least_fp32(teacher_logits) / options.temperature, dim=-1)
-    if sampled_ids is not None:
-        teacher_token = teacher_logprobs.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
-
-    if options.mode == "full":
-        per_token = alpha_divergence(student_logprobs, teacher_logprobs, options.alpha, options.family)
-    elif options.mode == "topk":
-        source = student_logits if options.support == "student" else teacher_logits
-        index = source.detach().topk(options.topk, dim=-1).indices
-        student_k, teacher_k = topk_distributions(student_logprobs.gather(-1, index), teacher_logprobs.gather(-1, index),
-                                                  options.add_tail)
-        per_token = alpha_divergence(student_k, teacher_k, options.alpha, options.family)
-    else:  # sampled
-        if sampled_ids is None:
-            raise ValueError("mode='sampled' needs sampled_ids (the completion token ids)")
-        per_token = (student_token - teacher_token).detach() * student_token
-    return per_token, student_token, teacher_token
-
-
 def divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
+    options: DivergenceOptions = DivergenceOptions(),
     *,
-    alpha: float,
-    mode: str = "full",
-    topk: int | None = None,
-    support: str = "student",
-    add_tail: bool = False,
-    temperature: float = 1.0,
     sampled_ids: torch.Tensor | None = None,
-    family: str = "jsd",
 ) -> torch.Tensor:
     """Per-token divergence D_alpha(student || teacher) on logits of shape [..., V]; returns [...].
 
-    Args:
-        alpha: 0 forward KL, 1 reverse KL, in between generalized JSD.
-        mode: "full", "topk" or "sampled" (see the module docstring).
-        topk: size of the top-K support (mode "topk").
-        support: whose top-K indices are used, "student" (TRL, SDPO) or "teacher" (Tinker, SD-Zero).
-        add_tail: keep the mass outside the top-K as one extra bucket instead of renormalizing.
-        temperature: both logits are divided by it before the softmax.
-        sampled_ids: the completion token ids [...], needed for mode "sampled".
-        family: for 0 < alpha < 1, "jsd" (generalized JSD) or "mixed" ((1 - alpha) forward + alpha reverse KL).
+    The readable reference of `chunked_distillation_loss`. options: `DivergenceOptions` (alpha, mode, top-K and
+    whose, tail bucket, temperature, family; see the module docstring). sampled_ids: the completion token ids
+    [...], needed for distillation_mode "sampled_token".
     """
-    options = DivergenceOptions(alpha, mode, topk, support, add_tail, temperature, family)
     options.check_vocab(student_logits.shape[-1])
-    return _token_terms(student_logits, teacher_logits, options, sampled_ids)[0]
+    temperature = options.distillation_temperature
+    student_logprobs = torch.log_softmax(_at_least_fp32(student_logits) / temperature, dim=-1)
+    teacher_logprobs = torch.log_softmax(_at_least_fp32(teacher_logits) / temperature, dim=-1)
+    alpha, family = options.distillation_alpha, options.distillation_divergence
+    if options.distillation_mode == "full_logits":
+        return alpha_divergence(student_logprobs, teacher_logprobs, alpha, family)
+    if options.distillation_mode == "topk_logits":
+        source = student_logits if options.distillation_support == "student" else teacher_logits
+        index = source.detach().topk(options.distillation_topk, dim=-1).indices
+        student_k, teacher_k = topk_distributions(student_logprobs.gather(-1, index), teacher_logprobs.gather(-1, index),
+                                                  options.distillation_add_tail)
+        return alpha_divergence(student_k, teacher_k, alpha, family)
+    if sampled_ids is None:
+        raise ValueError("distillation_mode: sampled_token needs sampled_ids (the completion token ids)")
+    student_token = student_logprobs.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
+    teacher_token = teacher_logprobs.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
+    return (student_token - teacher_token).detach() * student_token
 
 
-def loss_token_weights(mask: torch.Tensor, *, reduction: str = "token", skip_first: int = 0,
+def loss_token_weights(mask: torch.Tensor, *, loss_reduction: str = "token", num_loss_tokens_to_skip: int = 0,
                        unskipped_rows: torch.Tensor | None = None, normalizer: float | None = None) -> torch.Tensor:
     """Weights w so that sum(w * per_token_loss) is the requested reduction of the loss over `mask`.
 
-    mask: [B, T] (1 = completion token in the loss). The first `skip_first` valid tokens of each row are
+    mask: [B, T] (1 = completion token in the loss). The first `num_loss_tokens_to_skip` valid tokens of each row are
     dropped (SDFT masks 3 to suppress "Based on the example..." openings), except in `unskipped_rows` ([B]
     bool): cross-entropy rows train every demonstration token, as plain SFT does.
-    reduction: "token" = mean over every valid token of the batch; "sequence" = mean per sequence, then
+    loss_reduction: "token" = mean over every valid token of the batch; "sequence" = mean per sequence, then
     mean over the sequences that have at least one valid token.
     normalizer: what the mean divides by instead of this batch's token (or sequence) count: the trainer
     passes the optimizer step's count over all micro-batches and processes, so that gradient accumulation
     and data parallelism give the same mean as one big batch.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    mask = loss_token_mask(mask, skip_first=skip_first, unskipped_rows=unskipped_rows).float()
-    if reduction == "token":
+    if loss_reduction not in REDUCTIONS:
+        raise ValueError(f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
+    mask = loss_token_mask(mask, num_loss_tokens_to_skip=num_loss_tokens_to_skip, unskipped_rows=unskipped_rows).float()
+    if loss_reduction == "token":
         return mask / (normalizer if normalizer is not None else mask.sum().clamp(min=1.0))
     per_sequence = mask.sum(-1, keepdim=True)
     sequences = normalizer if normalizer is not None else (per_sequence > 0).sum().clamp(min=1)
     return mask / per_sequence.clamp(min=1.0) / sequences
 
 
-def loss_units(mask: torch.Tensor, reduction: str) -> int:
+def loss_units(mask: torch.Tensor, loss_reduction: str) -> int:
     """What `loss_token_weights` divides by for an already skip-masked [B, T] mask: tokens or sequences."""
-    return int(mask.sum()) if reduction == "token" else int((mask.sum(-1) > 0).sum())
+    return int(mask.sum()) if loss_reduction == "token" else int((mask.sum(-1) > 0).sum())
 
 
-def loss_token_mask(mask: torch.Tensor, *, skip_first: int = 0, unskipped_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, T] bool: the tokens of `mask` that are in the loss once the first `skip_first` of each row are
-    dropped (rows in `unskipped_rows` keep all theirs). Diagnostics come back in this mask's row-major order."""
+def loss_token_mask(mask: torch.Tensor, *, num_loss_tokens_to_skip: int = 0,
+                    unskipped_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] bool: the tokens of `mask` that are in the loss once the first `num_loss_tokens_to_skip` of each row
+    are dropped (rows in `unskipped_rows` keep all theirs). Diagnostics come back in this mask's row-major order."""
     mask = mask.bool()
-    if skip_first <= 0:
+    if num_loss_tokens_to_skip <= 0:
         return mask
-    kept = mask.long().cumsum(-1) > skip_first
+    kept = mask.long().cumsum(-1) > num_loss_tokens_to_skip
     if unskipped_rows is not None:
         kept = kept | unskipped_rows.bool().unsqueeze(-1)
     return mask & kept
@@ -230,12 +236,61 @@ def _rowdot(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return torch.bmm(left.unsqueeze(1), right.unsqueeze(2)).reshape(-1)
 
 
-def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """log_softmax(logits / temperature) in at least fp32 (the input is a temporary and may be overwritten)."""
     logits = _at_least_fp32(logits)
     if temperature != 1.0:
         logits = logits.div_(temperature)
     return torch.log_softmax(logits, dim=-1)
+
+
+# ------------------------------------------------------------------ closed forms over the full vocabulary
+# Each takes the chunk's student and teacher log-probs [N, V] (both overwritten: they are the chunk's buffers)
+# and returns (divergence [N], direction [N, V], p = e^s [N, V], scale) with d(divergence)/d(logits) =
+# scale * direction / T. The reference formulas are `forward_kl`, `reverse_kl`, `mixed_kl`, `generalized_jsd`.
+def _forward_kl_term(student_logprobs, teacher_logprobs, alpha):
+    gap = teacher_logprobs - student_logprobs  # q - s
+    teacher_probs = teacher_logprobs.exp_()
+    value = _rowdot(teacher_probs, gap)
+    del gap
+    probs = student_logprobs.exp_()
+    return value, teacher_probs.neg_().add_(probs), probs, 1.0  # direction p - e^q
+
+
+def _reverse_kl_term(student_logprobs, teacher_logprobs, alpha):
+    gap = teacher_logprobs.sub_(student_logprobs).neg_()  # s - q
+    probs = student_logprobs.exp_()
+    value = _rowdot(probs, gap)
+    return value, gap.sub_(value.unsqueeze(-1)).mul_(probs), probs, 1.0  # direction p (s - q - D)
+
+
+def _mixed_kl_term(student_logprobs, teacher_logprobs, alpha):
+    gap = student_logprobs - teacher_logprobs  # s - q
+    teacher_probs = teacher_logprobs.exp_()
+    forward = -_rowdot(teacher_probs, gap)
+    probs = student_logprobs.exp_()
+    reverse = _rowdot(probs, gap)
+    # (1 - alpha) (p - e^q) + alpha p (s - q - reverse)
+    direction = gap.sub_(reverse.unsqueeze(-1)).mul_(probs).mul_(alpha)
+    direction.add_(probs, alpha=1.0 - alpha).sub_(teacher_probs, alpha=1.0 - alpha)
+    return (1.0 - alpha) * forward + alpha * reverse, direction, probs, 1.0
+
+
+def _generalized_jsd_term(student_logprobs, teacher_logprobs, alpha):
+    mixture = student_logprobs + math.log(1.0 - alpha)
+    torch.logaddexp(mixture, teacher_logprobs + math.log(alpha), out=mixture)
+    student_gap = student_logprobs - mixture  # s - m
+    teacher_gap = mixture.neg_().add_(teacher_logprobs)  # q - m
+    kl_teacher = _rowdot(teacher_logprobs.exp_(), teacher_gap)
+    del teacher_gap, mixture
+    probs = student_logprobs.exp_()
+    kl_student = _rowdot(probs, student_gap)
+    direction = student_gap.sub_(kl_student.unsqueeze(-1)).mul_(probs)  # p (s - m - KL(p || m))
+    return (1.0 - alpha) * kl_student + alpha * kl_teacher, direction, probs, 1.0 - alpha
+
+
+FULL_VOCABULARY_TERMS = {"forward_kl": _forward_kl_term, "reverse_kl": _reverse_kl_term, "mixed": _mixed_kl_term,
+                         "jsd": _generalized_jsd_term}
 
 
 @torch.no_grad()
@@ -254,23 +309,23 @@ def _chunk_loss_and_logit_grad(
       sampled-token log-prob s_y:            (onehot(y) - p) / T
     Only the per-token part (importance weights, cross-entropy rows, token weights, the top-K renormalization)
     goes through autograd, on [N] and [N, K] tensors. So at most four [N, V] fp32 buffers exist at a time
-    (autograd through `_token_terms` keeps about eight).
+    (autograd through `divergence` keeps about eight).
     Returns (loss, per_token, student_token, teacher_token, grad_logits or None).
     """
-    temperature = options.temperature
+    temperature = options.distillation_temperature
     student_logits = F.linear(student_hidden, weight, bias)
     teacher_logits = None
     if teacher_hidden is not None:
         teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
     topk_index = None
-    if options.mode == "topk" and teacher_logits is not None:
-        source = student_logits if options.support == "student" else teacher_logits
-        topk_index = source.topk(options.topk, dim=-1).indices
-    student_logprobs = _log_probs(student_logits, temperature)
+    if options.distillation_mode == "topk_logits" and teacher_logits is not None:
+        source = student_logits if options.distillation_support == "student" else teacher_logits
+        topk_index = source.topk(options.distillation_topk, dim=-1).indices
+    student_logprobs = log_probs(student_logits, temperature)
     del student_logits
     teacher_logprobs = None
     if teacher_logits is not None:
-        teacher_logprobs = _log_probs(teacher_logits, temperature)
+        teacher_logprobs = log_probs(teacher_logits, temperature)
         del teacher_logits
 
     def token_logprob(logprobs):
@@ -287,58 +342,22 @@ def _chunk_loss_and_logit_grad(
     if teacher_logprobs is None:
         per_token = torch.zeros_like(student_logprobs[..., 0])
         probs = student_logprobs.exp_()
-    elif options.mode == "full" and options.alpha == 1.0:
-        gap = teacher_logprobs.sub_(student_logprobs).neg_()  # s - q
-        probs = student_logprobs.exp_()
-        value = _rowdot(probs, gap)
-        direction = gap.sub_(value.unsqueeze(-1)).mul_(probs)
+    elif options.distillation_mode == "full_logits":
+        term = FULL_VOCABULARY_TERMS[options.divergence_name]
+        value, direction, probs, divergence_scale = term(student_logprobs, teacher_logprobs, options.distillation_alpha)
         per_token = leaves["divergence"] = value.requires_grad_(need_grad)
-    elif options.mode == "full" and options.alpha == 0.0:
-        gap = teacher_logprobs - student_logprobs  # q - s
-        teacher_probs = teacher_logprobs.exp_()
-        value = _rowdot(teacher_probs, gap)
-        del gap
-        probs = student_logprobs.exp_()
-        direction = teacher_probs.neg_().add_(probs)  # p - e^q
-        per_token = leaves["divergence"] = value.requires_grad_(need_grad)
-    elif options.mode == "full" and options.family == "mixed":
-        alpha = options.alpha
-        gap = student_logprobs - teacher_logprobs  # s - q
-        teacher_probs = teacher_logprobs.exp_()
-        forward = -_rowdot(teacher_probs, gap)
-        probs = student_logprobs.exp_()
-        reverse = _rowdot(probs, gap)
-        # (1 - alpha) (p - e^q) + alpha p (s - q - reverse)
-        direction = gap.sub_(reverse.unsqueeze(-1)).mul_(probs).mul_(alpha)
-        direction.add_(probs, alpha=1.0 - alpha).sub_(teacher_probs, alpha=1.0 - alpha)
-        del teacher_probs
-        value = (1.0 - alpha) * forward + alpha * reverse
-        per_token = leaves["divergence"] = value.requires_grad_(need_grad)
-    elif options.mode == "full":
-        alpha = options.alpha
-        mixture = student_logprobs + math.log(1.0 - alpha)
-        torch.logaddexp(mixture, teacher_logprobs + math.log(alpha), out=mixture)
-        student_gap = student_logprobs - mixture  # s - m
-        teacher_gap = mixture.neg_().add_(teacher_logprobs)  # q - m
-        kl_teacher = _rowdot(teacher_logprobs.exp_(), teacher_gap)
-        del teacher_gap, mixture
-        probs = student_logprobs.exp_()
-        kl_student = _rowdot(probs, student_gap)
-        direction = student_gap.sub_(kl_student.unsqueeze(-1)).mul_(probs)
-        divergence_scale = 1.0 - alpha
-        value = (1.0 - alpha) * kl_student + alpha * kl_teacher
-        per_token = leaves["divergence"] = value.requires_grad_(need_grad)
-    elif options.mode == "topk":
+    elif options.distillation_mode == "topk_logits":
         student_k = student_logprobs.gather(-1, topk_index).requires_grad_(need_grad)
         teacher_k = teacher_logprobs.gather(-1, topk_index)
         leaves["topk"] = student_k
         probs = student_logprobs.exp_()
         with torch.enable_grad():
-            student_side, teacher_side = topk_distributions(student_k, teacher_k, options.add_tail)
-            per_token = alpha_divergence(student_side, teacher_side, options.alpha, options.family)
-    else:  # sampled
+            student_side, teacher_side = topk_distributions(student_k, teacher_k, options.distillation_add_tail)
+            per_token = alpha_divergence(student_side, teacher_side, options.distillation_alpha,
+                                         options.distillation_divergence)
+    else:  # sampled_token
         if sampled_ids is None:
-            raise ValueError("mode='sampled' needs sampled_ids (the completion token ids)")
+            raise ValueError("distillation_mode: sampled_token needs sampled_ids (the completion token ids)")
         probs = student_logprobs.exp_()
         per_token = None  # built below from the sampled-token leaf
     del teacher_logprobs
@@ -459,52 +478,46 @@ def chunked_distillation_loss(
     teacher_hidden: torch.Tensor | None,
     lm_head_weight: torch.Tensor,
     mask: torch.Tensor,
+    options: DivergenceOptions = DivergenceOptions(),
     *,
-    chunk_size: int = 1024,
-    alpha: float = 0.0,
-    mode: str = "full",
-    topk: int | None = None,
-    support: str = "student",
-    add_tail: bool = False,
-    temperature: float = 1.0,
+    loss_chunk_size: int = 1024,
+    loss_reduction: str = "token",
+    num_loss_tokens_to_skip: int = 0,
     sampled_ids: torch.Tensor | None = None,
-    reduction: str = "token",
-    skip_first: int = 0,
     old_logprobs: torch.Tensor | None = None,
-    importance_sampling_clip: float = 2.0,
+    distillation_is_clip: float = 2.0,
     ce_mask: torch.Tensor | None = None,
     lm_head_bias: torch.Tensor | None = None,
     teacher_lm_head_weight: torch.Tensor | None = None,
     teacher_lm_head_bias: torch.Tensor | None = None,
-    family: str = "jsd",
     normalizer: float | None = None,
 ) -> DistillationOutput:
-    """The reduced distillation loss computed from final hidden states, `chunk_size` tokens at a time.
+    """The reduced distillation loss computed from final hidden states, `loss_chunk_size` tokens at a time.
 
     student_hidden / teacher_hidden: [B, T, H] hidden states at the positions that predict the completion
-    tokens (teacher_hidden is used without gradient; None means cross-entropy only). mask: [B, T].
-    sampled_ids: [B, T] completion token ids (mode "sampled", cross-entropy rows, importance sampling and
-    the logged log-prob gap need them). old_logprobs: [B, T] log-probs of the sampling policy; when given,
-    each token's loss is multiplied by min(exp(s_y - old_y), importance_sampling_clip). ce_mask: [B, T] bool,
-    tokens that get next-token cross-entropy (-s_y) instead of the divergence. Other options as in
-    `divergence`; reduction, skip_first and normalizer as in `loss_token_weights`.
+    tokens (teacher_hidden is used without gradient; None means cross-entropy only). mask: [B, T]. options:
+    the divergence, as in `divergence`. Keyword arguments are named as the trainer options they come from.
+    sampled_ids: [B, T] completion token ids (distillation_mode "sampled_token", cross-entropy rows, importance
+    sampling and the logged log-prob gap need them). old_logprobs: [B, T] log-probs of the sampling policy;
+    when given, each token's loss is multiplied by min(exp(s_y - old_y), distillation_is_clip). ce_mask: [B, T]
+    bool, tokens that get next-token cross-entropy (-s_y) instead of the divergence. loss_reduction,
+    num_loss_tokens_to_skip and normalizer as in `loss_token_weights`.
 
-    Equals (weights * divergence(student_hidden @ W.T, teacher_hidden @ W_t.T, ...)).sum() in value and
+    Equals (weights * divergence(student_hidden @ W.T, teacher_hidden @ W_t.T, options)).sum() in value and
     gradient; only the tokens with a non-zero weight are projected.
     """
-    options = DivergenceOptions(alpha, mode, topk, support, add_tail, temperature, family)
     options.check_vocab(lm_head_weight.shape[0])
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    needs_ids = mode == "sampled" or old_logprobs is not None or ce_mask is not None
+    if loss_chunk_size < 1:
+        raise ValueError(f"loss_chunk_size must be >= 1, got {loss_chunk_size}")
+    needs_ids = options.distillation_mode == "sampled_token" or old_logprobs is not None or ce_mask is not None
     if needs_ids and sampled_ids is None:
-        raise ValueError("sampled_ids are needed for mode='sampled', old_logprobs and ce_mask")
+        raise ValueError("sampled_ids are needed for distillation_mode: sampled_token, old_logprobs and ce_mask")
 
     # Cross-entropy rows are plain SFT: every token, temperature 1, no importance weight (the skip and the
     # temperature belong to the distillation term only).
     ce_rows = None if ce_mask is None else ce_mask.any(-1)
-    weights = loss_token_weights(mask, reduction=reduction, skip_first=skip_first, unskipped_rows=ce_rows,
-                                 normalizer=normalizer)
+    weights = loss_token_weights(mask, loss_reduction=loss_reduction, num_loss_tokens_to_skip=num_loss_tokens_to_skip,
+                                 unskipped_rows=ce_rows, normalizer=normalizer)
     in_loss = weights.reshape(-1) != 0
     is_ce = torch.zeros_like(in_loss) if ce_mask is None else ce_mask.reshape(-1).bool()
     hidden_size = student_hidden.shape[-1]
@@ -527,14 +540,14 @@ def chunked_distillation_loss(
         return _ChunkedDistillation.apply(
             student_rows, lm_head_weight, lm_head_bias, teacher, teacher_lm_head_weight.detach(), teacher_bias,
             flat_weights[selected], pick(flat_ids, selected), pick(old, selected), ce, run_options,
-            importance_sampling_clip, chunk_size, selected.nonzero().squeeze(-1),
+            distillation_is_clip, loss_chunk_size, selected.nonzero().squeeze(-1),
         )
 
     distilled, cross_entropy = in_loss & ~is_ce, in_loss & is_ce
     # The distillation call always runs (possibly on no token): a zero loss still reaches every parameter.
     total, per_token, student_token, teacher_token = run(distilled, options, teacher_rows, flat_old, False)
     if cross_entropy.any():
-        ce_total, ce_per_token, ce_student_token, _ = run(cross_entropy, replace(options, temperature=1.0), None, None, True)
+        ce_total, ce_per_token, ce_student_token, _ = run(cross_entropy, replace(options, distillation_temperature=1.0), None, None, True)
         total = total + ce_total
         # Diagnostics in the row-major order of the tokens in the loss; no teacher log-prob on SFT tokens.
         order = is_ce[in_loss]
@@ -556,138 +569,3 @@ def _interleave(first: torch.Tensor, second: torch.Tensor, take_second: torch.Te
     out[~take_second] = first.to(out.dtype)
     out[take_second] = second.to(out.dtype)
     return out
-
-
-def liger_available() -> bool:
-    try:
-        import liger_kernel.chunked_loss.jsd_loss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def liger_distillation_loss(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    alpha: float = 0.0,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-    reduction: str = "token",
-    skip_first: int = 0,
-    lm_head_bias: torch.Tensor | None = None,
-    teacher_lm_head_weight: torch.Tensor | None = None,
-    teacher_lm_head_bias: torch.Tensor | None = None,
-    normalizer: float | None = None,
-) -> DistillationOutput:
-    """`chunked_distillation_loss(mode="full")` through Liger-Kernel's fused linear JSD (the GPU fast path).
-
-    Liger's generalized JSD uses the same convention as `alpha_divergence` (beta 0 = forward KL, 1 = reverse
-    KL) and averages over the tokens it is given, so only the tokens in the loss are passed: once for
-    reduction "token", once per sequence for "sequence". It returns the loss only (no per-token diagnostics).
-    torch.compile is used on CUDA; on CPU it runs eagerly (tests compare it with the reference there).
-    """
-    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
-
-    weights = loss_token_weights(mask, reduction=reduction, skip_first=skip_first)
-    in_loss = weights != 0
-    hidden_size = student_hidden.shape[-1]
-    student_rows = student_hidden.reshape(-1, hidden_size)
-    teacher_rows = teacher_hidden.detach().reshape(-1, hidden_size)
-    if teacher_lm_head_weight is None:
-        teacher_lm_head_weight, teacher_lm_head_bias = lm_head_weight, lm_head_bias
-    if reduction == "token":
-        groups = [in_loss.reshape(-1)]
-    else:
-        # One call per sequence: a flat mask selecting that row's tokens.
-        rows = torch.arange(in_loss.shape[0], device=in_loss.device).unsqueeze(-1).expand_as(in_loss).reshape(-1)
-        groups = [in_loss.reshape(-1) & (rows == row) for row in range(in_loss.shape[0])]
-    groups = [g for g in groups if g.any()]
-    total = student_rows.new_zeros((), dtype=torch.float32)
-    for selected in groups:
-        student = student_rows[selected]
-        labels = torch.zeros(student.shape[0], dtype=torch.long, device=student.device)  # hard-loss weight is 0
-        total = total + LigerFusedLinearJSDFunction.apply(
-            student, lm_head_weight, teacher_rows[selected], teacher_lm_head_weight.detach(), labels, lm_head_bias,
-            None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach(),
-            0.0, 1.0, alpha, -100, temperature, student.is_cuda, chunk_size, False,
-        )
-    loss = total / max(len(groups), 1)
-    if normalizer is not None:  # Liger averages over this batch: rescale to the step's count
-        loss = loss * (loss_units(in_loss, reduction) / normalizer)
-    return DistillationOutput(loss=loss, per_token_divergence=None, student_token_logprobs=None, teacher_token_logprobs=None)
-
-
-def _token_logprobs_chunk(hidden, weight, bias, token_ids, temperature: float) -> torch.Tensor:
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    return _log_probs(logits, temperature).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
-
-
-def chunked_token_logprobs(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    token_ids: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    chunk_size: int = 64,
-    temperature: float = 1.0,
-    lm_head_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """log p(token_ids) from hidden states [B, T, H] -> [B, T] (0 where mask is 0), with gradient.
-
-    Each chunk's [chunk, V] logits are recomputed in the backward (activation checkpointing), so only the
-    [B, T] result is kept between forward and backward: the memory of the policy-gradient term does not
-    grow with the vocabulary.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_ids = token_ids.reshape(-1)
-    index = mask.reshape(-1).nonzero().squeeze(-1)
-    parts = []
-    for start in range(0, index.numel(), chunk_size):
-        rows = index[start: start + chunk_size]
-        parts.append(checkpoint(_token_logprobs_chunk, flat_hidden.index_select(0, rows), lm_head_weight, lm_head_bias,
-                                flat_ids.index_select(0, rows), temperature, use_reentrant=False))
-    values = torch.cat(parts) if parts else flat_hidden.new_zeros(0, dtype=torch.float32)
-    out = torch.zeros(flat_ids.shape, dtype=values.dtype, device=hidden.device)
-    return out.index_put((index,), values).reshape(token_ids.shape)
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, epsilon: float = 1e-4) -> torch.Tensor:
-    """GRPO advantages (r - group mean) / (group std + epsilon), groups of `group_size` consecutive rows.
-
-    The std is the unbiased sample std, as in TRL's GRPOTrainer and verl.
-    """
-    groups = rewards.reshape(-1, group_size)
-    advantages = (groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True) + epsilon)
-    return advantages.reshape(-1)
-
-
-def grpo_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    epsilon: float = 0.2,
-    reduction: str = "token",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO-clipped policy-gradient loss with per-sequence advantages; returns (loss, clipped-token fraction).
-
-    per token: -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon) * A), ratio = exp(logp - old_logp);
-    reduced with `loss_token_weights` (token mean over the batch, or per-sequence then batch mean).
-    """
-    ratio = torch.exp(logprobs - old_logprobs)
-    advantages = advantages.unsqueeze(-1)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - epsilon, 1.0 + epsilon) * advantages
-    per_token = -torch.minimum(unclipped, clipped)
-    weights = loss_token_weights(mask.to(per_token.dtype), reduction=reduction)
-    is_clipped = (clipped < unclipped).to(per_token.dtype)
-    clip_fraction = (is_clipped * mask).sum() / mask.sum().clamp(min=1)
-    return (per_token * weights).sum(), clip_fraction.detach()

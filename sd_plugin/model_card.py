@@ -103,8 +103,11 @@ AXOLOTL_LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_module
 ADAPTER_CONFIG_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora", "modules_to_save", "bias")
 # Metrics taken from trainer_state.json log_history (first and last logged value).
 METRIC_KEYS = (
-    "loss", "distillation_loss", "kl", "ce_loss", "grpo_loss", "reward", "teacher_student_logprob_gap",
-    "completion_length", "completion_truncated_fraction", "on_policy_fraction", "grad_norm",
+    "loss", "kl", "ce_loss", "self_distillation/distillation_loss", "self_distillation/policy_loss",
+    "self_distillation/reward_mean", "teacher_student_logprob_gap", "completions/mean_length",
+    "completions/clipped_ratio", "on_policy_fraction", "grad_norm",
+    # the names of the previous release, for runs it trained
+    "distillation_loss", "completion_length", "completion_truncated_fraction",
 )
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".yaml", ".yml", ".gz", ".zip")
@@ -183,7 +186,7 @@ def infer_method(training_config: dict) -> str | None:
             return method
     if any(key in training_config for key in ("teacher_template", "lambda_on_policy", "demonstration_column")):
         return "sdft"
-    if any(key in training_config for key in ("verifier", "sdpo_mode", "success_threshold")):
+    if any(key in training_config for key in ("verifier", "sdpo_mode", "success_reward_threshold", "success_threshold")):
         return "sdpo"
     return None
 

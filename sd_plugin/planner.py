@@ -47,13 +47,14 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 
 from sd_plugin.cli import UsageError, argument_parser
+from sd_plugin.deprecated import translate_deprecated
 
 GiB = 2**30
 
 # ------------------------------------------------------------------------------------------- calibration
 # fp32 [loss_chunk_size, vocab] buffers alive at the loss's peak (measured on CPU at V=151,936: 3.06-3.18 full,
 # 4.05-4.21 top-K; see benchmarks/README.md). Sampled-token mode keeps log-probs and probabilities.
-LOSS_CHUNK_BUFFERS = {"full": 3.2, "topk": 4.2, "sampled": 2.2}
+LOSS_CHUNK_BUFFERS = {"full_logits": 3.2, "topk_logits": 4.2, "sampled_token": 2.2}
 # Backward through one layer: gradients alive at once beyond the tensors it frees, as a fraction of the layer's
 # no-grad forward working set. Fitted on CPU with and without gradient checkpointing (tests/test_planner.py:
 # 0.2-0.3 fit both within 15%; 0.3 is the conservative end).
@@ -267,7 +268,7 @@ class TrainingSetup:
     teacher_prompt_length: int = 4096
     completion_length: int = 256
     loss_chunk_size: int = 64
-    distillation_mode: str = "full"
+    distillation_mode: str = "full_logits"
     teacher: str = "base"
     teacher_sync: bool = False
     teacher_ema_rank: int = 0             # LoRA EMA/sync teacher as rank-k factors (0: dense fp32 Delta W)
@@ -308,8 +309,8 @@ def method_defaults(trainer_type: str, given: dict) -> dict:
     if options is None:
         raise ValueError(f"trainer_type must be sdft, sdpo or sdzero, got {trainer_type!r}")
     defaults = {f.name: f.default for f in fields(options) if f.default is not MISSING}
-    if trainer_type == "sdzero" and defaults["teacher"] is None:  # resolved by phase, as SDZeroOptions does
-        defaults["teacher"] = "live" if given.get("phase") == "srt" else "base"
+    if trainer_type == "sdzero" and defaults["teacher_model_kind"] is None:  # resolved by phase, as SDZeroOptions does
+        defaults["teacher_model_kind"] = "live" if given.get("phase") == "srt" else "base"
     return defaults
 
 
@@ -359,14 +360,14 @@ def setup_from_config(cfg: dict, gpus: int | None = None) -> TrainingSetup:
         state_bytes = 8.0
 
     trainer_type = str(cfg.get("trainer_type") or "sdft")
-    given = cfg.get(trainer_type) or {}
+    given = translate_deprecated(cfg.get(trainer_type) or {}, prefix=f"{trainer_type}.")
     block = {**method_defaults(trainer_type, given), **given}
     sequence_len = int(cfg.get("sequence_len") or 4096)
     completion = int(block["max_completion_length"])
     # The caps' defaults are limits, not lengths: plan for what sequence_len allows unless a cap is set.
     prompt = int(given.get("max_prompt_length", max(1, sequence_len - completion)))
     teacher_prompt = int(given.get("max_teacher_prompt_length", prompt))
-    teacher = str(block["teacher"])
+    teacher = str(block["teacher_model_kind"])
 
     context_parallel = int(cfg.get("context_parallel_size") or 1)
     if isinstance(cfg.get("context_parallel"), dict):
@@ -652,7 +653,7 @@ def plan(setup: TrainingSetup, gpu_memory: int = 80 * GiB, *, suggest: bool = Tr
     final_norm_bytes = b if setup.liger_rms_norm else 4
     hidden_states = int((b * shape.hidden_size * (student_tokens + teacher_tokens)
                          + final_norm_bytes * shape.hidden_size * student_tokens) / cp)
-    buffers = LOSS_CHUNK_BUFFERS.get(setup.distillation_mode, LOSS_CHUNK_BUFFERS["full"])
+    buffers = LOSS_CHUNK_BUFFERS.get(setup.distillation_mode, LOSS_CHUNK_BUFFERS["full_logits"])
     chunk = min(setup.loss_chunk_size, max(1, math.ceil(completion_tokens / cp)))
     loss_chunks = int(buffers * chunk * shape.vocab_size * 4 + 2 * b * shape.hidden_size * completion_tokens / cp)
 

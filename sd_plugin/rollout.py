@@ -37,7 +37,7 @@ class Rollouts:
     truncated: torch.Tensor          # [N] bool, hit max_new_tokens without an eos
     # [N, C] log-prob of each sampled token under the distribution the sampler drew it from (after temperature,
     # top-k, top-p), 0 outside the mask; None when the sampler does not report them. The loss then weights each
-    # token by min(exp(s_y - old_y), importance_sampling_clip).
+    # token by min(exp(s_y - old_y), distillation_is_clip).
     old_logprobs: torch.Tensor | None = None
 
 

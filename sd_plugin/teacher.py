@@ -172,9 +172,9 @@ class Teacher:
                 raise ValueError("teacher_ema_rank applies to LoRA adapters; a fully fine-tuned model's teacher is a full copy")
             if is_zero3_partitioned(model.parameters()):
                 raise ValueError(
-                    f"teacher: {kind} with full fine-tuning keeps a full frozen copy of the model, which DeepSpeed "
+                    f"teacher_model_kind: {kind} with full fine-tuning keeps a full frozen copy of the model, which DeepSpeed "
                     "ZeRO-3 cannot partition: train a LoRA adapter (the base teacher is then the model with the "
-                    "adapter disabled, the EMA teacher an adapter-sized delta), use teacher: live, or ZeRO-2"
+                    "adapter disabled, the EMA teacher an adapter-sized delta), use teacher_model_kind: live, or ZeRO-2"
                 )
             self.copy = copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -280,21 +280,21 @@ def check_adapter_for_teacher(model, kind: str, sync_steps: int) -> None:
         init = str(getattr(config, "init_lora_weights", "")).lower()
         if kind == "base" and init.startswith(RESIDUAL_INITS):
             raise ValueError(
-                f"teacher: base with init_lora_weights={init!r} (adapter {name!r}): that initialisation rewrites the "
+                f"teacher_model_kind: base with init_lora_weights={init!r} (adapter {name!r}): that initialisation rewrites the "
                 "base weights, so the model without the adapter is not the model training started from; use "
-                "teacher: initial (the step-0 student, frozen) or ema"
+                "teacher_model_kind: initial (the step-0 student, frozen) or ema"
             )
         if follows_student and getattr(config, "use_dora", False):
             raise ValueError(
-                f"teacher: {kind}{' with teacher_sync_steps' if sync_steps else ''} with DoRA (use_dora, adapter "
+                f"teacher_model_kind: {kind}{' with teacher_sync_steps' if sync_steps else ''} with DoRA (use_dora, adapter "
                 f"{name!r}) is not supported: the teacher follows LoRA's B @ A update, and DoRA also rescales each "
-                "weight's magnitude; use teacher: base or live"
+                "weight's magnitude; use teacher_model_kind: base or live"
             )
         if follows_student and getattr(config, "modules_to_save", None):
             raise ValueError(
-                f"teacher: {kind} with modules_to_save={list(config.modules_to_save)} (adapter {name!r}) is not "
+                f"teacher_model_kind: {kind} with modules_to_save={list(config.modules_to_save)} (adapter {name!r}) is not "
                 "supported: the teacher follows the LoRA layers only, so those fully trained modules would stay at "
-                "their base weights in the teacher; use teacher: base or live, or leave them out of modules_to_save"
+                "their base weights in the teacher; use teacher_model_kind: base or live, or leave them out of modules_to_save"
             )
 
 

@@ -53,9 +53,9 @@ def vllm_generation_kwargs(options, *, per_device_batch_size: int, eos_token_ids
         enable_sleep_mode=o.vllm_enable_sleep_mode,
         model_impl=o.vllm_model_impl,
         repetition_penalty=1.0,
-        temperature=o.rollout_temperature,
-        top_p=o.rollout_top_p,
-        top_k=o.rollout_top_k or 0,
+        temperature=o.temperature,
+        top_p=o.top_p,
+        top_k=o.top_k or 0,
         min_p=0.0,
         max_completion_length=o.max_completion_length,
         logprobs=0,  # the sampled token's log-prob only

@@ -52,10 +52,10 @@ def test_every_options_field_is_a_yaml_key_and_back():
         ({"trainer_type": "sdft", "rl": "dpo"}, "rl: dpo and trainer_type: sdft cannot be combined"),
         ({"trainer_type": "sdft", "sample_packing": True}, "sample_packing"),
         ({"trainer_type": "sdft", "sdft": {"distilation_alpha": 0.5}}, "distilation_alpha"),
-        ({"trainer_type": "sdft", "sdft": {"teacher_ema_rate": 0.05}}, "sdft: teacher_ema_rate is set but teacher is 'base'"),
+        ({"trainer_type": "sdft", "sdft": {"teacher_update_rate": 0.05}}, "sdft: teacher_update_rate is set but teacher_model_kind is 'base'"),
         ({"trainer_type": "sdft", "sdft": {"max_prompt_length": 1000, "max_teacher_prompt_length": 500}}, "max_teacher_prompt_length"),
         ({"trainer_type": "sdft", "sdft": {"distillation_alpha": 2}}, "alpha must be in"),
-        ({"sdft": {"teacher": "ema"}}, "trainer_type is not"),
+        ({"sdft": {"teacher_model_kind": "ema"}}, "trainer_type is not"),
         ({"trainer_type": "sdft", "sequence_len": 256, "sdft": {"max_prompt_length": 256}}, "sequence_len"),
         ({"trainer_type": "sdft", "context_parallel_size": 2}, "context parallelism"),
         ({"trainer_type": "sdpo", "sdpo": {"verifier": "multiple_choice"}, "context_parallel": {"size": 2}}, "context parallelism"),
@@ -67,8 +67,8 @@ def test_schema_rejects_contradictions(config, match):
 
 
 def test_schema_fills_method_defaults():
-    parsed = SelfDistillationArgs.model_validate({"trainer_type": "sdft", "sdft": {"teacher": "ema", "teacher_ema_rate": 0.02}})
-    assert parsed.sdft["teacher_ema_rate"] == 0.02 and parsed.sdft["num_loss_tokens_to_skip"] == 3
+    parsed = SelfDistillationArgs.model_validate({"trainer_type": "sdft", "sdft": {"teacher_model_kind": "ema", "teacher_update_rate": 0.02}})
+    assert parsed.sdft["teacher_update_rate"] == 0.02 and parsed.sdft["num_loss_tokens_to_skip"] == 3
     assert SelfDistillationArgs.model_validate({}).trainer_type is None
 
 
@@ -79,8 +79,9 @@ def test_quickstart_trains_with_the_plugin_trainer(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert PLUGIN_RAN + "sdft" in output  # not Axolotl's silent SFT fallback
-    assert "'distillation_loss'" in output
-    assert "'kl'" not in output and "'ppl'" not in output  # the same value as distillation_loss; exp(a KL) is no perplexity
+    assert "'completions/mean_length'" in output
+    # the loss is logged once, as `loss` (kl / distillation_loss would repeat it); exp(a KL) is no perplexity
+    assert "'kl'" not in output and "distillation_loss'" not in output and "'ppl'" not in output
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
@@ -92,7 +93,7 @@ def test_quickstart_trains_with_the_plugin_trainer(tmp_path):
 def test_variants_train_end_to_end(tmp_path, variant):
     overrides = {}
     if variant == "ema":
-        overrides["sdft"] = dict(yaml.safe_load(QUICKSTART.read_text())["sdft"], teacher="ema", teacher_ema_rate=0.05)
+        overrides["sdft"] = dict(yaml.safe_load(QUICKSTART.read_text())["sdft"], teacher_model_kind="ema", teacher_update_rate=0.05)
     elif variant == "full":
         overrides.update(adapter=None, lora_r=None, lora_alpha=None, lora_dropout=None, lora_target_modules=None,
                          lora_mlp_kernel=None, lora_qkv_kernel=None, lora_o_kernel=None, learning_rate=1e-4)
@@ -104,7 +105,7 @@ def test_variants_train_end_to_end(tmp_path, variant):
     result = run_axolotl(quickstart(tmp_path, **overrides), tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert PLUGIN_RAN + "sdft" in output and "'distillation_loss'" in output
+    assert PLUGIN_RAN + "sdft" in output and "'completions/mean_length'" in output
 
 
 @pytest.mark.slow
@@ -116,7 +117,7 @@ def test_without_trainer_type_axolotl_trains_plain_sft(tmp_path):
     result = run_axolotl(config, tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert PLUGIN_RAN not in output and "'distillation_loss'" not in output and "'loss'" in output
+    assert PLUGIN_RAN not in output and "'completions/mean_length'" not in output and "'loss'" in output
 
 
 @pytest.mark.slow
@@ -135,7 +136,7 @@ def test_bad_configs_exit_nonzero_before_training(tmp_path, overrides, message):
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert message in output
-    assert "'distillation_loss'" not in output
+    assert "'completions/mean_length'" not in output
 
 
 @pytest.mark.slow

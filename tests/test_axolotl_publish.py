@@ -28,8 +28,8 @@ def test_post_train_writes_the_config_and_metrics_the_card_reads(tmp_path):
     from sd_plugin.axolotl.plugin import SelfDistillationPlugin
     from sd_plugin.model_card import find_trainer_state, find_training_config, render_model_card
 
-    state = TrainerState(global_step=2, log_history=[{"loss": 0.9, "distillation_loss": 0.9, "step": 1},
-                                                    {"loss": 0.4, "distillation_loss": 0.4, "step": 2},
+    state = TrainerState(global_step=2, log_history=[{"loss": 0.9, "completions/mean_length": 20.0, "step": 1},
+                                                    {"loss": 0.4, "completions/mean_length": 25.0, "step": 2},
                                                     {"train_loss": 0.65, "train_runtime": 3.0, "step": 2}])
     trainer = SimpleNamespace(args=SimpleNamespace(should_save=True), state=state)
     cfg = quickstart_cfg(output_dir=str(tmp_path / "out"),
@@ -43,7 +43,7 @@ def test_post_train_writes_the_config_and_metrics_the_card_reads(tmp_path):
     assert json.loads(Path(find_trainer_state(tmp_path / "out")).read_text())["log_history"] == state.log_history
     card = render_model_card(method="sdft", base_model="Qwen/Qwen3-0.6B", training_config=config,
                              metrics=find_trainer_state(tmp_path / "out"))
-    assert "## Training metrics" in card and "| `distillation_loss` | 0.9 (step 1) | 0.4 (step 2) |" in card
+    assert "## Training metrics" in card and "| `completions/mean_length` | 20 (step 1) | 25 (step 2) |" in card
 
     # Inert without trainer_type, and on processes that do not save.
     for cfg, trainer in ((quickstart_cfg(trainer_type=None, output_dir=str(tmp_path / "plain")), trainer),
@@ -63,7 +63,7 @@ def test_card_after_axolotl_train_and_sd_plugin_merge_has_the_metrics(tmp_path):
     assert PLUGIN_RAN + "sdft" in output
     adapter = tmp_path / "out"
     state = json.loads((adapter / "trainer_state.json").read_text())
-    logged = [entry for entry in state["log_history"] if "distillation_loss" in entry]
+    logged = [entry for entry in state["log_history"] if "completions/mean_length" in entry]
     assert [entry["step"] for entry in logged] == [1, 2]
 
     merged = tmp_path / "merged"
@@ -73,7 +73,7 @@ def test_card_after_axolotl_train_and_sd_plugin_merge_has_the_metrics(tmp_path):
     assert merge.returncode == 0, (merge.stdout + merge.stderr)[-3000:]
     card = (merged / "README.md").read_text()
     assert "## Training metrics" in card
-    last = logged[-1]["distillation_loss"]
-    assert f"| `distillation_loss` | {logged[0]['distillation_loss']:.4g} (step 1) | {last:.4g} (step 2) |" in card
+    last = logged[-1]["completions/mean_length"]
+    assert f"| `completions/mean_length` | {logged[0]['completions/mean_length']:.4g} (step 1) | {last:.4g} (step 2) |" in card
     assert "### SDFT options (`sdft:` block)" in card and "| `learning_rate` | 0.001 |" in card
     assert str(tmp_path) not in card  # local paths are named by their last component only

@@ -77,7 +77,7 @@ def test_hard_sync_makes_the_teacher_equal_the_student(tokenizer):
 @pytest.mark.parametrize("lora,kind,sync,match", [
     (dict(use_dora=True), "ema", 0, "DoRA"),
     (dict(use_dora=True), "base", 5, "DoRA"),
-    (dict(init_lora_weights="pissa"), "base", 0, "teacher: initial"),
+    (dict(init_lora_weights="pissa"), "base", 0, "teacher_model_kind: initial"),
     (dict(init_lora_weights="olora"), "base", 0, "rewrites the base weights"),
     (dict(modules_to_save=["lm_head"]), "ema", 0, "modules_to_save"),
 ])
@@ -175,8 +175,8 @@ def test_documented_verifier_name_tool_calls_loads_and_old_name_still_works():
 @pytest.mark.parametrize("config_class", [SDFTConfig, SDPOConfig])
 def test_ema_rate_without_ema_teacher_is_refused_everywhere(tmp_path, config_class):
     extra = {"verifier": "multiple_choice"} if config_class is SDPOConfig else {}
-    with pytest.raises(ValueError, match="teacher_ema_rate is set but teacher is 'base'"):
-        config_class(output_dir=str(tmp_path), teacher="base", teacher_ema_rate=0.2, use_cpu=True, report_to="none", **extra)
+    with pytest.raises(ValueError, match="teacher_update_rate is set but teacher_model_kind is 'base'"):
+        config_class(output_dir=str(tmp_path), teacher_model_kind="base", teacher_update_rate=0.2, use_cpu=True, report_to="none", **extra)
 
 
 # ---------------------------------------------------------------- verifying special tokens

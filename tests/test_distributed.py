@@ -1,6 +1,6 @@
 """Several processes (torchrun, gloo on CPU) and sharded parameters.
 
-What is comparable between 1 and 2 processes: with greedy rollouts (rollout_top_k 1) the completions depend
+What is comparable between 1 and 2 processes: with greedy rollouts (top_k 1) the completions depend
 only on the weights and the prompt, not on each process's RNG, so 2 processes x 2 rows and 1 process x 4
 rows must sample the same completions, log the same loss (per-sequence mean: the mean over the two
 processes' means of 2 equals the mean of 4) and end at the same weights (DDP averages the gradients), up
@@ -105,10 +105,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     torch.testing.assert_close(torch.tensor(logged(ranks[0], "grad_norm")), torch.tensor(logged(one, "grad_norm")), rtol=1e-3, atol=0)
     # The other metrics are averaged over both processes: every rank logs the same values, and a per-row
     # mean over 2 + 2 rows equals the one-process mean over 4.
-    for key in ("distillation_loss", "completion_length", "teacher_prompt_length"):
+    for key in ("completions/mean_length", "teacher_prompt_length"):
         assert logged(ranks[0], key) == logged(ranks[1], key), key
-    torch.testing.assert_close(torch.tensor(logged(ranks[0], "completion_length")),
-                               torch.tensor(logged(one, "completion_length")))
+    torch.testing.assert_close(torch.tensor(logged(ranks[0], "completions/mean_length")),
+                               torch.tensor(logged(one, "completions/mean_length")))
     assert max_difference(ranks[0]["params"], ranks[1]["params"]) == 0.0  # DDP keeps the replicas identical
     assert max_difference(ranks[0]["params"], one["params"]) < 1e-5  # measured: 9e-7 (Adam steps of 5e-3)
     assert max_difference(ranks[0]["teacher"], one["teacher"]) < 1e-6
@@ -190,6 +190,6 @@ def test_zero3_full_finetuning_teacher_copy_is_refused_clearly(tokenizer, fake_d
     model = build_model("qwen3", tokenizer)
     for param in model.parameters():
         param.ds_id = 0
-    with pytest.raises(ValueError, match="ZeRO-3 cannot partition: train a LoRA adapter.*teacher: live, or ZeRO-2"):
+    with pytest.raises(ValueError, match="ZeRO-3 cannot partition: train a LoRA adapter.*teacher_model_kind: live, or ZeRO-2"):
         Teacher(model, "ema")
     assert Teacher(model, "live").copy is None  # the live teacher needs no copy

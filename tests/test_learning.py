@@ -62,7 +62,7 @@ def test_sdft_teaches_the_demo_model_the_held_out_task_and_keeps_the_prior(demo_
     sdft/lr0.001/seed0/.../template-json row (task 0 -> 0.646 exact, 0.833 format on 48 cards; capitals
     0.750 -> 0.906). The student never sees a demonstration token as a target, only the teacher's
     distribution over its own samples, so a rise here is the self-distillation signal at work."""
-    scores = train_on_contact_cards(demo_model_dir, tmp_path, prior=True, learning_rate=1e-3, teacher="base",
+    scores = train_on_contact_cards(demo_model_dir, tmp_path, prior=True, learning_rate=1e-3, teacher_model_kind="base",
                                     teacher_template=JSON_TEMPLATE, num_loss_tokens_to_skip=0, distillation_alpha=0.0)
     before, after = scores[0], scores[STEPS]
     assert before["eval_task_reward"] == 0.0 and before["eval_task_format_rate"] == 0.0

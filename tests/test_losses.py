@@ -6,12 +6,15 @@ import math
 import pytest
 import torch
 
-from sd_plugin.losses import chunked_distillation_loss, divergence, loss_token_weights
+from sd_plugin.losses import DivergenceOptions, chunked_distillation_loss, divergence, loss_token_weights
 
 
 # ---------------------------------------------------------------- naive reference (loops over positions)
-def naive_per_token(student_logits, teacher_logits, *, alpha, mode="full", topk=None, support="student",
-                    add_tail=False, temperature=1.0, sampled_ids=None, family="jsd"):
+def naive_per_token(student_logits, teacher_logits, *, distillation_alpha, distillation_mode="full_logits",
+                    distillation_topk=None, distillation_support="student", distillation_add_tail=False,
+                    distillation_temperature=1.0, sampled_ids=None, distillation_divergence="jsd"):
+    alpha, mode, topk, support = distillation_alpha, distillation_mode, distillation_topk, distillation_support
+    add_tail, temperature, family = distillation_add_tail, distillation_temperature, distillation_divergence
     student_logits = student_logits.double() / temperature
     teacher_logits = teacher_logits.double() / temperature
     flat_s = student_logits.reshape(-1, student_logits.shape[-1])
@@ -21,11 +24,11 @@ def naive_per_token(student_logits, teacher_logits, *, alpha, mode="full", topk=
     for row in range(flat_s.shape[0]):
         p_s = torch.softmax(flat_s[row], -1)
         p_t = torch.softmax(flat_t[row], -1)
-        if mode == "sampled":
+        if mode == "sampled_token":
             log_s, log_t = p_s[ids[row]].log(), p_t[ids[row]].log()
             out.append((log_s - log_t).detach() * log_s)
             continue
-        if mode == "topk":
+        if mode == "topk_logits":
             source = flat_s[row] if support == "student" else flat_t[row]
             index = torch.argsort(source.detach(), descending=True)[:topk]
             if add_tail:
@@ -63,17 +66,17 @@ def naive_reduced(per_token, mask, reduction, skip_first=0):
 
 
 CASES = [
-    dict(alpha=0.0, mode="full"),
-    dict(alpha=1.0, mode="full"),
-    dict(alpha=0.5, mode="full"),
-    dict(alpha=0.3, mode="full", temperature=0.7),
-    dict(alpha=0.0, mode="topk", topk=5, support="student"),
-    dict(alpha=1.0, mode="topk", topk=5, support="teacher"),
-    dict(alpha=0.5, mode="topk", topk=7, support="student", add_tail=True),
-    dict(alpha=0.5, mode="topk", topk=7, support="teacher", add_tail=True),
-    dict(alpha=0.5, mode="full", family="mixed"),
-    dict(alpha=0.3, mode="topk", topk=7, support="teacher", family="mixed"),
-    dict(alpha=1.0, mode="sampled"),
+    dict(distillation_alpha=0.0, distillation_mode="full_logits"),
+    dict(distillation_alpha=1.0, distillation_mode="full_logits"),
+    dict(distillation_alpha=0.5, distillation_mode="full_logits"),
+    dict(distillation_alpha=0.3, distillation_mode="full_logits", distillation_temperature=0.7),
+    dict(distillation_alpha=0.0, distillation_mode="topk_logits", distillation_topk=5, distillation_support="student"),
+    dict(distillation_alpha=1.0, distillation_mode="topk_logits", distillation_topk=5, distillation_support="teacher"),
+    dict(distillation_alpha=0.5, distillation_mode="topk_logits", distillation_topk=7, distillation_support="student", distillation_add_tail=True),
+    dict(distillation_alpha=0.5, distillation_mode="topk_logits", distillation_topk=7, distillation_support="teacher", distillation_add_tail=True),
+    dict(distillation_alpha=0.5, distillation_mode="full_logits", distillation_divergence="mixed"),
+    dict(distillation_alpha=0.3, distillation_mode="topk_logits", distillation_topk=7, distillation_support="teacher", distillation_divergence="mixed"),
+    dict(distillation_alpha=1.0, distillation_mode="sampled_token"),
 ]
 
 
@@ -83,7 +86,7 @@ def test_divergence_matches_naive_value_and_gradient(case):
     student = torch.randn(2, 5, 40, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(2, 5, 40, dtype=torch.float64)
     ids = torch.randint(0, 40, (2, 5))
-    ours = divergence(student, teacher, sampled_ids=ids, **case)
+    ours = divergence(student, teacher, DivergenceOptions(**case), sampled_ids=ids)
     ref_student = student.detach().clone().requires_grad_(True)
     ref = naive_per_token(ref_student, teacher, sampled_ids=ids, **case)
     torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-8)
@@ -96,8 +99,8 @@ def test_divergences_are_nonnegative_and_zero_when_equal():
     torch.manual_seed(1)
     logits = torch.randn(3, 50)
     for case in CASES[:-1]:
-        assert divergence(logits, logits, **case).abs().max() < 1e-5
-        assert (divergence(logits, torch.randn(3, 50), **case) > -1e-6).all()
+        assert divergence(logits, logits, DivergenceOptions(**case)).abs().max() < 1e-5
+        assert (divergence(logits, torch.randn(3, 50), DivergenceOptions(**case)) > -1e-6).all()
 
 
 @pytest.mark.parametrize("reduction,skip_first", [("token", 0), ("sequence", 0), ("token", 3), ("sequence", 2)])
@@ -105,18 +108,18 @@ def test_token_weights_match_naive_reduction(reduction, skip_first):
     torch.manual_seed(2)
     per_token = torch.rand(3, 9, dtype=torch.float64)
     mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [0, 0, 1, 1, 1, 1, 0, 0, 0]])
-    weights = loss_token_weights(mask, reduction=reduction, skip_first=skip_first).double()
+    weights = loss_token_weights(mask, loss_reduction=reduction, num_loss_tokens_to_skip=skip_first).double()
     torch.testing.assert_close((weights * per_token).sum(), naive_reduced(per_token, mask, reduction, skip_first))
 
 
 CHUNK_CASES = [
-    dict(alpha=0.0, mode="full", reduction="token"),
-    dict(alpha=1.0, mode="full", reduction="sequence", skip_first=3),
-    dict(alpha=0.5, mode="topk", topk=6, support="student", add_tail=True),
-    dict(alpha=0.5, mode="topk", topk=6, support="teacher", temperature=1.3),
-    dict(alpha=0.3, mode="full", family="mixed", temperature=1.3),
-    dict(alpha=0.5, mode="topk", topk=64 // 8, support="teacher", family="mixed"),
-    dict(alpha=1.0, mode="sampled"),
+    dict(distillation_alpha=0.0, distillation_mode="full_logits", loss_reduction="token"),
+    dict(distillation_alpha=1.0, distillation_mode="full_logits", loss_reduction="sequence", num_loss_tokens_to_skip=3),
+    dict(distillation_alpha=0.5, distillation_mode="topk_logits", distillation_topk=6, distillation_support="student", distillation_add_tail=True),
+    dict(distillation_alpha=0.5, distillation_mode="topk_logits", distillation_topk=6, distillation_support="teacher", distillation_temperature=1.3),
+    dict(distillation_alpha=0.3, distillation_mode="full_logits", distillation_divergence="mixed", distillation_temperature=1.3),
+    dict(distillation_alpha=0.5, distillation_mode="topk_logits", distillation_topk=64 // 8, distillation_support="teacher", distillation_divergence="mixed"),
+    dict(distillation_alpha=1.0, distillation_mode="sampled_token"),
 ]
 
 
@@ -131,11 +134,12 @@ def test_chunked_matches_naive_loss_and_gradients(case, chunk_size):
     mask = torch.ones(batch, length)
     mask[1, 8:] = 0
     ids = torch.randint(0, vocab, (batch, length))
-    reduction = case.pop("reduction", "token")
-    skip_first = case.pop("skip_first", 0)
+    reduction = case.pop("loss_reduction", "token")
+    skip_first = case.pop("num_loss_tokens_to_skip", 0)
 
-    out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, chunk_size=chunk_size,
-                                    sampled_ids=ids, reduction=reduction, skip_first=skip_first, **case)
+    out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, DivergenceOptions(**case),
+                                    loss_chunk_size=chunk_size, sampled_ids=ids, loss_reduction=reduction,
+                                    num_loss_tokens_to_skip=skip_first)
     out.loss.backward()
 
     ref_hidden = student_hidden.detach().clone().requires_grad_(True)
@@ -159,8 +163,8 @@ def test_chunked_importance_clip_and_cross_entropy_rows():
     old = torch.randn(2, 6, dtype=torch.float64) - 3
     ce_mask = torch.zeros(2, 6, dtype=torch.bool)
     ce_mask[1] = True
-    out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, chunk_size=5, alpha=0.0,
-                                    sampled_ids=ids, old_logprobs=old, importance_sampling_clip=2.0,
+    out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, DivergenceOptions(distillation_alpha=0.0), loss_chunk_size=5,
+                                    sampled_ids=ids, old_logprobs=old, distillation_is_clip=2.0,
                                     ce_mask=ce_mask)
     out.loss.backward()
 
@@ -169,7 +173,7 @@ def test_chunked_importance_clip_and_cross_entropy_rows():
     student_logprobs = torch.log_softmax(logits, -1)
     sampled = student_logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     ratio = torch.exp(sampled.detach() - old).clamp(max=2.0)
-    per_token = naive_per_token(logits, teacher_hidden @ weight.T, alpha=0.0) * ratio
+    per_token = naive_per_token(logits, teacher_hidden @ weight.T, distillation_alpha=0.0) * ratio
     per_token = torch.where(ce_mask, -sampled, per_token)
     ref = per_token.mean()
     ref.backward()
@@ -185,7 +189,8 @@ def test_chunked_full_vocab_at_long_length_matches_naive():
     teacher_hidden = torch.randn(1, length, hidden)
     weight = (torch.randn(vocab, hidden) * 0.1).requires_grad_(True)
     mask = torch.ones(1, length)
-    out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, chunk_size=256, alpha=0.5)
+    out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, DivergenceOptions(distillation_alpha=0.5),
+                                    loss_chunk_size=256)
     out.loss.backward()
 
     ref_hidden = student_hidden.detach().double().requires_grad_(True)
@@ -211,11 +216,13 @@ def test_matches_trl_sdft_helpers(alpha, topk, add_tail):
         if add_tail:
             pytest.skip("the tail bucket only exists for top-K")
         trl = loss_utils.compute_full_logit_self_distillation_loss(student, teacher, distillation_alpha=alpha)
-        ours = divergence(student, teacher, alpha=alpha)
+        ours = divergence(student, teacher, DivergenceOptions(distillation_alpha=alpha))
     else:
         trl = loss_utils.compute_topk_self_distillation_loss(
             student, teacher, distillation_topk=topk, distillation_alpha=alpha, distillation_add_tail=add_tail)
-        ours = divergence(student, teacher, alpha=alpha, mode="topk", topk=topk, add_tail=add_tail)
+        options = DivergenceOptions(distillation_alpha=alpha, distillation_mode="topk_logits", distillation_topk=topk,
+                                    distillation_add_tail=add_tail)
+        ours = divergence(student, teacher, options)
     torch.testing.assert_close(ours, trl, atol=1e-5, rtol=1e-5)
 
 
@@ -226,7 +233,7 @@ def test_matches_trl_sampled_token_helper():
     teacher = torch.randn(2, 3, 25)
     ids = torch.randint(0, 25, (2, 3))
     trl = loss_utils.compute_sampled_token_self_distillation_loss(student, teacher, ids, distillation_alpha=1.0)
-    ours = divergence(student, teacher, alpha=1.0, mode="sampled", sampled_ids=ids)
+    ours = divergence(student, teacher, DivergenceOptions(distillation_alpha=1.0, distillation_mode="sampled_token"), sampled_ids=ids)
     torch.testing.assert_close(ours, trl)
     (trl_grad,) = torch.autograd.grad(trl.sum(), student)
     (our_grad,) = torch.autograd.grad(ours.sum(), student)
@@ -236,16 +243,16 @@ def test_matches_trl_sampled_token_helper():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(alpha=1.5), "alpha"),
-        (dict(alpha=0.5, mode="sampled"), "alpha=1.0"),
-        (dict(alpha=0.0, mode="topk", topk=99), "larger than the vocabulary"),
-        (dict(alpha=0.0, mode="topk"), "topk"),
-        (dict(alpha=0.0, mode="nope"), "mode"),
+        (dict(distillation_alpha=1.5), "distillation_alpha must be in"),
+        (dict(distillation_alpha=0.5, distillation_mode="sampled_token"), "needs distillation_alpha=1.0"),
+        (dict(distillation_alpha=0.0, distillation_mode="topk_logits", distillation_topk=99), "distillation_topk=99 is larger than the vocabulary"),
+        (dict(distillation_alpha=0.0, distillation_mode="topk_logits"), "needs distillation_topk >= 1"),
+        (dict(distillation_alpha=0.0, distillation_mode="nope"), "distillation_mode must be one of"),
     ],
 )
 def test_bad_options_are_rejected_with_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        divergence(torch.randn(2, 10), torch.randn(2, 10), sampled_ids=torch.zeros(2, dtype=torch.long), **kwargs)
+        divergence(torch.randn(2, 10), torch.randn(2, 10), DivergenceOptions(**kwargs), sampled_ids=torch.zeros(2, dtype=torch.long))
 
 
 # ------------------------------------------------------------------ Liger-Kernel's fused loss (GPU fast path)
@@ -253,7 +260,7 @@ def test_bad_options_are_rejected_with_the_key(kwargs, match):
 @pytest.mark.parametrize("reduction", ["token", "sequence"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_liger_fused_loss_matches_the_reference(alpha, reduction, temperature):
-    from sd_plugin.losses import liger_distillation_loss
+    from sd_plugin.liger import liger_distillation_loss
 
     torch.manual_seed(0)
     student = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
@@ -262,9 +269,10 @@ def test_liger_fused_loss_matches_the_reference(alpha, reduction, temperature):
     mask = torch.ones(3, 7)
     mask[1, 4:] = 0
     mask[2] = 0
-    options = dict(alpha=alpha, reduction=reduction, skip_first=1, temperature=temperature, chunk_size=4)
-    reference = chunked_distillation_loss(student, teacher, weight, mask, **options).loss
-    fused = liger_distillation_loss(student, teacher, weight, mask, **options).loss
+    options = DivergenceOptions(distillation_alpha=alpha, distillation_temperature=temperature)
+    shape = dict(loss_reduction=reduction, num_loss_tokens_to_skip=1, loss_chunk_size=4)
+    reference = chunked_distillation_loss(student, teacher, weight, mask, options, **shape).loss
+    fused = liger_distillation_loss(student, teacher, weight, mask, options, **shape).loss
     torch.testing.assert_close(fused.double(), reference, rtol=1e-6, atol=1e-7)
     for ours, theirs in zip(torch.autograd.grad(fused, (student, weight)), torch.autograd.grad(reference, (student, weight))):
         torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-7)
@@ -284,16 +292,16 @@ def test_cross_entropy_rows_are_plain_sft_every_token_at_temperature_one(reducti
     mask[2, 5:] = 0
     ce_mask = torch.zeros(batch, length, dtype=torch.bool)
     ce_mask[1:] = True  # rows 1 and 2 are SFT rows
-    out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, chunk_size=4, alpha=0.0,
-                                    temperature=temperature, sampled_ids=ids, ce_mask=ce_mask,
-                                    skip_first=skip, reduction=reduction)
+    options = DivergenceOptions(distillation_alpha=0.0, distillation_temperature=temperature)
+    out = chunked_distillation_loss(student_hidden, teacher_hidden, weight, mask, options, loss_chunk_size=4,
+                                    sampled_ids=ids, ce_mask=ce_mask, num_loss_tokens_to_skip=skip, loss_reduction=reduction)
     out.loss.backward()
 
     ref_hidden = student_hidden.detach().clone().requires_grad_(True)
     ref_weight = weight.detach().clone().requires_grad_(True)
     logits = ref_hidden @ ref_weight.T
     cross_entropy = -torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # temperature 1
-    distilled = naive_per_token(logits, teacher_hidden @ ref_weight.detach().T, alpha=0.0, temperature=temperature)
+    distilled = naive_per_token(logits, teacher_hidden @ ref_weight.detach().T, distillation_alpha=0.0, distillation_temperature=temperature)
     row_losses = [
         naive_reduced(distilled[:1], mask[:1], "token", skip),           # row 0: distilled, first 3 skipped
         (cross_entropy[1] * mask[1]).sum() / mask[1].sum(),               # SFT rows: every token

@@ -204,7 +204,7 @@ def test_model_card_shows_the_configuration_actually_used(trained, merged):
     state = json.loads(trained.trainer_state.read_text())
     final_loss = [entry for entry in state["log_history"] if "loss" in entry][-1]["loss"]
     assert f"{final_loss:.4g} (step 2)" in text
-    assert "`distillation_loss`" in text and "`completion_length`" in text
+    assert "`loss`" in text and "`completions/mean_length`" in text
     assert "arXiv:2601.19897" in text and "Shenfeld" in text
     assert "Merge check: max |logit difference|" in text
     assert 'AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.bfloat16' in text and '"me/tiny-sdft"' in text
@@ -219,7 +219,7 @@ def test_adapter_card_from_axolotl_config_with_eval_stats(tmp_path):
         "base_model": "Qwen/Qwen3-8B", "adapter": "qlora", "load_in_4bit": True, "learning_rate": 2.5e-05,
         "micro_batch_size": 1, "gradient_accumulation_steps": 8, "lora_r": 16, "lora_alpha": 32,
         "datasets": [{"path": "my-org/chemistry", "type": "sd_plugin.prompt_strategies.sdpo"}, {"path": "data/local.jsonl"}],
-        "sdpo": {"distillation_alpha": 0.5, "distillation_topk": 100, "teacher": "ema", "teacher_ema_rate": 0.05},
+        "sdpo": {"distillation_alpha": 0.5, "distillation_topk": 100, "teacher_model_kind": "ema", "teacher_update_rate": 0.05},
     }
     eval_stats = {"stages": {
         "base": {"n_generations": 200, "n_good": 25, "n_bad": 25, "mean_R": 0.208, "good_mean": 0.205, "bad_mean": 0.21,
@@ -367,7 +367,7 @@ def test_post_lora_merge_casts_checks_and_writes_card(trained, tmp_path):
     model.merge_and_unload().save_pretrained(output)
     AutoTokenizer.from_pretrained(BASE).save_pretrained(output)
     cfg = {"base_model": str(BASE), "adapter": "lora", "learning_rate": LEARNING_RATE, "lora_r": LORA_R,
-           "sdft": {"distillation_alpha": DISTILLATION_ALPHA, "teacher": "ema"}, "datasets": [{"path": "my-org/chem"}]}
+           "sdft": {"distillation_alpha": DISTILLATION_ALPHA, "teacher_model_kind": "ema"}, "datasets": [{"path": "my-org/chem"}]}
     api = FakeHfApi()
     report = post_lora_merge(cfg, trained.adapter, output, verify=True, push_to_hub="me/axolotl-sdft", token="hf_test",
                              api=api, log=lambda message: None)

@@ -139,11 +139,11 @@ def test_gradient_accumulation_skips_the_whole_step_of_one_bad_micro_batch(tmp_p
 @pytest.mark.parametrize(
     "loss_options",
     [dict(distillation_alpha=0.0), dict(distillation_alpha=0.5), dict(distillation_alpha=1.0),
-     dict(distillation_mode="topk", distillation_topk=8, distillation_add_tail=True), dict(lambda_on_policy=0.5)],
+     dict(distillation_mode="topk_logits", distillation_topk=8, distillation_add_tail=True), dict(lambda_on_policy=0.5)],
     ids=["forward-kl", "jsd", "reverse-kl", "topk-tail", "with-ce-rows"],
 )
 def test_debug_numerics_passes_on_real_divergences(tmp_path, tokenizer, quickstart_rows, loss_options):
-    trainer = make_trainer(tmp_path, tokenizer, quickstart_rows, max_steps=2, debug_numerics=True, teacher="ema",
+    trainer = make_trainer(tmp_path, tokenizer, quickstart_rows, max_steps=2, debug_numerics=True, teacher_model_kind="ema",
                            **loss_options)
     checked = []
     real_check = trainer.check_divergence_values
@@ -174,7 +174,7 @@ def test_debug_numerics_tolerates_rounding_and_skips_the_sampled_estimator(tmp_p
     trainer.check_divergence_values(DistillationOutput(torch.tensor(0.0), torch.tensor([0.1, -5e-5, float("nan")]), None, None))
     with pytest.raises(RuntimeError, match="min -0.001"):
         trainer.check_divergence_values(DistillationOutput(torch.tensor(0.0), torch.tensor([0.1, -1e-3]), None, None))
-    trainer.options.distillation_mode = "sampled"  # log p - log q of one sampled token is negative for some tokens
+    trainer.options.distillation_mode = "sampled_token"  # log p - log q of one sampled token is negative for some tokens
     trainer.check_divergence_values(DistillationOutput(torch.tensor(0.0), torch.tensor([0.1, -1e-3]), None, None))
 
 

@@ -52,8 +52,8 @@ def tiny_yaml(prompt_tokens: int, completion_tokens: int = CALIBRATION_COMPLETIO
             "max_teacher_prompt_length": prompt_tokens + 64,
             "max_completion_length": completion_tokens,
             "loss_chunk_size": 64,
-            "distillation_mode": "full",
-            "teacher": "base",
+            "distillation_mode": "full_logits",
+            "teacher_model_kind": "base",
         },
     }
 
@@ -315,7 +315,7 @@ def test_low_rank_ema_teacher_state_is_rank_times_layer_widths():
     ("sdzero", {"phase": "distill"}, dict(num_generations=1, completion_length=4096, teacher="base")),
     ("sdzero", {"phase": "srt"}, dict(teacher="live")),
     ("sdft", {}, dict(num_generations=1, completion_length=256, teacher="base")),
-    ("sdpo", {"num_generations": 4, "teacher": "base"}, dict(num_generations=4, teacher="base")),
+    ("sdpo", {"num_generations": 4, "teacher_model_kind": "base"}, dict(num_generations=4, teacher="base")),
 ])
 def test_plan_reads_each_methods_own_defaults(trainer_type, block, expected):
     from sd_plugin.planner import load_config, setup_from_config

@@ -18,7 +18,7 @@ from test_axolotl_plugin import REPO, quickstart, run_axolotl
 
 def config(tmp_path: Path, name: str) -> dict:
     cfg = quickstart(tmp_path / name, max_steps=4, save_strategy="steps", save_steps=2, seed=7)
-    cfg["sdft"] = dict(cfg["sdft"], teacher="ema", teacher_ema_rate=0.2)
+    cfg["sdft"] = dict(cfg["sdft"], teacher_model_kind="ema", teacher_update_rate=0.2)
     return cfg
 
 

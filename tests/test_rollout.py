@@ -148,7 +148,7 @@ def importance_run(tmp_path, tokenizer, quickstart_rows, **overrides):
         model.lm_head.weight.mul_(40.0)  # peaked next-token distributions: temperature then matters
     settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1, logging_steps=1,
                     max_completion_length=10, report_to="none", save_strategy="no", learning_rate=1e-3,
-                    use_cpu=True, seed=0, importance_sampling_correction=True, importance_sampling_clip=1.5)
+                    use_cpu=True, seed=0, importance_sampling_correction=True, distillation_is_clip=1.5)
     settings.update(overrides)
     data = Dataset.from_list([{"prompt": r["prompt"], "demonstration": r["demonstration"]} for r in quickstart_rows[:2]])
     trainer = SDFTTrainer(model=model, args=SDFTConfig(**settings), train_dataset=data, processing_class=tokenizer)
@@ -157,7 +157,7 @@ def importance_run(tmp_path, tokenizer, quickstart_rows, **overrides):
 
 
 def test_importance_weights_are_one_when_the_sampler_is_the_student(tmp_path, tokenizer, quickstart_rows):
-    logged = importance_run(tmp_path, tokenizer, quickstart_rows, rollout_temperature=1.0, distillation_temperature=1.0)
+    logged = importance_run(tmp_path, tokenizer, quickstart_rows, temperature=1.0, distillation_temperature=1.0)
     assert logged["importance_weight_mean"] == pytest.approx(1.0, abs=1e-3)
     assert logged["importance_weight_max"] == pytest.approx(1.0, abs=1e-3)
     assert logged["importance_weight_clipped_fraction"] == 0.0
@@ -165,15 +165,15 @@ def test_importance_weights_are_one_when_the_sampler_is_the_student(tmp_path, to
 
 def test_importance_weights_correct_and_clip_a_different_sampler(tmp_path, tokenizer, quickstart_rows):
     # Rollouts drawn at temperature 3, the loss at temperature 1: the student's likely tokens were undersampled.
-    logged = importance_run(tmp_path, tokenizer, quickstart_rows, rollout_temperature=3.0, distillation_temperature=1.0)
+    logged = importance_run(tmp_path, tokenizer, quickstart_rows, temperature=3.0, distillation_temperature=1.0)
     assert logged["importance_weight_max"] > 1.5
     assert 0.0 < logged["importance_weight_clipped_fraction"] < 1.0
     assert logged["importance_weight_mean"] != pytest.approx(1.0, abs=1e-2)
     # The weights reach the loss: the same rollouts (same seed) without the correction give another loss.
-    uncorrected = importance_run(tmp_path, tokenizer, quickstart_rows, rollout_temperature=3.0,
+    uncorrected = importance_run(tmp_path, tokenizer, quickstart_rows, temperature=3.0,
                                  distillation_temperature=1.0, importance_sampling_correction=False)
-    assert uncorrected["completion_length"] == logged["completion_length"]
-    assert uncorrected["distillation_loss"] != pytest.approx(logged["distillation_loss"], rel=1e-3)
+    assert uncorrected["completions/mean_length"] == logged["completions/mean_length"]
+    assert uncorrected["loss"] != pytest.approx(logged["loss"], rel=1e-3)
 
 
 def test_hf_generate_records_no_sampler_logprobs_by_default(tmp_path, tokenizer, quickstart_rows):

@@ -41,7 +41,7 @@ def trainable_snapshot(model):
 def test_trains_and_moves_parameters(tmp_path, tokenizer, quickstart_rows, kind, teacher, use_lora):
     model = build_model(kind, tokenizer)
     lora = LoraConfig(**(QWEN35_LORA if kind == "qwen3_5" else LORA)) if use_lora else None
-    trainer = SDFTTrainer(model=model, args=make_args(tmp_path, teacher=teacher), train_dataset=rows(quickstart_rows),
+    trainer = SDFTTrainer(model=model, args=make_args(tmp_path, teacher_model_kind=teacher), train_dataset=rows(quickstart_rows),
                           processing_class=tokenizer, peft_config=lora)
     before = trainable_snapshot(trainer.model)
     result = trainer.train()
@@ -52,7 +52,7 @@ def test_trains_and_moves_parameters(tmp_path, tokenizer, quickstart_rows, kind,
     if use_lora:
         assert all("lora_" in n for n in before)
     logged = trainer.state.log_history[0]
-    for key in ("distillation_loss", "completion_length", "teacher_prompt_length", "teacher_student_logprob_gap"):
+    for key in ("loss", "completions/mean_length", "teacher_prompt_length", "teacher_student_logprob_gap"):
         assert key in logged
 
 
@@ -111,7 +111,7 @@ def test_lora_ema_teacher_is_ema_of_the_effective_update(tmp_path, tokenizer, qu
     from sd_plugin.teacher import lora_delta, lora_layers
 
     rate = 0.3
-    trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, teacher="ema", teacher_ema_rate=rate, max_steps=3),
+    trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, teacher_model_kind="ema", teacher_update_rate=rate, max_steps=3),
                           train_dataset=rows(quickstart_rows), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
     expected = {name: torch.zeros_like(lora_delta(m)) for name, m in lora_layers(trainer.model).items()}
 
@@ -131,14 +131,14 @@ def test_lora_ema_teacher_is_ema_of_the_effective_update(tmp_path, tokenizer, qu
 
 
 def test_ema_teacher_state_is_saved_and_restored(tmp_path, tokenizer, quickstart_rows):
-    args = make_args(tmp_path, teacher="ema", teacher_ema_rate=0.5, max_steps=2, save_strategy="steps", save_steps=2)
+    args = make_args(tmp_path, teacher_model_kind="ema", teacher_update_rate=0.5, max_steps=2, save_strategy="steps", save_steps=2)
     trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=args, train_dataset=rows(quickstart_rows),
                           processing_class=tokenizer, peft_config=LoraConfig(**LORA))
     trainer.train()
     saved = copy.deepcopy(trainer.teacher.deltas)
     checkpoint = tmp_path / "out" / "checkpoint-2"
     assert (checkpoint / base_module.TEACHER_STATE_FILE).exists()
-    fresh = SDFTTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, teacher="ema", teacher_ema_rate=0.5, max_steps=2),
+    fresh = SDFTTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, teacher_model_kind="ema", teacher_update_rate=0.5, max_steps=2),
                         train_dataset=rows(quickstart_rows), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
     fresh.train(resume_from_checkpoint=str(checkpoint))
     for name, delta in saved.items():
@@ -148,7 +148,7 @@ def test_ema_teacher_state_is_saved_and_restored(tmp_path, tokenizer, quickstart
 def test_full_finetuning_teacher_is_an_in_memory_frozen_copy(tmp_path, tokenizer, quickstart_rows):
     model = build_model("qwen3", tokenizer)
     initial = copy.deepcopy(model.state_dict())
-    trainer = SDFTTrainer(model=model, args=make_args(tmp_path, teacher="base"), train_dataset=rows(quickstart_rows), processing_class=tokenizer)
+    trainer = SDFTTrainer(model=model, args=make_args(tmp_path, teacher_model_kind="base"), train_dataset=rows(quickstart_rows), processing_class=tokenizer)
     trainer.train()
     assert trainer.teacher.copy is not model
     for name, tensor in trainer.teacher.copy.state_dict().items():
@@ -186,7 +186,7 @@ def test_teacher_prompt_cut_keeps_the_question_and_counts_tokens(tmp_path, token
     [
         ({}, [{"question": "q", "demonstration": "d"}], "row 0: missing column 'prompt'"),
         ({}, [{"prompt": "q", "demonstration": "ok"}, {"prompt": "q", "demonstration": "  "}], "row 1: the demonstration is empty"),
-        ({"distillation_mode": "topk", "distillation_topk": 5000}, None, "topk=5000 is larger than the vocabulary"),
+        ({"distillation_mode": "topk_logits", "distillation_topk": 5000}, None, "topk=5000 is larger than the vocabulary"),
         ({"teacher_truncation": "error", "max_teacher_prompt_length": 230, "max_prompt_length": 230}, None, "row 0: the teacher prompt has"),
         ({"max_prompt_length": 10, "max_teacher_prompt_length": 100}, None, "row 0: the student prompt has"),
     ],
@@ -200,9 +200,9 @@ def test_bad_input_fails_before_training_naming_row_or_key(tmp_path, tokenizer, 
 
 @pytest.mark.parametrize(
     "overrides,match",
-    [({"distillation_alpha": 1.5}, "alpha must be in"), ({"distillation_mode": "sampled", "distillation_alpha": 0.5}, "alpha=1.0"),
+    [({"distillation_alpha": 1.5}, "alpha must be in"), ({"distillation_mode": "sampled_token", "distillation_alpha": 0.5}, "alpha=1.0"),
      ({"max_teacher_prompt_length": 10, "max_prompt_length": 100}, "max_teacher_prompt_length"),
-     ({"teacher": "frozen"}, "teacher must be")],
+     ({"teacher_model_kind": "frozen"}, "teacher_model_kind must be")],
 )
 def test_bad_options_fail_in_the_config(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -258,8 +258,8 @@ def test_liger_loss_is_the_default_on_a_gpu(tokenizer):
 
 
 def test_liger_loss_true_rejects_topk(tmp_path):
-    with pytest.raises(ValueError, match="liger_loss: true supports distillation_mode: full only"):
-        make_args(tmp_path, liger_loss=True, distillation_mode="topk", distillation_topk=5)
+    with pytest.raises(ValueError, match="liger_loss: true supports distillation_mode: full_logits only"):
+        make_args(tmp_path, liger_loss=True, distillation_mode="topk_logits", distillation_topk=5)
 
 
 # ------------------------------------------------------------------ low-rank EMA teacher
@@ -295,7 +295,7 @@ def test_low_rank_ema_teacher_follows_the_dense_one(tmp_path, tokenizer, quickst
     for rank in (0, 32):
         torch.manual_seed(0)
         trainer = SDFTTrainer(model=build_model("qwen3", tokenizer),
-                              args=make_args(tmp_path / str(rank), teacher="ema", teacher_ema_rate=0.3, max_steps=3,
+                              args=make_args(tmp_path / str(rank), teacher_model_kind="ema", teacher_update_rate=0.3, max_steps=3,
                                              teacher_ema_rank=rank),
                               train_dataset=rows(quickstart_rows), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
         trainer.train()
@@ -323,5 +323,5 @@ def test_low_rank_ema_teacher_follows_the_dense_one(tmp_path, tokenizer, quickst
 
 
 def test_teacher_ema_rank_without_an_ema_teacher_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="teacher_ema_rank is set but teacher is 'base'"):
+    with pytest.raises(ValueError, match="teacher_ema_rank is set but teacher_model_kind is 'base'"):
         make_args(tmp_path, teacher_ema_rank=16)

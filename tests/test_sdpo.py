@@ -12,7 +12,7 @@ from peft import LoraConfig
 
 from sd_plugin import SDPOConfig, SDPOTrainer
 from sd_plugin.contexts import SDPO_FEEDBACK, SDPO_SOLUTION
-from sd_plugin.losses import chunked_token_logprobs, group_advantages, grpo_loss
+from sd_plugin.grpo import chunked_token_logprobs, group_advantages, grpo_loss
 from sd_plugin.rollout import Rollouts
 from sd_plugin.testing import build_model
 from sd_plugin import rows as rows_module
@@ -83,10 +83,10 @@ def teacher_texts(trainer, inputs):
     [
         # (solution index, feedback?) per rollout; None = no teacher signal
         ({}, [(1, True), None, (1, False), None, None, None]),
-        ({"include_own_solution": True}, [(1, True), (1, False), (1, False), None, None, None]),
-        ({"use_feedback": False}, [(1, False), None, (1, False), None, None, None]),
-        ({"feedback_only_without_solution": True}, [(1, False), None, (1, False), None, None, None]),
-        ({"success_threshold": 2.0}, [(None, True), None, None, None, None, None]),
+        ({"dont_reprompt_on_self_success": False}, [(1, True), (1, False), (1, False), None, None, None]),
+        ({"include_environment_feedback": False}, [(1, False), None, (1, False), None, None, None]),
+        ({"environment_feedback_only_without_solution": True}, [(1, False), None, (1, False), None, None, None]),
+        ({"success_reward_threshold": 2.0}, [(None, True), None, None, None, None, None]),
     ],
 )
 def test_teacher_context_has_sibling_solution_and_feedback_exactly_when_it_should(
@@ -108,7 +108,7 @@ def test_teacher_context_has_sibling_solution_and_feedback_exactly_when_it_shoul
         assert text.count("Correctly solve the original question.") == 1
     metrics = trainer._metrics["train"]
     assert metrics["no_teacher_signal_fraction"][-1] == pytest.approx(sum(e is None for e in expected) / 6)
-    assert metrics["group_solved_fraction"][-1] == (0.0 if overrides.get("success_threshold") else 0.5)
+    assert metrics["self_distillation/success_group_fraction"][-1] == (0.0 if overrides.get("success_reward_threshold") else 0.5)
 
 
 def test_thinking_of_the_sibling_solution_is_stripped(tmp_path, tokenizer, quickstart_rows, monkeypatch):
@@ -131,8 +131,8 @@ def test_teacher_prompt_over_the_cap_drops_the_signal_and_counts_it(tmp_path, to
 
 # ------------------------------------------------------------------ masking
 def test_rows_without_signal_contribute_zero_loss_and_zero_gradient(tmp_path, tokenizer, quickstart_rows, monkeypatch):
-    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, teacher="base",
-                            distillation_mode="full", distillation_add_tail=False)
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, teacher_model_kind="base",
+                            distillation_mode="full_logits", distillation_add_tail=False)
     inputs = first_batch(trainer)
     captured = []
     real = base_module.completion_hidden_states
@@ -198,8 +198,8 @@ def test_grpo_loss_matches_naive_value_and_gradient(reduction):
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0], dtype=torch.float64)
     old = naive_token_logprobs(hidden, weight, ids).detach() + 0.3 * torch.randn(rows, length, dtype=torch.float64)
 
-    ours_lp = chunked_token_logprobs(hidden, weight, ids, mask, chunk_size=4)
-    loss, clip_fraction = grpo_loss(ours_lp, old, group_advantages(rewards, 3), mask, epsilon=0.2, reduction=reduction)
+    ours_lp = chunked_token_logprobs(hidden, weight, ids, mask, loss_chunk_size=4)
+    loss, clip_fraction = grpo_loss(ours_lp, old, group_advantages(rewards, 3), mask, epsilon=0.2, loss_reduction=reduction)
     grads = torch.autograd.grad(loss, (hidden, weight))
     naive = naive_grpo(naive_token_logprobs(hidden, weight, ids), old, rewards, 3, mask, 0.2, reduction)
     naive_grads = torch.autograd.grad(naive, (hidden, weight))
@@ -228,14 +228,14 @@ def test_grpo_loss_matches_trl_sdpo_policy_loss():
         inputs = {"completion_ids": ids, "completion_mask": mask, "old_per_token_logps": old, "advantages": advantages}
         theirs = TRLSDPOTrainer._compute_policy_loss(fake, inputs, logits)
         logprobs = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        ours, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, reduction=reduction)
+        ours, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, loss_reduction=reduction)
         torch.testing.assert_close(ours, theirs)
         torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(theirs, logits)[0])
 
 
 def test_policy_mode_gradient_is_the_naive_grpo_gradient(tmp_path, tokenizer, quickstart_rows, monkeypatch):
     """The whole trainer path (padding, hidden states, chunking) against GRPO computed from full logits per rollout."""
-    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, sdpo_mode="policy", teacher="live")
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, sdpo_mode="policy", teacher_model_kind="live")
     inputs = first_batch(trainer)
     model = trainer.model
     model.train()
@@ -264,14 +264,14 @@ def test_policy_mode_gradient_is_the_naive_grpo_gradient(tmp_path, tokenizer, qu
 
 def test_hybrid_is_grpo_plus_weighted_distillation(tmp_path, tokenizer, quickstart_rows, monkeypatch):
     trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, sdpo_mode="hybrid", distillation_weight=0.25,
-                            teacher="base")
+                            teacher_model_kind="base")
     inputs = first_batch(trainer)
     with torch.no_grad():
         total = trainer.compute_loss(trainer.model, inputs)
     metrics = trainer._metrics["train"]
-    expected = metrics["policy_loss"][-1] + 0.25 * metrics["distillation_loss"][-1]
+    expected = metrics["self_distillation/policy_loss"][-1] + 0.25 * metrics["self_distillation/distillation_loss"][-1]
     assert total.item() == pytest.approx(expected, rel=1e-5, abs=1e-8)
-    assert metrics["distillation_loss"][-1] > 0
+    assert metrics["self_distillation/distillation_loss"][-1] > 0
 
 
 # ------------------------------------------------------------------ training, failures, options
@@ -293,9 +293,12 @@ def test_trains_and_logs_metrics_and_survives_a_raising_verifier(tmp_path, token
     assert len(warnings) == 1 and "reward 0" in warnings[0] and "row" in warnings[0]
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n in before)
     logged = trainer.state.log_history[0]
-    for key in ("reward_mean", "reward_std", "success_fraction", "group_solved_fraction", "with_solution_fraction",
-                "with_feedback_fraction", "no_teacher_signal_fraction", "distillation_loss"):
+    for key in ("self_distillation/reward_mean", "self_distillation/reward_std", "success_fraction",
+                "self_distillation/success_group_fraction", "self_distillation/success_sample_fraction",
+                "self_distillation/feedback_used_fraction", "no_teacher_signal_fraction", "completions/mean_length", "loss"):
         assert key in logged, key
+    # sdpo_mode: distill: the loss is the distillation loss, logged once
+    assert not {"self_distillation/distillation_loss", "distillation_loss", "self_distillation/policy_loss"} & set(logged)
 
 
 def test_sampled_rollouts_are_scored_by_a_builtin_verifier(tmp_path, tokenizer, quickstart_rows):
@@ -304,7 +307,7 @@ def test_sampled_rollouts_are_scored_by_a_builtin_verifier(tmp_path, tokenizer, 
                           train_dataset=rows(quickstart_rows), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
     trainer.train()
     logged = trainer.state.log_history[0]
-    assert logged["reward_mean"] == 0.0 and logged["with_feedback_fraction"] == 1.0
+    assert logged["self_distillation/reward_mean"] == 0.0 and logged["self_distillation/feedback_used_fraction"] == 1.0
 
 
 @pytest.mark.parametrize(
@@ -314,9 +317,9 @@ def test_sampled_rollouts_are_scored_by_a_builtin_verifier(tmp_path, tokenizer, 
         ({"sdpo_mode": "grpo"}, "sdpo_mode must be one of"),
         ({"sdpo_mode": "hybrid", "num_generations": 1}, "num_generations must be >= 2"),
         ({"distillation_weight": 0.5}, "only used with sdpo_mode=hybrid"),
-        ({"grpo_epsilon": 0.3}, "only used with sdpo_mode=policy or hybrid"),
-        ({"sdpo_mode": "policy"}, "set teacher: live"),
-        ({"use_feedback": False, "feedback_only_without_solution": True}, "needs use_feedback"),
+        ({"epsilon": 0.3}, "only used with sdpo_mode=policy or hybrid"),
+        ({"sdpo_mode": "policy"}, "set teacher_model_kind: live"),
+        ({"include_environment_feedback": False, "environment_feedback_only_without_solution": True}, "needs include_environment_feedback"),
     ],
 )
 def test_bad_options_fail_in_the_config(tmp_path, overrides, match):
@@ -345,7 +348,7 @@ def test_paper_scale_config_passes_the_schema():
 
     config = yaml.safe_load((REPO / "example_configs" / "sdpo-qwen3-8b-chemistry.yml").read_text())
     block = SelfDistillationArgs.model_validate(config).sdpo
-    assert block["num_generations"] == 8 and block["teacher_ema_rate"] == 0.05 and block["distillation_topk"] == 100
+    assert block["num_generations"] == 8 and block["teacher_update_rate"] == 0.05 and block["distillation_topk"] == 100
     from sd_plugin.planner import plan_memory
 
     plan = plan_memory(config, gpu_memory="80GB")
@@ -364,6 +367,7 @@ def test_axolotl_train_sdpo_tiny_runs_and_logs_the_metrics(tmp_path):
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert PLUGIN_RAN + "sdpo" in log
-    for key in ("reward_mean", "success_fraction", "with_feedback_fraction", "policy_loss", "distillation_loss"):
+    for key in ("self_distillation/reward_mean", "success_fraction", "self_distillation/feedback_used_fraction",
+                "self_distillation/policy_loss", "self_distillation/distillation_loss"):
         assert f"'{key}'" in log, key
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()

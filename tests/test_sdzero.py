@@ -1,6 +1,7 @@
 """SD-Zero: revision collection (scripted policy), the SRT rows and loss, the distill teacher input and loss
 mask, every option's effect, the Axolotl strategy and configs (end-to-end runs are slow)."""
 
+import dataclasses
 import copy
 import json
 import math
@@ -388,8 +389,9 @@ def test_srt_trains_and_logs_both_objectives(tmp_path, tokenizer):
     trainer.train()
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if p.requires_grad)
     logged = trainer.state.log_history[0]
-    # ce_loss and kl would repeat distillation_loss (every SRT token is cross-entropy): not logged
-    assert {"revision_loss", "generation_loss", "distillation_loss"} <= set(logged) and not {"ce_loss", "kl"} & set(logged)
+    # ce_loss, kl and distillation_loss would repeat the loss (every SRT token is cross-entropy): not logged
+    assert {"loss", "revision_loss", "generation_loss"} <= set(logged)
+    assert not {"ce_loss", "kl", "distillation_loss", "self_distillation/distillation_loss"} & set(logged)
     import sd_plugin
 
     assert sd_plugin.SDZeroTrainer is SDZeroTrainer and sd_plugin.SDZeroConfig is SDZeroConfig
@@ -465,7 +467,8 @@ def spy_loss(monkeypatch):
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
-        seen.append({"mask": args[3].clone(), "loss": out.loss.item(), **{k: kwargs[k] for k in ("alpha", "mode", "topk", "support", "add_tail", "reduction", "skip_first")}})
+        seen.append({"mask": args[3].clone(), "loss": out.loss.item(), **dataclasses.asdict(args[4]),
+                     **{k: kwargs[k] for k in ("loss_reduction", "num_loss_tokens_to_skip")}})
         return out
 
     monkeypatch.setattr(base_module, "chunked_distillation_loss", spy)
@@ -494,8 +497,9 @@ def test_distill_teacher_sees_prompt_response_phrase_and_scores_the_second_copy(
     assert torch.equal(student_ids, teacher_ids) and torch.equal(student_mask, teacher_mask)
     (call,) = loss_calls
     assert torch.equal(call["mask"], student_mask)  # the whole second copy (eos included), no token skipped
-    assert (call["alpha"], call["mode"], call["topk"], call["support"], call["add_tail"], call["reduction"], call["skip_first"]) == \
-        (0.5, "topk", 64, "teacher", False, "token", 0)
+    assert (call["distillation_alpha"], call["distillation_mode"], call["distillation_topk"], call["distillation_support"],
+            call["distillation_add_tail"], call["loss_reduction"], call["num_loss_tokens_to_skip"]) == \
+        (0.5, "topk_logits", 64, "teacher", False, "token", 0)
     assert trainer.state.log_history[0]["correct_fraction"] == 0.5
 
 
@@ -571,7 +575,7 @@ def test_distill_default_loss_is_half_forward_half_reverse_kl_on_the_teachers_to
 
 
 def test_distill_with_lora_keeps_the_merged_srt_model_as_the_frozen_teacher(tmp_path, tokenizer, monkeypatch):
-    """The documented path: SRT with LoRA, merge, new LoRA for distill with teacher: base (adapter disabled)."""
+    """The documented path: SRT with LoRA, merge, new LoRA for distill with teacher_model_kind: base (adapter disabled)."""
     srt = SDZeroTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path / "srt", "srt"),
                         train_dataset=Dataset.from_list([srt_record()]), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
     srt.train()
@@ -616,32 +620,32 @@ OPTION_CASES = [
     ("distill", "max_completion_length", 7, {}, False),
     ("distill", "max_teacher_prompt_length", 256, {}, False),
     ("distill", "num_generations", 2, {}, False),
-    ("distill", "rollout_temperature", 0.7, {}, False),
-    ("distill", "rollout_top_p", 0.9, {}, False),
-    ("distill", "rollout_top_k", 5, {}, False),
+    ("distill", "temperature", 0.7, {}, False),
+    ("distill", "top_p", 0.9, {}, False),
+    ("distill", "top_k", 5, {}, False),
     ("distill", "distillation_alpha", 0.2, {}, False),
     ("distill", "distillation_divergence", "jsd", {}, False),
-    ("distill", "distillation_mode", "full", {}, False),
+    ("distill", "distillation_mode", "full_logits", {}, False),
     ("distill", "distillation_topk", 8, {}, False),
     ("distill", "distillation_support", "student", {}, False),
     ("distill", "distillation_add_tail", True, {}, False),
     ("distill", "distillation_temperature", 2.0, {}, False),
     ("distill", "loss_reduction", "sequence", {}, False),
     ("distill", "num_loss_tokens_to_skip", 2, {}, False),
-    ("distill", "importance_sampling_clip", 1.5, {}, False),
+    ("distill", "distillation_is_clip", 1.5, {}, False),
     ("distill", "importance_sampling_correction", True, {}, False),
     ("distill", "loss_chunk_size", 4, {}, False),
     ("distill", "liger_loss", True, {}, False),
-    ("distill", "teacher", "ema", {}, False),
-    ("distill", "teacher", "live", {}, False),
-    ("distill", "teacher_ema_rate", 0.5, {"teacher": "ema"}, False),
-    ("distill", "teacher_ema_rank", 1, {"teacher": "ema"}, False),  # below the EMA's rank (LoRA r 4): truncated
+    ("distill", "teacher_model_kind", "ema", {}, False),
+    ("distill", "teacher_model_kind", "live", {}, False),
+    ("distill", "teacher_update_rate", 0.5, {"teacher_model_kind": "ema"}, False),
+    ("distill", "teacher_ema_rank", 1, {"teacher_model_kind": "ema"}, False), # below the EMA's rank (LoRA r 4): truncated
     ("distill", "teacher_sync_steps", 1, {}, False),
     ("distill", "skip_invalid", True, {}, True),
     ("distill", "invalid_rows_file", INVALID_FILE, {"skip_invalid": True}, True),
     ("distill", "verifier", "boxed_math", {}, False),
     ("distill", "verifier_kwargs", {"answer_field": "alt_answer"}, {}, False),
-    ("distill", "success_threshold", 2.0, {}, False),
+    ("distill", "success_reward_threshold", 2.0, {}, False),
     ("distill", "control_phrase_family", "olmo", {}, False),
     ("distill", "control_phrase_correct", "Once more, shorter:", {}, False),
     ("distill", "control_phrase_incorrect", "Not right, again:", {}, False),
@@ -661,12 +665,12 @@ OPTION_CASES = [
     ("srt", "srt_objective", "generation", {}, False),
 ]
 NONDEFAULT = {
-    "max_teacher_prompt_length": 1000, "num_generations": 2, "rollout_temperature": 0.7, "rollout_top_p": 0.9,
-    "rollout_top_k": 5, "distillation_alpha": 0.2, "distillation_divergence": "jsd", "distillation_mode": "full",
+    "max_teacher_prompt_length": 1000, "num_generations": 2, "temperature": 0.7, "top_p": 0.9,
+    "top_k": 5, "distillation_alpha": 0.2, "distillation_divergence": "jsd", "distillation_mode": "full_logits",
     "distillation_topk": 8, "distillation_support": "student", "distillation_add_tail": True,
-    "distillation_temperature": 2.0, "num_loss_tokens_to_skip": 2, "importance_sampling_clip": 1.5,
-    "liger_loss": False, "teacher": "base", "teacher_ema_rate": 0.5, "teacher_ema_rank": 2, "teacher_sync_steps": 1,
-    "verifier": "multiple_choice", "verifier_kwargs": {"answer_field": "x"}, "success_threshold": 0.5,
+    "distillation_temperature": 2.0, "num_loss_tokens_to_skip": 2, "distillation_is_clip": 1.5,
+    "liger_loss": False, "teacher_model_kind": "base", "teacher_update_rate": 0.5, "teacher_ema_rank": 2, "teacher_sync_steps": 1,
+    "verifier": "multiple_choice", "verifier_kwargs": {"answer_field": "x"}, "success_reward_threshold": 0.5,
     "control_phrase_family": "olmo", "control_phrase_correct": "Again:", "control_phrase_incorrect": "No:",
     "srt_objective": "revision", "importance_sampling_correction": True, "use_vllm": True, "vllm_mode": "server",
     "vllm_gpu_memory_utilization": 0.5, "vllm_enable_sleep_mode": True, "vllm_tensor_parallel_size": 2,
@@ -698,7 +702,7 @@ def test_options_of_the_other_phase_are_rejected(phase, other):
 @pytest.mark.parametrize(
     "overrides,match",
     [({}, "phase is required"), ({"phase": "sft"}, "phase is required"), ({"phase": "distill"}, "needs a verifier"),
-     ({"phase": "distill", "verifier": "multiple_choice", "teacher_ema_rate": 0.3}, "teacher_ema_rate is set but teacher is 'base'"),
+     ({"phase": "distill", "verifier": "multiple_choice", "teacher_update_rate": 0.3}, "teacher_update_rate is set but teacher_model_kind is 'base'"),
      ({"phase": "srt", "srt_objective": "both"}, "srt_objective must be one of"),
      ({"phase": "distill", "verifier": "multiple_choice", "control_phrase_family": "llama"}, "control_phrase_family")],
 )
@@ -826,7 +830,7 @@ def test_axolotl_train_tiny_configs_run_the_sdzero_trainer(tmp_path, phase):
     assert result.returncode == 0, log[-3000:]
     assert PLUGIN_RAN + "sdzero" in log
     keys = ("revision_loss", "generation_loss") if phase == "srt" else ("correct_fraction", "teacher_truncated_tokens")
-    keys += ("distillation_loss",)
+    keys += ("loss",)
     for key in keys:
         assert f"'{key}'" in log, key
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()

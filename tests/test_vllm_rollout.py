@@ -49,7 +49,7 @@ def test_options_map_onto_trls_vllm_generation_and_sample_the_options_alone():
     from trl.generation.vllm_generation import VLLMGeneration
 
     options = SDFTOptions(use_vllm=True, max_prompt_length=1000, max_completion_length=200, num_generations=4,
-                          rollout_temperature=0.7, rollout_top_p=0.9, rollout_top_k=None, vllm_gpu_memory_utilization=0.4,
+                          temperature=0.7, top_p=0.9, top_k=None, vllm_gpu_memory_utilization=0.4,
                           vllm_enable_sleep_mode=True)
     kwargs = vllm_generation_kwargs(options, per_device_batch_size=2, eos_token_ids=[9, 3])
     accepted = set(inspect.signature(VLLMGeneration.__init__).parameters) - {"self", "model", "accelerator", "processing_class"}
@@ -217,11 +217,11 @@ def test_vllm_colocate_trains_and_reports_importance_weights_near_one(tmp_path, 
 
 @pytest.mark.parametrize("overrides,active", [
     (dict(use_vllm=True), True),
-    (dict(use_vllm=True, rollout_temperature=0.8), False),  # the weight would undo the recipe's temperature
-    (dict(use_vllm=True, rollout_temperature=0.8, distillation_temperature=0.8), True),
-    (dict(use_vllm=True, rollout_top_p=0.95), False),
-    (dict(use_vllm=True, rollout_top_k=20), False),
-    (dict(use_vllm=True, rollout_top_p=0.95, importance_sampling_correction=True), True),
+    (dict(use_vllm=True, temperature=0.8), False),          # the weight would undo the recipe's temperature
+    (dict(use_vllm=True, temperature=0.8, distillation_temperature=0.8), True),
+    (dict(use_vllm=True, top_p=0.95), False),
+    (dict(use_vllm=True, top_k=20), False),
+    (dict(use_vllm=True, top_p=0.95, importance_sampling_correction=True), True),
     (dict(use_vllm=True, importance_sampling_correction=False), False),
     (dict(), False),
     (dict(importance_sampling_correction=True), True),

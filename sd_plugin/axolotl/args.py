@@ -4,7 +4,7 @@
     trainer_type: sdft            # sdft | sdpo | sdzero
     sdft:                         # the method's block: the fields of SDFTOptions (SDPOOptions, SDZeroOptions)
       distillation_alpha: 0.0
-      teacher: ema
+      teacher_model_kind: ema
 
 Each block is generated from the method's options dataclass, so the YAML and the Python API cannot drift.
 """
@@ -17,6 +17,8 @@ import typing
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from sd_plugin.deprecated import translate_deprecated
 
 # trainer_type -> (options dataclass, module); sdpo / sdzero resolve only when their trainers exist.
 METHODS = {
@@ -46,14 +48,15 @@ def block_model(method: str) -> type[BaseModel]:
 
 
 def _validated_block(method: str, block: dict | None) -> BaseModel:
+    block = translate_deprecated(block or {}, prefix=f"{method}.") if isinstance(block, dict) else block
     model = block_model(method).model_validate(block or {})
     options = options_class(method)(**model.model_dump())
     try:
         options.check()
     except ValueError as error:
         raise ValueError(f"{method}: {error}") from None
-    if options.teacher != "ema" and "teacher_ema_rate" in model.model_fields_set:
-        raise ValueError(f"{method}.teacher_ema_rate is set but {method}.teacher is {options.teacher!r}: set teacher: ema")
+    if options.teacher_model_kind != "ema" and "teacher_update_rate" in model.model_fields_set:
+        raise ValueError(f"{method}.teacher_update_rate is set but {method}.teacher_model_kind is {options.teacher_model_kind!r}: set teacher_model_kind: ema")
     return model
 
 

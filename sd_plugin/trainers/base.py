@@ -26,15 +26,9 @@ from transformers import Trainer, TrainerCallback
 
 from sd_plugin.completions_log import CompletionsLog
 from sd_plugin.data import end_of_turn_ids
-from sd_plugin.losses import (
-    DivergenceOptions,
-    chunked_distillation_loss,
-    importance_weights,
-    liger_available,
-    liger_distillation_loss,
-    loss_token_mask,
-    loss_units,
-)
+from sd_plugin.deprecated import accepts_deprecated_names
+from sd_plugin.liger import liger_available, liger_distillation_loss
+from sd_plugin.losses import DivergenceOptions, chunked_distillation_loss, importance_weights, loss_token_mask, loss_units
 from sd_plugin.redact import redact_secrets
 from sd_plugin.rollout import Rollouts, SamplingOptions, generate_rollouts
 from sd_plugin.rows import SelfDistillationCollator, invalid_rows_path, left_pad
@@ -49,6 +43,7 @@ TEACHER_STATE_FILE = "sd_teacher_state.pt"
 PROMPT_COLUMNS = ("input_ids", "attention_mask", "teacher_input_ids", "demonstration_ids", "sd_record")
 
 
+@accepts_deprecated_names
 @dataclass
 class SelfDistillationOptions:
     """Options every self-distillation method shares (defaults: the SDFT paper unless noted)."""
@@ -57,23 +52,23 @@ class SelfDistillationOptions:
     max_teacher_prompt_length: int = field(default=57344, metadata={"help": "Teacher prompt cap (tokens)."})
     max_completion_length: int = field(default=256, metadata={"help": "Rollout cap (max new tokens)."})
     num_generations: int = field(default=1, metadata={"help": "Rollouts per prompt."})
-    rollout_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
-    rollout_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts."})
-    rollout_top_k: int | None = field(default=None, metadata={"help": "Top-k sampling of rollouts (None: off)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts."})
+    top_k: int | None = field(default=None, metadata={"help": "Top-k sampling of rollouts (None: off)."})
     distillation_alpha: float = field(default=0.0, metadata={"help": "0 forward KL (SDFT paper), 1 reverse KL, in between see distillation_divergence."})
     distillation_divergence: str = field(default="jsd", metadata={"help": "For 0 < alpha < 1: jsd (generalized JSD, SDPO) | mixed ((1 - alpha) forward KL + alpha reverse KL, SD-Zero)."})
-    distillation_mode: str = field(default="full", metadata={"help": "full | topk | sampled."})
-    distillation_topk: int | None = field(default=None, metadata={"help": "K for distillation_mode=topk."})
+    distillation_mode: str = field(default="full_logits", metadata={"help": "full_logits | topk_logits | sampled_token (TRL's names)."})
+    distillation_topk: int | None = field(default=None, metadata={"help": "K for distillation_mode=topk_logits."})
     distillation_support: str = field(default="student", metadata={"help": "Whose top-K: student | teacher."})
     distillation_add_tail: bool = field(default=False, metadata={"help": "Top-K plus one tail bucket instead of renormalizing."})
     distillation_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of both distributions in the loss."})
     loss_reduction: str = field(default="sequence", metadata={"help": "sequence (per-sequence mean, then batch mean; SDFT/TRL) | token."})
     num_loss_tokens_to_skip: int = field(default=3, metadata={"help": "First completion tokens left out of the loss."})
-    importance_sampling_clip: float = field(default=2.0, metadata={"help": "Cap c of the importance weight min(exp(s_y - s_old_y), c) when the sampler's log-probs are recorded (importance_sampling_correction)."})
-    importance_sampling_correction: bool | None = field(default=None, metadata={"help": "Weight each distilled token by min(exp(s_y - s_old_y), importance_sampling_clip), s_old_y the sampler's log-prob of y: None = with vLLM when it samples the loss's distribution (rollout_temperature == distillation_temperature, no top-p / top-k), true = always (HF generate records them too), false = never."})
+    distillation_is_clip: float = field(default=2.0, metadata={"help": "Cap c of the importance weight min(exp(s_y - s_old_y), c) when the sampler's log-probs are recorded (importance_sampling_correction)."})
+    importance_sampling_correction: bool | None = field(default=None, metadata={"help": "Weight each distilled token by min(exp(s_y - s_old_y), distillation_is_clip), s_old_y the sampler's log-prob of y: None = with vLLM when it samples the loss's distribution (temperature == distillation_temperature, no top-p / top-k), true = always (HF generate records them too), false = never."})
     loss_chunk_size: int = field(default=64, metadata={"help": "Completion tokens per lm_head chunk in the loss (about 3-4 fp32 [chunk, vocab] buffers live at a time)."})
-    teacher: str = field(default="base", metadata={"help": "base (the model without adapter) | ema | live | initial (the step-0 student, e.g. with a loaded round-1 adapter, frozen)."})
-    teacher_ema_rate: float = field(default=0.01, metadata={"help": "EMA rate a in phi <- (1-a) phi + a theta."})
+    teacher_model_kind: str = field(default="base", metadata={"help": "base (the model without adapter) | ema | live | initial (the step-0 student, e.g. with a loaded round-1 adapter, frozen)."})
+    teacher_update_rate: float = field(default=0.01, metadata={"help": "EMA rate a in phi <- (1-a) phi + a theta."})
     teacher_ema_rank: int = field(default=0, metadata={"help": "LoRA EMA/sync teacher kept as rank-k factors instead of a dense fp32 Delta W per layer (0: dense, exact). 2-4x lora_r is typical; the error is logged."})
     teacher_sync_steps: int = field(default=0, metadata={"help": "Copy the student into the teacher every N steps (0: never)."})
     liger_loss: bool | None = field(default=None, metadata={"help": "Liger-Kernel's fused linear JSD for full-vocabulary steps: None = on a GPU when liger-kernel is installed, true = always, false = never."})
@@ -114,26 +109,25 @@ class SelfDistillationOptions:
     def __str__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{key}={value!r}' for key, value in sorted(self.to_dict().items()))})"
 
+    def divergence_options(self) -> DivergenceOptions:
+        """The loss's `DivergenceOptions`: the `distillation_*` options under the same names (validated)."""
+        return DivergenceOptions(**{f.name: getattr(self, f.name) for f in fields(DivergenceOptions)})
+
     def check(self) -> None:
         """Reject contradictory options before any training step (messages name the key)."""
-        try:
-            DivergenceOptions(self.distillation_alpha, self.distillation_mode, self.distillation_topk,
-                              self.distillation_support, self.distillation_add_tail, self.distillation_temperature,
-                              self.distillation_divergence)
-        except ValueError as error:  # its messages say "alpha", "mode", ...: name the option's key
-            raise ValueError(f"distillation_{error}") from None
-        for key in ("rollout_temperature", "distillation_temperature", "importance_sampling_clip"):
+        self.divergence_options()
+        for key in ("temperature", "distillation_temperature", "distillation_is_clip"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
                 raise ValueError(f"{key} must be a finite number > 0, got {getattr(self, key)}")
-        if not 0.0 < self.rollout_top_p <= 1.0:
-            raise ValueError(f"rollout_top_p must be in (0, 1], got {self.rollout_top_p}")
-        for key in ("rollout_top_k", "num_loss_tokens_to_skip", "teacher_sync_steps", "teacher_ema_rank"):
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for key in ("top_k", "num_loss_tokens_to_skip", "teacher_sync_steps", "teacher_ema_rank"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.loss_reduction not in ("sequence", "token"):
             raise ValueError(f"loss_reduction must be 'sequence' or 'token', got {self.loss_reduction!r}")
-        if self.teacher not in TEACHER_KINDS:
-            raise ValueError(f"teacher must be one of {', '.join(TEACHER_KINDS)}, got {self.teacher!r}")
+        if self.teacher_model_kind not in TEACHER_KINDS:
+            raise ValueError(f"teacher_model_kind must be one of {', '.join(TEACHER_KINDS)}, got {self.teacher_model_kind!r}")
         for key in ("max_prompt_length", "max_teacher_prompt_length", "max_completion_length", "num_generations", "loss_chunk_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -142,19 +136,19 @@ class SelfDistillationOptions:
                 f"max_teacher_prompt_length ({self.max_teacher_prompt_length}) is below max_prompt_length "
                 f"({self.max_prompt_length}): the teacher prompt contains the student prompt"
             )
-        if self.teacher_ema_rank and self.teacher != "ema" and not self.teacher_sync_steps:
-            raise ValueError(f"teacher_ema_rank is set but teacher is {self.teacher!r} without teacher_sync_steps: nothing to keep")
-        if self.liger_loss and self.distillation_mode != "full":
-            raise ValueError(f"liger_loss: true supports distillation_mode: full only (got {self.distillation_mode!r})")
+        if self.teacher_ema_rank and self.teacher_model_kind != "ema" and not self.teacher_sync_steps:
+            raise ValueError(f"teacher_ema_rank is set but teacher_model_kind is {self.teacher_model_kind!r} without teacher_sync_steps: nothing to keep")
+        if self.liger_loss and self.distillation_mode != "full_logits":
+            raise ValueError(f"liger_loss: true supports distillation_mode: full_logits only (got {self.distillation_mode!r})")
         if self.liger_loss and self.distillation_divergence == "mixed" and 0.0 < self.distillation_alpha < 1.0:
             raise ValueError("liger_loss: true computes the generalized JSD only, not distillation_divergence: mixed")
         if self.liger_loss and not liger_available():
             raise ValueError("liger_loss: true needs liger-kernel: pip install 'sd-plugin[liger]'")
-        if not 0.0 < self.teacher_ema_rate <= 1.0:
-            raise ValueError(f"teacher_ema_rate must be in (0, 1], got {self.teacher_ema_rate}")
-        default_rate = next(f.default for f in fields(self) if f.name == "teacher_ema_rate")
-        if self.teacher != "ema" and self.teacher_ema_rate != default_rate:
-            raise ValueError(f"teacher_ema_rate is set but teacher is {self.teacher!r}: set teacher: ema")
+        if not 0.0 < self.teacher_update_rate <= 1.0:
+            raise ValueError(f"teacher_update_rate must be in (0, 1], got {self.teacher_update_rate}")
+        default_rate = next(f.default for f in fields(self) if f.name == "teacher_update_rate")
+        if self.teacher_model_kind != "ema" and self.teacher_update_rate != default_rate:
+            raise ValueError(f"teacher_update_rate is set but teacher_model_kind is {self.teacher_model_kind!r}: set teacher_model_kind: ema")
         if self.num_completions_to_print is not None and self.num_completions_to_print < 1:
             raise ValueError(f"num_completions_to_print must be >= 1 or None, got {self.num_completions_to_print}")
         if self.sequence_tile_size < 0:
@@ -265,6 +259,7 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
 
             model = get_peft_model(model, peft_config)
         self.options = options_from_args(args, self.options_class)
+        self.divergence_options = self.options.divergence_options()
         # The batch has no labels and the loss is a mean per micro-batch: let Trainer divide by accumulation.
         args.remove_unused_columns = False
         if train_dataset is not None:
@@ -277,7 +272,7 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
                          processing_class=processing_class, data_collator=data_collator, callbacks=callbacks, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.check_against_model()
-        self.teacher = Teacher(self.model, self.options.teacher, self.options.teacher_ema_rate,
+        self.teacher = Teacher(self.model, self.options.teacher_model_kind, self.options.teacher_update_rate,
                                self.options.teacher_sync_steps, self.options.teacher_ema_rank)
         self.add_callback(_TeacherUpdate(self))
         if self.options.eval_prompts or self.options.prior_prompts:
@@ -341,7 +336,7 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
     # ------------------------------------------------------------------ the step
     def sampling_options(self) -> SamplingOptions:
         o = self.options
-        return SamplingOptions(o.max_completion_length, o.rollout_temperature, o.rollout_top_p, o.rollout_top_k,
+        return SamplingOptions(o.max_completion_length, o.temperature, o.top_p, o.top_k,
                                o.num_generations, record_logprobs=self.importance_sampling_active())
 
     def importance_sampling_active(self) -> bool:
@@ -353,7 +348,7 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         o = self.options
         if o.importance_sampling_correction is not None:
             return o.importance_sampling_correction
-        return o.use_vllm and o.rollout_temperature == o.distillation_temperature and o.rollout_top_p == 1.0 and not o.rollout_top_k
+        return o.use_vllm and o.temperature == o.distillation_temperature and o.top_p == 1.0 and not o.top_k
 
     def sample(self, model, prompt_ids, prompt_mask) -> Rollouts:
         unwrapped = self.accelerator.unwrap_model(model)
@@ -371,8 +366,7 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
 
     def check_against_model(self) -> None:
         vocab = output_head(self.model)[0].shape[0]  # also refuses LoRA on lm_head
-        DivergenceOptions(self.options.distillation_alpha, self.options.distillation_mode, self.options.distillation_topk,
-                          self.options.distillation_support).check_vocab(vocab)
+        self.divergence_options.check_vocab(vocab)
 
     def prepare_step(self, model, inputs) -> StepBatch:
         """Steps 1-3 of one micro-batch: everything before the forwards."""
@@ -411,7 +405,7 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         for inputs in group.batches:
             own = {k: v for k, v in inputs.items() if k not in ("sd_step_group", "sd_micro_batch")}
             step = self.prepare_step(model, self._prepare_inputs(own))
-            mask = loss_token_mask(step.loss_mask(), skip_first=self.options.num_loss_tokens_to_skip, unskipped_rows=step.ce_rows)
+            mask = loss_token_mask(step.loss_mask(), num_loss_tokens_to_skip=self.options.num_loss_tokens_to_skip, unskipped_rows=step.ce_rows)
             units += loss_units(mask, self.options.loss_reduction)
             steps.append(step)
         total = torch.tensor(float(units), device=self.accelerator.device)
@@ -459,23 +453,19 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         teacher_weight, teacher_bias = teacher_head if teacher_head is not None else (None, None)
         o = self.options
         ce_mask = batch.ce_rows.unsqueeze(-1).expand_as(loss_mask)
+        # Both losses take the options under their own names; the rest is this step's tensors.
+        shape = dict(loss_chunk_size=o.loss_chunk_size, loss_reduction=o.loss_reduction,
+                     num_loss_tokens_to_skip=o.num_loss_tokens_to_skip)
+        heads = dict(lm_head_bias=head_bias, teacher_lm_head_weight=teacher_weight, teacher_lm_head_bias=teacher_bias,
+                     normalizer=batch.loss_normalizer)
         if distilled.any() and self.use_liger_loss(student_hidden, batch):
-            out = liger_distillation_loss(
-                student_hidden, teacher_hidden, head_weight, loss_mask, alpha=o.distillation_alpha,
-                temperature=o.distillation_temperature, chunk_size=o.loss_chunk_size, reduction=o.loss_reduction,
-                skip_first=o.num_loss_tokens_to_skip, lm_head_bias=head_bias, teacher_lm_head_weight=teacher_weight,
-                teacher_lm_head_bias=teacher_bias, normalizer=batch.loss_normalizer,
-            )
+            out = liger_distillation_loss(student_hidden, teacher_hidden, head_weight, loss_mask, self.divergence_options,
+                                          **shape, **heads)
         else:
             out = chunked_distillation_loss(
-                student_hidden, teacher_hidden, head_weight, loss_mask,
-                chunk_size=o.loss_chunk_size, alpha=o.distillation_alpha, mode=o.distillation_mode, topk=o.distillation_topk,
-                support=o.distillation_support, add_tail=o.distillation_add_tail, temperature=o.distillation_temperature,
-                sampled_ids=rollouts.completion_ids, reduction=o.loss_reduction, skip_first=o.num_loss_tokens_to_skip,
-                old_logprobs=rollouts.old_logprobs, importance_sampling_clip=o.importance_sampling_clip,
-                ce_mask=ce_mask if batch.ce_rows.any() else None, lm_head_bias=head_bias,
-                teacher_lm_head_weight=teacher_weight, teacher_lm_head_bias=teacher_bias, normalizer=batch.loss_normalizer,
-                family=o.distillation_divergence,
+                student_hidden, teacher_hidden, head_weight, loss_mask, self.divergence_options, **shape, **heads,
+                sampled_ids=rollouts.completion_ids, old_logprobs=rollouts.old_logprobs,
+                distillation_is_clip=o.distillation_is_clip, ce_mask=ce_mask if batch.ce_rows.any() else None,
             )
         if self.options.debug_numerics and mode == "train":
             self.check_divergence_values(out)
@@ -486,7 +476,7 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
     def use_liger_loss(self, student_hidden: torch.Tensor, batch: StepBatch) -> bool:
         """Liger's fused loss covers full-vocabulary distillation without cross-entropy rows or importance weights."""
         o = self.options
-        if o.liger_loss is False or o.distillation_mode != "full":
+        if o.liger_loss is False or o.distillation_mode != "full_logits":
             return False
         if o.distillation_divergence == "mixed" and 0.0 < o.distillation_alpha < 1.0:
             return False
@@ -498,18 +488,18 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         metrics = self._metrics[mode]
         rollouts = batch.rollouts
         on_policy = ~batch.ce_rows
-        metrics["distillation_loss"].append(out.loss.item())
+        # The distillation loss is logged as `loss`: a method whose loss has other terms logs the parts (SDPO hybrid).
         lengths = rollouts.completion_mask.sum(-1).float()
-        if on_policy.any():
-            metrics["completion_length"].append(lengths[on_policy].mean().item())
-            metrics["completion_truncated_fraction"].append(rollouts.truncated[on_policy].float().mean().item())
+        if on_policy.any():  # TRL's names
+            metrics["completions/mean_length"].append(lengths[on_policy].mean().item())
+            metrics["completions/clipped_ratio"].append(rollouts.truncated[on_policy].float().mean().item())
         metrics["on_policy_fraction"].append(on_policy.float().mean().item())
         # Diagnostics come back for the tokens in the loss, in row-major order.
-        in_loss = loss_token_mask(loss_mask, skip_first=self.options.num_loss_tokens_to_skip, unskipped_rows=batch.ce_rows)
+        in_loss = loss_token_mask(loss_mask, num_loss_tokens_to_skip=self.options.num_loss_tokens_to_skip, unskipped_rows=batch.ce_rows)
         if out.per_token_divergence is None:  # the Liger path: distilled rows only, loss only
             return
-        # `kl` and `ce_loss` split distillation_loss by kind of row. Only SDFT with lambda_on_policy < 1 mixes
-        # both kinds; in every other run one of them would be distillation_loss again under another name.
+        # `kl` and `ce_loss` split the loss by kind of row. Only SDFT with lambda_on_policy < 1 mixes both
+        # kinds; in every other run one of them would be the loss again under another name.
         split = getattr(self.options, "lambda_on_policy", 1.0) < 1.0
         ce_tokens = ce_mask[in_loss]
         per_token = out.per_token_divergence
@@ -528,7 +518,7 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
     def record_importance_weights(self, metrics, student_token_logprobs, old_logprobs) -> None:
         """Mean of the applied weight min(w, c), max of the raw weight w = exp(s_y - s_old_y), share clipped at c."""
         raw = importance_weights(student_token_logprobs, old_logprobs, float("inf"))
-        clip = self.options.importance_sampling_clip
+        clip = self.options.distillation_is_clip
         metrics["importance_weight_mean"].append(raw.clamp(max=clip).mean().item())
         metrics["importance_weight_max"].append(raw.max().item())
         metrics["importance_weight_clipped_fraction"].append((raw > clip).float().mean().item())
@@ -590,4 +580,4 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
             self.teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         elif self.teacher.state_dict():
             LOG.warning("checkpoint %s has no %s: the %s teacher restarts from the base weights",
-                        resume_from_checkpoint, TEACHER_STATE_FILE, self.options.teacher)
+                        resume_from_checkpoint, TEACHER_STATE_FILE, self.options.teacher_model_kind)

@@ -89,7 +89,7 @@ class NonFiniteStepGuard:
         `distillation_mode: sampled` is negative for some tokens by design and is not checked; non-finite
         values are left to the non-finite guard (the step is skipped).
         """
-        if self.options.distillation_mode == "sampled" or out.per_token_divergence is None:  # Liger: loss only
+        if self.options.distillation_mode == "sampled_token" or out.per_token_divergence is None:  # Liger: loss only
             return
         tolerance = 1e-4
         values = out.per_token_divergence.detach().float()

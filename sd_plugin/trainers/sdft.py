@@ -14,11 +14,13 @@ from transformers import TrainingArguments
 
 from sd_plugin.contexts import resolve_template
 from sd_plugin.data import Columns
+from sd_plugin.deprecated import accepts_deprecated_names
 from sd_plugin.rollout import Rollouts
 from sd_plugin.rows import right_pad, sdft_row, tokenize_rows
 from sd_plugin.trainers.base import SelfDistillationOptions, SelfDistillationTrainer, StepBatch
 
 
+@accepts_deprecated_names
 @dataclass
 class SDFTOptions(SelfDistillationOptions):
     """SDFT's options on top of the shared ones (paper defaults: forward KL, per-sequence mean, skip 3)."""
@@ -41,6 +43,7 @@ class SDFTOptions(SelfDistillationOptions):
             raise ValueError(f"lambda_on_policy must be in [0, 1], got {self.lambda_on_policy}")
 
 
+@accepts_deprecated_names
 @dataclass
 class SDFTConfig(SDFTOptions, TrainingArguments):
     """Training arguments for `SDFTTrainer`: `transformers.TrainingArguments` plus `SDFTOptions`."""

@@ -15,7 +15,8 @@ import torch
 from transformers import TrainingArguments
 
 from sd_plugin.contexts import render_ids, sdpo_teacher_messages
-from sd_plugin.losses import chunked_token_logprobs, group_advantages, grpo_loss
+from sd_plugin.deprecated import accepts_deprecated_names
+from sd_plugin.grpo import chunked_token_logprobs, group_advantages, grpo_loss
 from sd_plugin.rows import tokenize_prompt_rows
 from sd_plugin.teacher import output_head
 from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch
@@ -24,6 +25,7 @@ from sd_plugin.verifiers import load_verifier
 SDPO_MODES = ("distill", "policy", "hybrid")
 
 
+@accepts_deprecated_names
 @dataclass
 class SDPOOptions(SelfDistillationOptions):
     """SDPO's options; the shared ones get the SDPO paper's defaults (alpha 0.5, top-100 of the student
@@ -32,22 +34,22 @@ class SDPOOptions(SelfDistillationOptions):
     max_teacher_prompt_length: int = field(default=10240, metadata={"help": "Teacher prompt cap (tokens); longer teacher prompts drop that row's teacher signal (counted)."})
     num_generations: int = field(default=8, metadata={"help": "Rollouts per prompt (the group)."})
     distillation_alpha: float = field(default=0.5, metadata={"help": "0 forward KL, 1 reverse KL, 0.5 JSD (SDPO paper; rich-feedback runs: 1.0)."})
-    distillation_mode: str = field(default="topk", metadata={"help": "full | topk | sampled."})
-    distillation_topk: int | None = field(default=100, metadata={"help": "K for distillation_mode=topk (rich-feedback runs: 20)."})
+    distillation_mode: str = field(default="topk_logits", metadata={"help": "full_logits | topk_logits | sampled_token (TRL's names)."})
+    distillation_topk: int | None = field(default=100, metadata={"help": "K for distillation_mode=topk_logits (rich-feedback runs: 20)."})
     distillation_add_tail: bool = field(default=True, metadata={"help": "Top-K plus one tail bucket instead of renormalizing."})
     loss_reduction: str = field(default="token", metadata={"help": "token (mean over all tokens of the batch) | sequence."})
     num_loss_tokens_to_skip: int = field(default=0, metadata={"help": "First completion tokens left out of the loss."})
-    teacher: str = field(default="ema", metadata={"help": "base | ema | live (sdpo_mode: policy needs no teacher)."})
-    teacher_ema_rate: float = field(default=0.05, metadata={"help": "EMA rate a in phi <- (1-a) phi + a theta."})
+    teacher_model_kind: str = field(default="ema", metadata={"help": "base | ema | live (sdpo_mode: policy needs no teacher)."})
+    teacher_update_rate: float = field(default=0.05, metadata={"help": "EMA rate a in phi <- (1-a) phi + a theta."})
     verifier: str | None = field(default=None, metadata={"help": "multiple_choice | tool_calls | boxed_math | python_tests | package.module:callable."})
     verifier_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Keyword arguments of the verifier (e.g. answer_field)."})
-    success_threshold: float = field(default=1.0, metadata={"help": "A rollout with reward >= this is a solution its siblings can see."})
-    include_own_solution: bool = field(default=False, metadata={"help": "Let a successful rollout be its own teacher's solution (paper: no)."})
-    use_feedback: bool = field(default=True, metadata={"help": "Put the verifier's feedback on this rollout into the teacher's context."})
-    feedback_only_without_solution: bool = field(default=False, metadata={"help": "Use feedback only when no sibling solution exists."})
+    success_reward_threshold: float = field(default=1.0, metadata={"help": "A rollout with reward >= this is a solution its siblings can see."})
+    dont_reprompt_on_self_success: bool = field(default=True, metadata={"help": "A successful rollout never gets itself as its teacher's solution, only a successful sibling (paper: true)."})
+    include_environment_feedback: bool = field(default=True, metadata={"help": "Put the verifier's feedback on this rollout into the teacher's context."})
+    environment_feedback_only_without_solution: bool = field(default=False, metadata={"help": "Use feedback only when no sibling solution exists."})
     sdpo_mode: str = field(default="distill", metadata={"help": "distill (paper) | policy (GRPO only) | hybrid (GRPO + distillation_weight x distillation)."})
     distillation_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation term in hybrid mode."})
-    grpo_epsilon: float = field(default=0.2, metadata={"help": "PPO clip range of the GRPO term."})
+    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range of the GRPO term."})
     prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (string or messages)."})
     tools_column: str = field(default="tools", metadata={"help": "Column with tool schemas (optional)."})
 
@@ -61,16 +63,17 @@ class SDPOOptions(SelfDistillationOptions):
             raise ValueError(f"sdpo_mode={self.sdpo_mode} needs group advantages: num_generations must be >= 2, got {self.num_generations}")
         if self.sdpo_mode != "hybrid" and self.distillation_weight != 1.0:
             raise ValueError(f"distillation_weight is only used with sdpo_mode=hybrid (sdpo_mode is {self.sdpo_mode})")
-        if self.sdpo_mode == "distill" and self.grpo_epsilon != 0.2:
-            raise ValueError("grpo_epsilon is only used with sdpo_mode=policy or hybrid")
-        if self.sdpo_mode == "policy" and self.teacher != "live":
-            raise ValueError("sdpo_mode=policy trains without a teacher: set teacher: live (no teacher state is kept)")
-        if not self.grpo_epsilon > 0:
-            raise ValueError(f"grpo_epsilon must be > 0, got {self.grpo_epsilon}")
-        if self.feedback_only_without_solution and not self.use_feedback:
-            raise ValueError("feedback_only_without_solution needs use_feedback: true")
+        if self.sdpo_mode == "distill" and self.epsilon != 0.2:
+            raise ValueError("epsilon is only used with sdpo_mode=policy or hybrid")
+        if self.sdpo_mode == "policy" and self.teacher_model_kind != "live":
+            raise ValueError("sdpo_mode=policy trains without a teacher: set teacher_model_kind: live (no teacher state is kept)")
+        if not self.epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if self.environment_feedback_only_without_solution and not self.include_environment_feedback:
+            raise ValueError("environment_feedback_only_without_solution needs include_environment_feedback: true")
 
 
+@accepts_deprecated_names
 @dataclass
 class SDPOConfig(SDPOOptions, TrainingArguments):
     """Training arguments for `SDPOTrainer`: `transformers.TrainingArguments` plus `SDPOOptions`."""
@@ -110,14 +113,14 @@ class SDPOTrainer(SelfDistillationTrainer):
     # ------------------------------------------------------------------ step 2: rewards
     def score_rollouts(self, inputs, batch: StepBatch) -> None:
         """Every rollout decoded and verified (a verifier error gives reward 0 and a warning)."""
-        self.verify_rollouts(inputs, batch, self.verifier, self.options.success_threshold)
+        self.verify_rollouts(inputs, batch, self.verifier, self.options.success_reward_threshold)
         metrics = self._metrics[self.mode]
         rewards = torch.tensor(batch.rewards, dtype=torch.float32)
         solved = torch.tensor([v.correct for v in batch.verdicts], dtype=torch.float32).reshape(-1, self.options.num_generations)
-        metrics["reward_mean"].append(rewards.mean().item())
-        metrics["reward_std"].append(rewards.std().item() if rewards.numel() > 1 else 0.0)
+        metrics["self_distillation/reward_mean"].append(rewards.mean().item())
+        metrics["self_distillation/reward_std"].append(rewards.std().item() if rewards.numel() > 1 else 0.0)
         metrics["success_fraction"].append(solved.mean().item())
-        metrics["group_solved_fraction"].append((solved.sum(-1) > 0).float().mean().item())
+        metrics["self_distillation/success_group_fraction"].append((solved.sum(-1) > 0).float().mean().item())
 
     # ------------------------------------------------------------------ step 3: teacher contexts
     def teacher_prompts(self, inputs, batch: StepBatch) -> list[list[int] | None]:
@@ -129,10 +132,10 @@ class SDPOTrainer(SelfDistillationTrainer):
             return [None] * len(groups)
         prompts, with_solution, with_feedback, overflow = [], 0, 0, 0
         for i, group in enumerate(groups):
-            siblings = [j for j, g in enumerate(groups) if g == group and verdicts[j].correct and (j != i or o.include_own_solution)]
+            siblings = [j for j, g in enumerate(groups) if g == group and verdicts[j].correct and (j != i or not o.dont_reprompt_on_self_success)]
             solution = verdicts[siblings[0]].text if siblings else None
-            feedback = verdicts[i].feedback if o.use_feedback else None
-            if o.feedback_only_without_solution and solution is not None:
+            feedback = verdicts[i].feedback if o.include_environment_feedback else None
+            if o.environment_feedback_only_without_solution and solution is not None:
                 feedback = None
             batch.teacher_contexts.append(teacher_context_text(solution, feedback))
             messages = sdpo_teacher_messages(records[group]["messages"], solution, feedback)
@@ -149,8 +152,8 @@ class SDPOTrainer(SelfDistillationTrainer):
             with_feedback += feedback is not None
             prompts.append(ids)
         count = len(groups)
-        metrics["with_solution_fraction"].append(with_solution / count)
-        metrics["with_feedback_fraction"].append(with_feedback / count)
+        metrics["self_distillation/success_sample_fraction"].append(with_solution / count)
+        metrics["self_distillation/feedback_used_fraction"].append(with_feedback / count)
         metrics["no_teacher_signal_fraction"].append(sum(p is None for p in prompts) / count)
         if overflow:
             metrics["teacher_prompt_overflow"].append(float(overflow))
@@ -167,16 +170,18 @@ class SDPOTrainer(SelfDistillationTrainer):
         rollouts = batch.rollouts
         head_weight, head_bias = output_head(self.accelerator.unwrap_model(model))
         logprobs = chunked_token_logprobs(student_hidden, head_weight, rollouts.completion_ids,
-                                          rollouts.completion_mask, chunk_size=o.loss_chunk_size, lm_head_bias=head_bias)
+                                          rollouts.completion_mask, loss_chunk_size=o.loss_chunk_size, lm_head_bias=head_bias)
         # On-policy rollouts: the ratio is 1 in value and the clip only matters for rollouts from another engine.
         old_logprobs = rollouts.old_logprobs if rollouts.old_logprobs is not None else logprobs.detach()
         advantages = group_advantages(torch.tensor(batch.rewards, dtype=torch.float32, device=logprobs.device), o.num_generations)
         policy_loss, clip_fraction = grpo_loss(logprobs, old_logprobs, advantages, rollouts.completion_mask,
-                                               epsilon=o.grpo_epsilon, reduction=o.loss_reduction)
-        metrics["policy_loss"].append(policy_loss.item())
+                                               epsilon=o.epsilon, loss_reduction=o.loss_reduction)
         metrics["clip_fraction"].append(clip_fraction.item())
         if o.sdpo_mode == "policy":
             return policy_loss
+        # The loss has two terms: log each (TRL's names); in the other modes the loss is the one term.
+        metrics["self_distillation/policy_loss"].append(policy_loss.item())
+        metrics["self_distillation/distillation_loss"].append(out.loss.item())
         return policy_loss + o.distillation_weight * out.loss
 
 

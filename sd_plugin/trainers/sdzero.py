@@ -26,6 +26,7 @@ from transformers import TrainingArguments
 
 from sd_plugin.contexts import control_phrases, sdzero_delimiter_ids, sdzero_teacher_ids
 from sd_plugin.data import Columns
+from sd_plugin.deprecated import accepts_deprecated_names
 from sd_plugin.rollout import Rollouts
 from sd_plugin.rows import right_pad, srt_rows, tokenize_prompt_rows, tokenize_rows
 from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch
@@ -36,11 +37,11 @@ SRT_OBJECTIVES = ("joint", "revision", "generation")
 # Options that only one phase reads; setting one in the other phase is an error (never a silently ignored knob).
 PHASE_ONLY_OPTIONS = {
     "distill": (
-        "max_teacher_prompt_length", "num_generations", "rollout_temperature", "rollout_top_p", "rollout_top_k",
+        "max_teacher_prompt_length", "num_generations", "temperature", "top_p", "top_k",
         "distillation_alpha", "distillation_divergence", "distillation_mode", "distillation_topk",
         "distillation_support", "distillation_add_tail", "distillation_temperature", "num_loss_tokens_to_skip",
-        "importance_sampling_clip", "liger_loss", "teacher", "teacher_ema_rate", "teacher_ema_rank",
-        "teacher_sync_steps", "verifier", "verifier_kwargs", "success_threshold", "control_phrase_family",
+        "distillation_is_clip", "liger_loss", "teacher_model_kind", "teacher_update_rate", "teacher_ema_rank",
+        "teacher_sync_steps", "verifier", "verifier_kwargs", "success_reward_threshold", "control_phrase_family",
         "control_phrase_correct", "control_phrase_incorrect", "importance_sampling_correction", "use_vllm", "vllm_mode",
         "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_tensor_parallel_size", "vllm_max_model_length",
         "vllm_model_impl", "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
@@ -51,6 +52,7 @@ PHASE_ONLY_OPTIONS = {
 }
 
 
+@accepts_deprecated_names
 @dataclass
 class SDZeroOptions(SelfDistillationOptions):
     """SD-Zero's options; the shared ones get the paper's defaults (official code: NeMo-RL distillation)."""
@@ -60,16 +62,16 @@ class SDZeroOptions(SelfDistillationOptions):
     max_teacher_prompt_length: int = field(default=32768, metadata={"help": "Cap on the teacher's whole input chat(x) + y + P_r + y (official MAX_TEACHER_TOKENS); over it y is shortened in both copies, x is never cut."})
     distillation_alpha: float = field(default=0.5, metadata={"help": "Weight of the reverse KL: 0 forward, 1 reverse, 0.5 = the paper's 0.5 forward + 0.5 reverse (with distillation_divergence: mixed)."})
     distillation_divergence: str = field(default="mixed", metadata={"help": "For 0 < alpha < 1: mixed ((1 - alpha) forward KL + alpha reverse KL, SD-Zero) | jsd (generalized JSD)."})
-    distillation_mode: str = field(default="topk", metadata={"help": "full | topk | sampled."})
-    distillation_topk: int | None = field(default=64, metadata={"help": "K for distillation_mode=topk (paper: 64)."})
+    distillation_mode: str = field(default="topk_logits", metadata={"help": "full_logits | topk_logits | sampled_token (TRL's names)."})
+    distillation_topk: int | None = field(default=64, metadata={"help": "K for distillation_mode=topk_logits (paper: 64)."})
     distillation_support: str = field(default="teacher", metadata={"help": "Whose top-K: teacher (paper) | student."})
     loss_reduction: str = field(default="token", metadata={"help": "token (mean over all tokens of the batch, paper) | sequence."})
     num_loss_tokens_to_skip: int = field(default=0, metadata={"help": "distill: first completion tokens left out of the loss (paper: 0)."})
-    teacher: str | None = field(default=None, metadata={"help": "distill: base (default: the frozen SRT model, i.e. the model with its LoRA adapter disabled, or a frozen copy) | ema | live; srt trains without a teacher."})
+    teacher_model_kind: str | None = field(default=None, metadata={"help": "distill: base (default: the frozen SRT model, i.e. the model with its LoRA adapter disabled, or a frozen copy) | ema | live; srt trains without a teacher."})
     srt_objective: str = field(default="joint", metadata={"help": "srt: joint (revision + generation rows, the paper's L_SRT) | revision | generation (the official code's stages 2 and 1)."})
     verifier: str | None = field(default=None, metadata={"help": "distill (required): multiple_choice | tool_calls | boxed_math | python_tests | package.module:callable."})
     verifier_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Keyword arguments of the verifier (e.g. answer_field)."})
-    success_threshold: float = field(default=1.0, metadata={"help": "A response with reward >= this is correct (control phrase for correct responses)."})
+    success_reward_threshold: float = field(default=1.0, metadata={"help": "A response with reward >= this is correct (control phrase for correct responses)."})
     control_phrase_family: str = field(default="qwen", metadata={"help": "Control phrases of this model family: qwen | olmo (official code)."})
     control_phrase_correct: str | None = field(default=None, metadata={"help": "Override of the phrase after a correct response (must match the SRT data)."})
     control_phrase_incorrect: str | None = field(default=None, metadata={"help": "Override of the phrase after an incorrect response (must match the SRT data)."})
@@ -82,8 +84,8 @@ class SDZeroOptions(SelfDistillationOptions):
 
     def resolve_teacher(self) -> None:
         """teacher unset: base (the frozen SRT model) for distill; for srt no teacher is kept (live = no copy)."""
-        if self.teacher is None:
-            self.teacher = "live" if self.phase == "srt" else "base"
+        if self.teacher_model_kind is None:
+            self.teacher_model_kind = "live" if self.phase == "srt" else "base"
 
     def check(self) -> None:
         if self.phase not in PHASES:
@@ -91,7 +93,7 @@ class SDZeroOptions(SelfDistillationOptions):
         defaults = {f.name: f.default for f in fields(self)}
         other_phase = "distill" if self.phase == "srt" else "srt"
         for name in PHASE_ONLY_OPTIONS[other_phase]:
-            unset = self.teacher == "live" if name == "teacher" else getattr(self, name) == defaults[name]
+            unset = self.teacher_model_kind == "live" if name == "teacher_model_kind" else getattr(self, name) == defaults[name]
             if not unset:
                 raise ValueError(f"{name} is only used with phase: {other_phase} (phase is {self.phase})")
         super().check()
@@ -103,6 +105,7 @@ class SDZeroOptions(SelfDistillationOptions):
                              "python_tests) or 'package.module:callable'")
 
 
+@accepts_deprecated_names
 @dataclass
 class SDZeroConfig(SDZeroOptions, TrainingArguments):
     """Training arguments for `SDZeroTrainer`: `transformers.TrainingArguments` plus `SDZeroOptions`."""
@@ -137,7 +140,7 @@ class SDZeroTrainer(SelfDistillationTrainer):
     Example (phase 2, after SRT and merging its adapter into the model):
         args = SDZeroConfig(output_dir="out", phase="distill", verifier="multiple_choice")
         trainer = SDZeroTrainer(model=srt_model, args=args, train_dataset=problems, processing_class=tokenizer,
-                                peft_config=LoraConfig(...))   # teacher: base = the frozen SRT model
+                                peft_config=LoraConfig(...))   # teacher_model_kind: base = the frozen SRT model
         trainer.train()
 
     `train_dataset` rows: phase srt, the kept revisions of `sd_plugin.revisions.collect_revisions`
@@ -201,7 +204,7 @@ class SDZeroTrainer(SelfDistillationTrainer):
         """distill: verify every rollout; its outcome picks the control phrase of its teacher input."""
         if self.options.phase == "srt":
             return
-        self.verify_rollouts(inputs, batch, self.verifier, self.options.success_threshold)
+        self.verify_rollouts(inputs, batch, self.verifier, self.options.success_reward_threshold)
         batch.teacher_contexts = [self.control_phrase_texts[verdict.correct] for verdict in batch.verdicts]
         self._metrics[self.mode]["correct_fraction"].append(sum(v.correct for v in batch.verdicts) / len(batch.verdicts))
 
