@@ -101,6 +101,7 @@ class SelfDistillationOptions:
     num_completions_to_print: int | None = field(default=4, metadata={"help": "Rows of log_completions printed, drawn at random (None: all); W&B gets every row (TRL's name)."})
     sequence_tile_size: int = field(default=0, metadata={"help": "Run each decoder layer over the sequence in tiles of this many tokens (checkpointed per tile; Qwen3 / Qwen3.5 text decoders), for the student and teacher forwards: activation memory grows with the tile, not the length (0: off)."})
     sequence_tile_offload: bool = field(default=False, metadata={"help": "With sequence_tile_size: keep the layer inputs (one [T, hidden] per layer) in CPU memory between forward and backward."})
+    prefill_chunk_size: int | None = field(default=None, metadata={"help": "Rollouts with transformers' generate: run the prompt's prefill through the KV cache (and Qwen3.5's Gated DeltaNet states) in chunks of this many tokens, so its activations grow with the chunk, not the prompt; sampling is unchanged (transformers' GenerationConfig.prefill_chunk_size; None: one pass)."})
 
     def to_dict(self) -> dict:
         """The arguments as saved (training_config.json) and logged (W&B, TensorBoard): secret-looking values
@@ -157,6 +158,11 @@ class SelfDistillationOptions:
             raise ValueError(f"sequence_tile_size must be >= 0 (0: off), got {self.sequence_tile_size}")
         if self.sequence_tile_offload and not self.sequence_tile_size:
             raise ValueError("sequence_tile_offload is set but sequence_tile_size is 0: set sequence_tile_size")
+        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1 (None: off), got {self.prefill_chunk_size}")
+        if self.prefill_chunk_size is not None and self.use_vllm:
+            raise ValueError("prefill_chunk_size chunks transformers' generate; with use_vllm, vLLM schedules its own "
+                             "prefill chunks: unset prefill_chunk_size")
         if self.max_consecutive_nonfinite_steps < 1:
             raise ValueError(f"max_consecutive_nonfinite_steps must be >= 1, got {self.max_consecutive_nonfinite_steps}")
         self.check_vllm()
@@ -433,7 +439,8 @@ class SelfDistillationTrainer(Trainer):
     def sampling_options(self) -> SamplingOptions:
         o = self.options
         return SamplingOptions(o.max_completion_length, o.rollout_temperature, o.rollout_top_p, o.rollout_top_k,
-                               o.num_generations, record_logprobs=self.importance_sampling_active())
+                               o.num_generations, record_logprobs=self.importance_sampling_active(),
+                               prefill_chunk_size=o.prefill_chunk_size)
 
     def importance_sampling_active(self) -> bool:
         """Whether rollouts carry the sampler's log-probs (importance_sampling_correction).
