@@ -13,7 +13,8 @@ one self-distillation step, term by term:
                           teacher_ema_rank), a full copy without LoRA
     rollout_kv_cache      generation's KV cache at prompt + completion length (full-attention layers only;
                           linear-attention layers keep a fixed-size convolution + recurrent state)
-    rollout_working_set   one layer's forward temporaries during the prompt prefill (no grad)
+    rollout_working_set   one layer's forward temporaries during the prompt prefill (no grad; with
+                          prefill_chunk_size one chunk's), or a decode step's logits and cache copy
     student_activations   tensors saved for backward by the student forward: every layer's saved tensors
                           without checkpointing, one hidden state per layer with it, ~nothing with offload
     backward_working_set  during backward: one layer's recomputed activations (checkpointing) + gradients
@@ -279,6 +280,7 @@ class TrainingSetup:
     vllm_sleep_mode: bool = False        # colocate: vLLM releases its share outside the rollout
     sequence_tile_size: int = 0           # the method block's sequence_tile_size (0: layers run over the whole sequence)
     sequence_tile_offload: bool = False   # sequence_tile_offload: layer inputs in host memory
+    prefill_chunk_size: int | None = None  # the method block's prefill_chunk_size (None: the prompt in one prefill pass)
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -401,6 +403,7 @@ def setup_from_config(cfg: dict, gpus: int | None = None) -> TrainingSetup:
         **vllm_setup(block),
         sequence_tile_size=int(block.get("sequence_tile_size") or 0),
         sequence_tile_offload=_truthy(block.get("sequence_tile_offload")),
+        prefill_chunk_size=int(block["prefill_chunk_size"]) if block.get("prefill_chunk_size") else None,
     )
 
 
@@ -625,10 +628,23 @@ def plan(setup: TrainingSetup, gpu_memory: int = 80 * GiB, *, suggest: bool = Tr
         + shape.linear_num_value_heads * shape.linear_key_head_dim * shape.linear_value_head_dim * 4
     )
     rollout_kv_cache = int(kv_per_token * rollout_tokens + linear_state)
-    prefill_tokens = rows * setup.prompt_length
-    decode_extras = rows * shape.vocab_size * 4 * 4  # last-token logits, softmax, sampling buffers
-    rollout_working_set = int(max(forward_working_bytes_per_token(setup) * prefill_tokens
+    # Prefill: one forward over the prompt, or over one chunk at a time (the cache holds the earlier chunks).
+    prefill_tokens = rows * min(setup.prompt_length, setup.prefill_chunk_size or setup.prompt_length)
+    # Each cached forward (a decode step, a prefill chunk) concatenates a layer's keys/values into new tensors:
+    # for a moment one full-attention layer's K/V exist twice.
+    cache_copy = kv_per_token // max(1, shape.full_attention_layers) * rollout_tokens
+    decode_extras = rows * shape.vocab_size * 4 * 4 + cache_copy  # last-token logits, softmax, sampling buffers
+    # A chunk attends to the cached earlier chunks: without flash-attention the [chunk, T] mask is materialized
+    # (bool, converted for the SDPA kernel), as in the tiled forward.
+    chunk_mask = 0
+    if setup.prefill_chunk_size and setup.attention != "flash" and shape.full_attention_layers:
+        chunk_mask = (1 + b) * prefill_tokens * setup.prompt_length
+    rollout_working_set = int(max(forward_working_bytes_per_token(setup) * prefill_tokens + chunk_mask
                                   + rows * shape.vocab_size * 4, decode_extras))
+    if setup.prefill_chunk_size and setup.vllm_mode is None:
+        chunks = math.ceil(setup.prompt_length / setup.prefill_chunk_size)
+        notes.append(f"prefill_chunk_size {setup.prefill_chunk_size}: the rollout's prefill runs in {chunks} chunk(s); "
+                     f"its working set is one chunk's")
 
     # Student forward (with grad): what stays saved for backward until the backward reaches each layer.
     saved = {kind: saved_bytes_per_token(setup, kind) for kind, _ in layer_kinds(shape)}
@@ -807,6 +823,8 @@ def suggestions(setup: TrainingSetup, gpu_memory: int) -> list[str]:
     if not setup.sequence_tile_size and setup.prompt_length + setup.completion_length > 8192:
         candidates.append(("sequence_tile_size: 4096 + sequence_tile_offload: true (Qwen3 / Qwen3.5)",
                            replace(setup, sequence_tile_size=4096, sequence_tile_offload=True)))
+    if setup.vllm_mode is None and not setup.prefill_chunk_size and setup.prompt_length > 8192:
+        candidates.append(("prefill_chunk_size: 4096", replace(setup, prefill_chunk_size=4096)))
     shorter = max(1024, setup.prompt_length // 2)
     if shorter < setup.prompt_length:
         candidates.append((f"max_prompt_length / max_teacher_prompt_length: {shorter}",
