@@ -232,12 +232,14 @@ def plan(setup: TrainingSetup, gpu_memory: int = 80 * GiB, *, suggest: bool = Tr
     # for a moment one full-attention layer's K/V exist twice.
     cache_copy = kv_per_token // max(1, shape.full_attention_layers) * rollout_tokens
     decode_extras = rows * shape.vocab_size * 4 * 4 + cache_copy  # last-token logits, softmax, sampling buffers
-    # A chunk attends to the cached earlier chunks: without flash-attention the [chunk, T] mask is materialized
-    # (bool, converted for the SDPA kernel), as in the tiled forward.
-    chunk_mask = 0
-    if setup.prefill_chunk_size and setup.attention != "flash" and shape.full_attention_layers:
-        chunk_mask = (1 + b) * prefill_tokens * setup.prompt_length
-    rollout_working_set = int(max(forward_working_bytes_per_token(setup) * prefill_tokens + chunk_mask
+    # A chunk attends to the cached earlier chunks: the cache copies one layer's K/V, and without flash-attention
+    # the [chunk, T] mask is materialized (bool, converted for the SDPA kernel), as in the tiled forward.
+    chunk_attention = 0
+    if setup.prefill_chunk_size and shape.full_attention_layers:
+        chunk_attention = cache_copy
+        if setup.attention != "flash":
+            chunk_attention += (1 + b) * prefill_tokens * setup.prompt_length
+    rollout_working_set = int(max(forward_working_bytes_per_token(setup) * prefill_tokens + chunk_attention
                                   + rows * shape.vocab_size * 4, decode_extras))
     if setup.prefill_chunk_size and setup.vllm_mode is None:
         chunks = math.ceil(setup.prompt_length / setup.prefill_chunk_size)
