@@ -229,6 +229,27 @@ def test_chunked_prefill_rollouts_equal_one_pass_prefill_rollouts(tokenizer, kin
 
 
 
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_5"])
+def test_chunked_prefill_through_a_peft_model_equals_one_pass(tokenizer, kind):
+    from dataclasses import replace
+
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_model(kind, tokenizer, num_layers=2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids, mask = long_prompts(len(tokenizer))
+    options = SamplingOptions(max_new_tokens=6, temperature=0.7, record_logprobs=True)
+    eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
+    lengths = forward_lengths(model.get_base_model())
+    torch.manual_seed(3)
+    whole = generate_rollouts(model, ids, mask, options, eos, pad)
+    lengths.clear()
+    torch.manual_seed(3)
+    chunked = generate_rollouts(model, ids, mask, replace(options, prefill_chunk_size=16), eos, pad)
+    assert lengths[:3] == [16, 16, 5]
+    assert torch.equal(chunked.completion_ids, whole.completion_ids)
+    torch.testing.assert_close(chunked.old_logprobs, whole.old_logprobs, atol=1e-5, rtol=0)
+
 def test_chunked_prefill_refuses_a_model_with_multimodal_rope_positions(tokenizer):
     # transformers slices position ids [batch, length] per chunk; Qwen3.5's multimodal class makes [4, batch, length].
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
@@ -236,7 +257,8 @@ def test_chunked_prefill_refuses_a_model_with_multimodal_rope_positions(tokenize
     from sd_plugin.testing import tiny_config
 
     config = Qwen3_5Config(text_config=tiny_config("qwen3_5", len(tokenizer)).to_dict(),
-                           vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64))
+                           vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                                          "out_hidden_size": 64})
     model = Qwen3_5ForConditionalGeneration(config).eval()
     ids, mask = long_prompts(len(tokenizer))
     with pytest.raises(ValueError, match="prefill_chunk_size: Qwen3_5ForConditionalGeneration builds multimodal rope"):
@@ -245,7 +267,7 @@ def test_chunked_prefill_refuses_a_model_with_multimodal_rope_positions(tokenize
 
 
 def test_a_trainer_step_with_chunked_prefill_equals_one_pass_prefill(tmp_path, tokenizer, quickstart_rows, monkeypatch):
-    import sd_plugin.trainers.base as base
+    from sd_plugin.trainers import base
 
     seen = []
 
