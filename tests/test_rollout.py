@@ -250,8 +250,9 @@ def test_chunked_prefill_through_a_peft_model_equals_one_pass(tokenizer, kind):
     assert torch.equal(chunked.completion_ids, whole.completion_ids)
     torch.testing.assert_close(chunked.old_logprobs, whole.old_logprobs, atol=1e-5, rtol=0)
 
-def test_chunked_prefill_refuses_a_model_with_multimodal_rope_positions(tokenizer):
-    # transformers slices position ids [batch, length] per chunk; Qwen3.5's multimodal class makes [4, batch, length].
+def multimodal_qwen3_5(tokenizer):
+    """A tiny Qwen3_5ForConditionalGeneration: transformers slices position ids [batch, length] per prefill chunk,
+    this class makes [4, batch, length] ones."""
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     from sd_plugin.testing import tiny_config
@@ -259,11 +260,25 @@ def test_chunked_prefill_refuses_a_model_with_multimodal_rope_positions(tokenize
     config = Qwen3_5Config(text_config=tiny_config("qwen3_5", len(tokenizer)).to_dict(),
                            vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                                           "out_hidden_size": 64})
-    model = Qwen3_5ForConditionalGeneration(config).eval()
+    return Qwen3_5ForConditionalGeneration(config).eval()
+
+
+def test_chunked_prefill_refuses_a_model_with_multimodal_rope_positions(tokenizer):
     ids, mask = long_prompts(len(tokenizer))
     with pytest.raises(ValueError, match="prefill_chunk_size: Qwen3_5ForConditionalGeneration builds multimodal rope"):
-        generate_rollouts(model, ids, mask, SamplingOptions(max_new_tokens=2, prefill_chunk_size=8),
+        generate_rollouts(multimodal_qwen3_5(tokenizer), ids, mask, SamplingOptions(max_new_tokens=2, prefill_chunk_size=8),
                           [tokenizer.eos_token_id], tokenizer.pad_token_id)
+
+
+def test_a_trainer_refuses_chunked_prefill_on_a_multimodal_model_when_built(tmp_path, tokenizer, quickstart_rows):
+    from datasets import Dataset
+
+    from sd_plugin import SDFTConfig, SDFTTrainer
+
+    data = Dataset.from_list([{"prompt": r["prompt"], "demonstration": r["demonstration"]} for r in quickstart_rows[:2]])
+    args = SDFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, prefill_chunk_size=8)
+    with pytest.raises(ValueError, match="prefill_chunk_size: Qwen3_5ForConditionalGeneration"):
+        SDFTTrainer(model=multimodal_qwen3_5(tokenizer), args=args, train_dataset=data, processing_class=tokenizer)
 
 
 def test_a_trainer_step_with_chunked_prefill_equals_one_pass_prefill(tmp_path, tokenizer, quickstart_rows, monkeypatch):

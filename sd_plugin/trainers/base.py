@@ -36,7 +36,7 @@ from sd_plugin.losses import (
     loss_units,
 )
 from sd_plugin.redact import redact_secrets
-from sd_plugin.rollout import Rollouts, SamplingOptions, generate_rollouts
+from sd_plugin.rollout import Rollouts, SamplingOptions, check_chunked_prefill, generate_rollouts
 from sd_plugin.teacher import KINDS as TEACHER_KINDS
 from sd_plugin.teacher import Teacher, output_head
 
@@ -471,6 +471,8 @@ class SelfDistillationTrainer(Trainer):
         vocab = output_head(self.model)[0].shape[0]  # also refuses LoRA on lm_head
         DivergenceOptions(self.options.distillation_alpha, self.options.distillation_mode, self.options.distillation_topk,
                           self.options.distillation_support).check_vocab(vocab)
+        if self.options.prefill_chunk_size is not None:
+            check_chunked_prefill(self.model, self.options.prefill_chunk_size)
 
     def prepare_step(self, model, inputs) -> StepBatch:
         """Sample and score one micro-batch, and build its teacher prompts: everything before the forwards."""
