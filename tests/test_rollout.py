@@ -209,7 +209,7 @@ def forward_lengths(model):
 def test_chunked_prefill_rollouts_equal_one_pass_prefill_rollouts(tokenizer, kind, sampling):
     from dataclasses import replace
 
-    model = build_model(kind, tokenizer, num_layers=4).eval()
+    model = build_model(kind, tokenizer).eval()  # Qwen3.5: a Gated DeltaNet and a full-attention layer
     ids, mask = long_prompts(len(tokenizer))
     eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
     lengths = forward_lengths(model)
