@@ -27,6 +27,8 @@ class SamplingOptions:
     num_generations: int = 1
     # Also return each sampled token's log-prob under the distribution it was drawn from (Rollouts.old_logprobs).
     record_logprobs: bool = False
+    # Run the prompt's prefill through the cache in chunks of this many tokens (None: one forward over the prompt).
+    prefill_chunk_size: int | None = None
 
 
 @dataclass
@@ -66,7 +68,7 @@ def sampling_generation_config(options: SamplingOptions, eos_token_ids: list[int
     return GenerationConfig(
         do_sample=True, num_beams=1, temperature=1.0, top_k=0, top_p=1.0,  # top_k 0: no default top-50
         max_new_tokens=options.max_new_tokens, eos_token_id=list(eos_token_ids), pad_token_id=pad_token_id,
-        bos_token_id=None, use_cache=True, disable_compile=True,
+        bos_token_id=None, use_cache=True, disable_compile=True, prefill_chunk_size=options.prefill_chunk_size,
     )
 
 
@@ -134,8 +136,12 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
                       eos_token_ids: list[int], pad_token_id: int) -> Rollouts:
     """Sample `num_generations` completions per left-padded prompt with transformers' generate.
 
-    The same function samples for the trainers and for `collect-revisions`.
+    The same function samples for the trainers and for `collect-revisions`. With `options.prefill_chunk_size`
+    transformers' chunked prefill fills the KV cache (and Gated DeltaNet's convolution and recurrent states) a
+    chunk at a time, so the prefill's activations scale with the chunk, not the prompt; decoding is unchanged.
     """
+    if options.prefill_chunk_size is not None:
+        check_chunked_prefill(model, options.prefill_chunk_size)
     generation_config = sampling_generation_config(options, eos_token_ids, pad_token_id)
     processors = sampling_logits_processors(options)
     recorder = SampledTokenLogprobs() if options.record_logprobs else None
@@ -159,6 +165,27 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     completion_ids = completion_ids.masked_fill(mask == 0, pad_token_id)
     prompt_index = torch.arange(prompt_ids.shape[0] // options.num_generations).repeat_interleave(options.num_generations)
     return Rollouts(completion_ids, mask, prompt_index.to(completion_ids.device), truncated, old_logprobs)
+
+
+def check_chunked_prefill(model, chunk_size: int) -> None:
+    """Refuse what transformers' chunked prefill would get wrong: it slices 2D position ids only.
+
+    A multimodal class (e.g. Qwen3_5ForConditionalGeneration) makes [4, batch, length] rope positions, whose
+    slice along the second axis would cut the batch, not the sequence.
+    """
+    from transformers import GenerationMixin
+
+    if chunk_size < 1:
+        raise ValueError(f"prefill_chunk_size must be >= 1 (None: off), got {chunk_size}")
+    for module in model.modules():
+        if isinstance(module, GenerationMixin):
+            prepare = type(module)._prepare_position_ids_for_generation
+            if prepare is not GenerationMixin._prepare_position_ids_for_generation:
+                raise ValueError(
+                    f"prefill_chunk_size: {type(module).__name__} builds multimodal rope position ids, which "
+                    f"transformers' chunked prefill cannot split; load the text model (AutoModelForCausalLM) or "
+                    f"unset prefill_chunk_size")
+            return
 
 
 def rollouts_from_token_lists(completions: list[list[int]], logprobs: list[list[float | None]] | None,

@@ -179,3 +179,133 @@ def test_importance_weights_correct_and_clip_a_different_sampler(tmp_path, token
 def test_hf_generate_records_no_sampler_logprobs_by_default(tmp_path, tokenizer, quickstart_rows):
     logged = importance_run(tmp_path, tokenizer, quickstart_rows, importance_sampling_correction=None)
     assert not any(key.startswith("importance_weight") for key in logged)
+
+
+# ====================================================================== chunked prefill (prefill_chunk_size)
+def long_prompts(vocab):
+    """Two 37-token prompts, the second left-padded by 11: with chunks of 8 its first chunk is all padding and the
+    padding ends inside the second chunk; the prompt's end falls inside the fifth chunk."""
+    ids = torch.randint(10, vocab, (2, 37), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    ids[1, :11], mask[1, :11] = 0, 0
+    return ids, mask
+
+
+def forward_lengths(model):
+    """Record the sequence length of every decoder forward (to see that the prefill really ran in chunks)."""
+    lengths = []
+    decoder = model.get_decoder()
+    decoder.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(
+        (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]),
+        with_kwargs=True)
+    return lengths
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_5"])
+@pytest.mark.parametrize("sampling", [
+    SamplingOptions(max_new_tokens=10, top_k=1, num_generations=1),  # greedy
+    SamplingOptions(max_new_tokens=10, temperature=0.7, top_p=0.9, num_generations=2, record_logprobs=True),
+], ids=["greedy", "sampled"])
+def test_chunked_prefill_rollouts_equal_one_pass_prefill_rollouts(tokenizer, kind, sampling):
+    from dataclasses import replace
+
+    model = build_model(kind, tokenizer).eval()  # Qwen3.5: a Gated DeltaNet and a full-attention layer
+    ids, mask = long_prompts(len(tokenizer))
+    eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
+    lengths = forward_lengths(model)
+    torch.manual_seed(7)
+    whole = generate_rollouts(model, ids, mask, sampling, eos, pad)
+    assert lengths[0] == 37
+    lengths.clear()
+    torch.manual_seed(7)
+    chunked = generate_rollouts(model, ids, mask, replace(sampling, prefill_chunk_size=8), eos, pad)
+    assert lengths[:5] == [8, 8, 8, 8, 5] and set(lengths[5:]) == {1}  # five prefill chunks, then decoding
+    assert torch.equal(chunked.completion_ids, whole.completion_ids)
+    assert torch.equal(chunked.completion_mask, whole.completion_mask)
+    assert chunked.completion_mask.sum() > 10
+    if sampling.record_logprobs:
+        torch.testing.assert_close(chunked.old_logprobs, whole.old_logprobs, atol=1e-5, rtol=0)
+        assert (whole.old_logprobs < 0).any()
+
+
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_5"])
+def test_chunked_prefill_through_a_peft_model_equals_one_pass(tokenizer, kind):
+    from dataclasses import replace
+
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_model(kind, tokenizer, num_layers=2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids, mask = long_prompts(len(tokenizer))
+    options = SamplingOptions(max_new_tokens=6, temperature=0.7, record_logprobs=True)
+    eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
+    lengths = forward_lengths(model.get_base_model())
+    torch.manual_seed(3)
+    whole = generate_rollouts(model, ids, mask, options, eos, pad)
+    lengths.clear()
+    torch.manual_seed(3)
+    chunked = generate_rollouts(model, ids, mask, replace(options, prefill_chunk_size=16), eos, pad)
+    assert lengths[:3] == [16, 16, 5]
+    assert torch.equal(chunked.completion_ids, whole.completion_ids)
+    torch.testing.assert_close(chunked.old_logprobs, whole.old_logprobs, atol=1e-5, rtol=0)
+
+def multimodal_qwen3_5(tokenizer):
+    """A tiny Qwen3_5ForConditionalGeneration: transformers slices position ids [batch, length] per prefill chunk,
+    this class makes [4, batch, length] ones."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from sd_plugin.testing import tiny_config
+
+    config = Qwen3_5Config(text_config=tiny_config("qwen3_5", len(tokenizer)).to_dict(),
+                           vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                                          "out_hidden_size": 64})
+    return Qwen3_5ForConditionalGeneration(config).eval()
+
+
+def test_chunked_prefill_refuses_a_model_with_multimodal_rope_positions(tokenizer):
+    ids, mask = long_prompts(len(tokenizer))
+    with pytest.raises(ValueError, match="prefill_chunk_size: Qwen3_5ForConditionalGeneration builds multimodal rope"):
+        generate_rollouts(multimodal_qwen3_5(tokenizer), ids, mask, SamplingOptions(max_new_tokens=2, prefill_chunk_size=8),
+                          [tokenizer.eos_token_id], tokenizer.pad_token_id)
+
+
+def test_a_trainer_refuses_chunked_prefill_on_a_multimodal_model_when_built(tmp_path, tokenizer, quickstart_rows):
+    from datasets import Dataset
+
+    from sd_plugin import SDFTConfig, SDFTTrainer
+
+    data = Dataset.from_list([{"prompt": r["prompt"], "demonstration": r["demonstration"]} for r in quickstart_rows[:2]])
+    args = SDFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, prefill_chunk_size=8)
+    with pytest.raises(ValueError, match="prefill_chunk_size: Qwen3_5ForConditionalGeneration"):
+        SDFTTrainer(model=multimodal_qwen3_5(tokenizer), args=args, train_dataset=data, processing_class=tokenizer)
+
+
+def test_a_trainer_step_with_chunked_prefill_equals_one_pass_prefill(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+    from sd_plugin.trainers import base
+
+    seen = []
+
+    def recording(model, prompt_ids, prompt_mask, options, *args):
+        seen.append(options.prefill_chunk_size)
+        return generate_rollouts(model, prompt_ids, prompt_mask, options, *args)
+
+    monkeypatch.setattr(base, "generate_rollouts", recording)
+    one_pass = importance_run(tmp_path, tokenizer, quickstart_rows, temperature=0.8)
+    chunked = importance_run(tmp_path, tokenizer, quickstart_rows, temperature=0.8, prefill_chunk_size=5)
+    assert seen == [None, 5]
+    assert chunked["completion_length"] == one_pass["completion_length"]
+    assert chunked["distillation_loss"] == pytest.approx(one_pass["distillation_loss"], rel=1e-5)
+    assert chunked["importance_weight_mean"] == pytest.approx(one_pass["importance_weight_mean"], rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"prefill_chunk_size": 0}, "prefill_chunk_size must be >= 1"),
+    ({"prefill_chunk_size": 4096, "use_vllm": True}, "with use_vllm, vLLM schedules its own prefill chunks: unset prefill_chunk_size"),
+])
+def test_bad_prefill_chunk_size_fails_in_the_config(overrides, match):
+    from sd_plugin import SDFTConfig, SDPOConfig
+
+    for config in (SDFTConfig, SDPOConfig):
+        with pytest.raises(ValueError, match=match):
+            config(output_dir="unused", report_to="none", use_cpu=True, **overrides)

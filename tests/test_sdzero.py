@@ -612,8 +612,9 @@ EVALUATION_OPTIONS = {"eval_prompts", "eval_verifier", "prior_prompts", "prior_v
                       "eval_max_new_tokens"}
 # Logging only (the training step is the same), tested in tests/test_completions_log.py.
 LOGGING_OPTIONS = {"log_completions", "num_completions_to_print"}
-# Sequence tiling gives the untiled step by design (tests/test_tiling.py checks it through the shared step).
-BASE_GUARDS |= {"sequence_tile_size", "sequence_tile_offload"}
+# Sequence tiling gives the untiled step by design (tests/test_tiling.py checks it through the shared step), a
+# chunked prefill the one-pass rollouts (tests/test_rollout.py).
+BASE_GUARDS |= {"sequence_tile_size", "sequence_tile_offload", "prefill_chunk_size"}
 # (phase, option, value, baseline overrides, data with an invalid row)
 OPTION_CASES = [
     ("distill", "max_prompt_length", 64, {}, False),
@@ -676,7 +677,7 @@ NONDEFAULT = {
     "vllm_gpu_memory_utilization": 0.5, "vllm_enable_sleep_mode": True, "vllm_tensor_parallel_size": 2,
     "vllm_max_model_length": 9000, "vllm_model_impl": "transformers", "vllm_server_base_url": "http://h:1",
     "vllm_server_host": "h", "vllm_server_port": 1, "vllm_server_timeout": 1.0, "vllm_group_port": 1,
-    "log_completions": True, "num_completions_to_print": 2,
+    "log_completions": True, "num_completions_to_print": 2, "prefill_chunk_size": 4096,
 }
 
 

@@ -30,7 +30,7 @@ from sd_plugin.deprecated import accepts_deprecated_names
 from sd_plugin.liger import liger_available, liger_distillation_loss
 from sd_plugin.losses import DivergenceOptions, chunked_distillation_loss, importance_weights, loss_token_mask, loss_units
 from sd_plugin.redact import redact_secrets
-from sd_plugin.rollout import Rollouts, SamplingOptions, generate_rollouts
+from sd_plugin.rollout import Rollouts, SamplingOptions, check_chunked_prefill, generate_rollouts
 from sd_plugin.rows import SelfDistillationCollator, invalid_rows_path, left_pad
 from sd_plugin.teacher import KINDS as TEACHER_KINDS
 from sd_plugin.teacher import Teacher, output_head
@@ -100,6 +100,7 @@ class SelfDistillationOptions:
     num_completions_to_print: int | None = field(default=4, metadata={"help": "Rows of log_completions printed, drawn at random (None: all); W&B gets every row (TRL's name)."})
     sequence_tile_size: int = field(default=0, metadata={"help": "Run each decoder layer over the sequence in tiles of this many tokens (checkpointed per tile; Qwen3 / Qwen3.5 text decoders), for the student and teacher forwards: activation memory grows with the tile, not the length (0: off)."})
     sequence_tile_offload: bool = field(default=False, metadata={"help": "With sequence_tile_size: keep the layer inputs (one [T, hidden] per layer) in CPU memory between forward and backward."})
+    prefill_chunk_size: int | None = field(default=None, metadata={"help": "Rollouts with transformers' generate: run the prompt's prefill through the KV cache (and Qwen3.5's Gated DeltaNet states) in chunks of this many tokens, so its activations grow with the chunk, not the prompt; sampling is unchanged (transformers' GenerationConfig.prefill_chunk_size; None: one pass)."})
 
     def to_dict(self) -> dict:
         """The arguments as saved (training_config.json) and logged (W&B, TensorBoard): secret-looking values
@@ -155,6 +156,11 @@ class SelfDistillationOptions:
             raise ValueError(f"sequence_tile_size must be >= 0 (0: off), got {self.sequence_tile_size}")
         if self.sequence_tile_offload and not self.sequence_tile_size:
             raise ValueError("sequence_tile_offload is set but sequence_tile_size is 0: set sequence_tile_size")
+        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1 (None: off), got {self.prefill_chunk_size}")
+        if self.prefill_chunk_size is not None and self.use_vllm:
+            raise ValueError("prefill_chunk_size chunks transformers' generate; with use_vllm, vLLM schedules its own "
+                             "prefill chunks: unset prefill_chunk_size")
         if self.max_consecutive_nonfinite_steps < 1:
             raise ValueError(f"max_consecutive_nonfinite_steps must be >= 1, got {self.max_consecutive_nonfinite_steps}")
         self.check_vllm()
@@ -337,7 +343,8 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
     def sampling_options(self) -> SamplingOptions:
         o = self.options
         return SamplingOptions(o.max_completion_length, o.temperature, o.top_p, o.top_k,
-                               o.num_generations, record_logprobs=self.importance_sampling_active())
+                               o.num_generations, record_logprobs=self.importance_sampling_active(),
+                               prefill_chunk_size=o.prefill_chunk_size)
 
     def importance_sampling_active(self) -> bool:
         """Whether rollouts carry the sampler's log-probs (importance_sampling_correction).
@@ -367,6 +374,8 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
     def check_against_model(self) -> None:
         vocab = output_head(self.model)[0].shape[0]  # also refuses LoRA on lm_head
         self.divergence_options.check_vocab(vocab)
+        if self.options.prefill_chunk_size is not None:
+            check_chunked_prefill(self.model, self.options.prefill_chunk_size)
 
     def prepare_step(self, model, inputs) -> StepBatch:
         """Steps 1-3 of one micro-batch: everything before the forwards."""

@@ -46,7 +46,7 @@ PHASE_ONLY_OPTIONS = {
         "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_tensor_parallel_size", "vllm_max_model_length",
         "vllm_model_impl", "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
         "vllm_group_port",
-        "log_completions", "num_completions_to_print",
+        "log_completions", "num_completions_to_print", "prefill_chunk_size",
     ),
     "srt": ("srt_objective",),
 }
