@@ -45,6 +45,8 @@ PRIOR_VERIFIER = "sd_plugin.demo_task:AnswerContainsVerifier"
 COPY_TEMPLATE = "{question}\n\nReply with exactly this text and nothing else:\n{demonstration}"
 # A template that also names the format of the demonstration (this task's: one line of JSON).
 JSON_TEMPLATE = "{question}\n\nAnswer with one line of JSON exactly like this:\n{demonstration}"
+# The SDFT settings of the main grid (the plot); other settings are ablations.
+MAIN_SDFT_SETTINGS = "/steps16/batch4/template-json/skip0/alpha0/temp1"
 # The same without naming the format, to tell "shown as the reply" apart from "told it is JSON".
 LIKE_THIS_TEMPLATE = "{question}\n\nAnswer exactly like this:\n{demonstration}"
 TEMPLATE_NAMES = {COPY_TEMPLATE: "copy", JSON_TEMPLATE: "json", LIKE_THIS_TEMPLATE: "like-this", "paper": "paper",
@@ -186,7 +188,8 @@ def report(path: Path, plot: Path | None) -> str:
     if base:
         b, t = base["base"], base["teacher_in_context"]
         lines.append(f"base model: task exact {b['task']['reward']:.3f}, task format {b['task']['format_rate']:.3f}, "
-                     f"prior {b['prior']['reward']:.3f}; with the demonstration in context (teacher): task exact "
+                     f"prior {b['prior']['reward']:.3f}; with the demonstration in context ({TEMPLATE_NAMES.get(base['template'], 'custom')} "
+                     f"template): task exact "
                      f"{t['reward']:.3f}, format {t['format_rate']:.3f}")
     if teachers:
         lines.append("| teacher template (base model, demonstration in context) | task exact | task format |")
@@ -211,7 +214,7 @@ def report(path: Path, plot: Path | None) -> str:
         mean = {"task": sum(g["task"]["reward"] for g in group) / len(group),
                 "format": sum(g["task"]["format_rate"] for g in group) / len(group),
                 "prior": sum(g["prior"]["reward"] for g in group) / len(group)}
-        means.append((group[0]["method"], group[0]["lr"], mean))
+        means.append((group[0]["method"], group[0]["lr"], mean, label))
         lines.append(f"| {label} | {len(group)} | {mean['task']:.3f} | {mean['format']:.3f} | {mean['prior']:.3f} |")
     if plot is not None and means:
         import matplotlib
@@ -221,7 +224,9 @@ def report(path: Path, plot: Path | None) -> str:
 
         figure, axis = plt.subplots(figsize=(6, 4.5))
         for method, marker in (("sft", "o"), ("sdft", "s")):
-            points = [(m["task"], m["prior"], lr) for meth, lr, m in means if meth == method]
+            # The main grid only (SFT, and SDFT with the default settings); ablations are in the table.
+            points = [(m["task"], m["prior"], lr) for meth, lr, m, label in means
+                      if meth == method and (method == "sft" or label.endswith(MAIN_SDFT_SETTINGS))]
             if points:
                 axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, s=60, label=method.upper())
                 for x, y, lr in points:
@@ -248,9 +253,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="sft,sdft")
     parser.add_argument("--lrs", default="1e-4,3e-4,1e-3")
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--template", default=COPY_TEMPLATE, help="SDFT teacher template (paper, expert_reference, copy, json, or a string)")
+    parser.add_argument("--template", default="json", help="SDFT teacher template (paper, expert_reference, copy, json, or a string)")
     parser.add_argument("--skip", type=int, default=0, help="SDFT num_loss_tokens_to_skip")
     parser.add_argument("--alpha", type=float, default=0.0, help="SDFT distillation_alpha (0 forward KL, 1 reverse KL)")
     parser.add_argument("--temperature", type=float, default=1.0, help="SDFT rollout temperature")
