@@ -152,7 +152,7 @@ class _Collector:
 
     def verify(self, problem: _Problem, response: list[int]) -> tuple[str, bool]:
         verdict = verify_completion(self.verifier, self.tokenizer, response, problem.record, row=problem.source_row,
-                                    end_of_turn_ids=self.eos_token_ids, success_threshold=self.options.success_threshold)
+                                    end_of_turn_ids=self.eos_token_ids, success_reward_threshold=self.options.success_threshold)
         return verdict.text, verdict.correct
 
     def batch(self, problems: list[_Problem]) -> list[dict[str, Any]]:
