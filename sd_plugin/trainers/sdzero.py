@@ -19,7 +19,6 @@ never re-tokenized across a boundary, so the masked positions are exactly the in
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 import torch
 from transformers import TrainingArguments
