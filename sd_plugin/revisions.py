@@ -41,11 +41,10 @@ from sd_plugin.files import (
     read_attempts,
     read_jsonl_rows,
     refuse_output_over_input,
-    row_fingerprint,
     write_text_atomic,
 )
 from sd_plugin.rollout import SamplingOptions, generate_rollouts
-from sd_plugin.rows import left_pad, tokenize_prompt
+from sd_plugin.rows import PromptRow, left_pad, prepare_prompt_rows
 from sd_plugin.verifiers import load_verifier, verify_completion
 
 
@@ -112,22 +111,14 @@ class CollectionSummary:
                 f"kept {self.kept} -> {self.output}")
 
 
-@dataclass
-class _Problem:
-    source_row: int
-    raw: dict[str, Any]
-    record: dict[str, Any]
-    prompt_ids: list[int]
-    fingerprint: str
-
-
-def _load_problems(problems) -> list[dict[str, Any]]:
+def _numbered_problems(problems) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    """(line, row) pairs and the name errors give their source: the file, or `problems` for rows given in Python."""
     if isinstance(problems, (str, os.PathLike)):
-        return [row for _, row in read_jsonl_rows(problems)]  # a malformed line: UsageError naming file:line
-    return [dict(row) for row in problems]
+        return read_jsonl_rows(problems), str(problems)  # a malformed line: UsageError naming file:line
+    return [(index + 1, dict(row)) for index, row in enumerate(problems)], "problems"
 
 
-def _write_output(path: Path, problems: list[_Problem], attempts: dict[int, dict[str, Any]], max_kept: int | None) -> int:
+def _write_output(path: Path, problems: list[PromptRow], attempts: dict[int, dict[str, Any]], max_kept: int | None) -> int:
     rows = []
     for source_row in sorted(attempts):
         attempt = attempts[source_row]
@@ -163,12 +154,12 @@ class _Collector:
         lengths = rollouts.completion_mask.sum(-1).tolist()
         return [rollouts.completion_ids[i, :length].tolist() for i, length in enumerate(lengths)]
 
-    def verify(self, problem: _Problem, response: list[int]) -> tuple[str, bool]:
+    def verify(self, problem: PromptRow, response: list[int]) -> tuple[str, bool]:
         verdict = verify_completion(self.verifier, self.tokenizer, response, problem.record, row=problem.source_row,
                                     end_of_turn_ids=self.eos_token_ids, success_reward_threshold=self.options.success_reward_threshold)
         return verdict.text, verdict.correct
 
-    def batch(self, problems: list[_Problem]) -> list[dict[str, Any]]:
+    def batch(self, problems: list[PromptRow]) -> list[dict[str, Any]]:
         o = self.options
         first = self.sample([p.prompt_ids for p in problems], 1)
         attempts = []
@@ -216,14 +207,8 @@ def collect_revisions(model, tokenizer, problems, output_path: str | os.PathLike
     options.check()
     columns = Columns(prompt=options.prompt_column, tools=options.tools_column)
     collector = _Collector(model, tokenizer, options)
-    items = []
-    for index, raw in enumerate(_load_problems(problems)):
-        try:
-            record = prompt_record(raw, index, columns)
-            prompt_ids = tokenize_prompt(tokenizer, record, options.max_prompt_length, index)
-        except RecordError as error:
-            raise ValueError(f"problem {error}") from None
-        items.append(_Problem(index, raw, record, prompt_ids, row_fingerprint(raw)))
+    numbered, source = _numbered_problems(problems)
+    items = prepare_prompt_rows(numbered, tokenizer, columns, options.max_prompt_length, source)
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     log_path = attempts_path(output)

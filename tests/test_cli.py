@@ -12,6 +12,7 @@ import pytest
 import sd_plugin
 import sd_plugin.files as files
 from sd_plugin.cli import main as cli_main
+from sd_plugin.rows import PromptRow
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "example_configs" / "assets" / "data"
@@ -337,7 +338,7 @@ def test_collected_revisions_are_written_atomically_with_the_umasks_mode(tmp_pat
     calls = []
     monkeypatch.setattr(revisions, "write_text_atomic",
                         lambda path, text: (calls.append(path), files.write_text_atomic(path, text))[1])
-    problem = revisions._Problem(0, {"prompt": "2+2?"}, {}, [1, 2], "f")
+    problem = PromptRow(0, 1, {"prompt": "2+2?"}, {}, [1, 2], "f")
     attempt = {"kept": ["4"], "y_init": "5", "initially_correct": False, "control_phrase": "Wait"}
     output = tmp_path / "revisions.jsonl"
     assert revisions._write_output(output, [problem], {0: attempt}, None) == 1

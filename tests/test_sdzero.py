@@ -204,7 +204,7 @@ def test_resume_refuses_a_log_written_for_other_problems(tmp_path, tokenizer, pr
 
 def test_bad_problem_rows_fail_naming_the_row(tmp_path, tokenizer, problems):
     options = RevisionOptions(verifier="multiple_choice", max_prompt_length=512)
-    with pytest.raises(ValueError, match="problem row 1: the prompt is empty"):
+    with pytest.raises(ValueError, match="problems:2: the prompt is empty"):
         collect_revisions(scripted(tokenizer, problems), tokenizer, [problems[0], {"prompt": ""}], tmp_path / "r.jsonl",
                           options, progress=False)
     with pytest.raises(ValueError, match="verifier is required"):
