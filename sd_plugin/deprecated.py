@@ -68,3 +68,18 @@ def accepts_deprecated_names(cls):
 
     cls.__init__ = __init__
     return cls
+
+
+def resolve_deprecated_flag(args, old_flag: str, new_flag: str, default):
+    """A command's value of `new_flag`, else of its deprecated alias `old_flag` (a FutureWarning), else `default`.
+
+    Both flags are declared with default None (the old one hidden from --help); both given: ValueError.
+    """
+    old, new = (getattr(args, flag.lstrip("-").replace("-", "_")) for flag in (old_flag, new_flag))
+    if old is None:
+        return default if new is None else new
+    if new is not None:
+        raise ValueError(f"{old_flag} and {new_flag} are both set: {old_flag} is the deprecated name of {new_flag}; "
+                         f"keep {new_flag} only")
+    _warn(f"{old_flag} is deprecated: use {new_flag}")
+    return old

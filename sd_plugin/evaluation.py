@@ -15,13 +15,13 @@ Answers are model output: the verifier is called through `safe_verify`, so a ver
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
 from transformers import TrainerCallback
 
 from sd_plugin.data import Columns, RecordError, prompt_record
+from sd_plugin.files import read_jsonl_rows
 from sd_plugin.rows import left_pad, tokenize_prompt
 from sd_plugin.verifiers import load_verifier, safe_verify
 
@@ -32,20 +32,11 @@ METRICS = ("reward", "pass_rate", "format_rate", "completion_length")
 def read_prompt_set(path: str, prompt_column: str = "prompt") -> list[dict]:
     """Prompt records from a JSONL file; a bad line or row fails with the file, line and reason."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(raw, dict):
-                raise ValueError(f"{path}:{line_number}: a record must be a JSON object, got {type(raw).__name__}")
-            try:
-                records.append(prompt_record(raw, line_number, Columns(prompt=prompt_column)))
-            except RecordError as error:
-                raise ValueError(f"{path}:{line_number}: {error.reason}") from None
+    for line_number, raw in read_jsonl_rows(path):  # the commands' reader: a line that is no JSON object raises
+        try:
+            records.append(prompt_record(raw, line_number, Columns(prompt=prompt_column)))
+        except RecordError as error:
+            raise ValueError(f"{path}:{line_number}: {error.reason}") from None
     if not records:
         raise ValueError(f"{path}: no prompt records")
     return records

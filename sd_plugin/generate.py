@@ -36,18 +36,17 @@ from typing import Any
 import torch
 
 from sd_plugin.cli import UsageError, argument_parser, json_object
-from sd_plugin.data import Columns, RecordError, completion_text, end_of_turn_ids, prompt_record
+from sd_plugin.data import Columns, completion_text, end_of_turn_ids
 from sd_plugin.files import (
     append_attempts,
     attempts_path,
     read_attempts,
     read_jsonl_rows,
     refuse_output_over_input,
-    row_fingerprint,
     write_text_atomic,
 )
 from sd_plugin.rollout import SamplingOptions, generate_rollouts
-from sd_plugin.rows import left_pad, tokenize_prompt
+from sd_plugin.rows import PromptRow, left_pad, prepare_prompt_rows
 from sd_plugin.verifiers import load_verifier, safe_verify
 
 
@@ -106,16 +105,6 @@ class GenerationSummary:
                 f"{self.rows} rows{reward} -> {self.output}")
 
 
-@dataclass
-class _Prompt:
-    source_row: int
-    line: int
-    raw: dict[str, Any]
-    record: dict[str, Any]
-    prompt_ids: list[int]
-    fingerprint: str
-
-
 def read_prompt_file(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) for every non-blank line; a line that is not a JSON object, or no row, is a UsageError."""
     rows = read_jsonl_rows(path)
@@ -124,18 +113,10 @@ def read_prompt_file(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]
     return rows
 
 
-def prepare_prompts(numbered_rows, tokenizer, options: GenerateOptions, source: str = "prompts") -> list[_Prompt]:
+def prepare_prompts(numbered_rows, tokenizer, options: GenerateOptions, source: str = "prompts") -> list[PromptRow]:
     """Validate and tokenize every row before anything is generated; the first bad row is a UsageError."""
     columns = Columns(prompt=options.prompt_column, tools=options.tools_column)
-    prompts = []
-    for index, (line, raw) in enumerate(numbered_rows):
-        try:
-            record = prompt_record(raw, index, columns)
-            ids = tokenize_prompt(tokenizer, record, options.max_prompt_length, index)
-        except RecordError as error:
-            raise UsageError(f"{source}:{line}: {error.reason}") from None
-        prompts.append(_Prompt(index, line, raw, record, ids, row_fingerprint(raw)))
-    return prompts
+    return prepare_prompt_rows(numbered_rows, tokenizer, columns, options.max_prompt_length, source)
 
 
 def _settings(options: GenerateOptions, model_name: str, adapter: str | None) -> dict[str, Any]:
@@ -153,7 +134,7 @@ class _Sampler:
         self.eos_token_ids = end_of_turn_ids(tokenizer, model)
         self.device = getattr(model, "device", torch.device("cpu"))
 
-    def batch(self, prompts: list[_Prompt], provenance: dict[str, Any]) -> list[dict[str, Any]]:
+    def batch(self, prompts: list[PromptRow], provenance: dict[str, Any]) -> list[dict[str, Any]]:
         """One attempts-log entry per prompt: {"source_row", "fingerprint", "rows": [num_samples output rows]}."""
         o = self.options
         ids, mask = left_pad([p.prompt_ids for p in prompts], self.tokenizer.pad_token_id)
@@ -193,7 +174,7 @@ def _check_log_settings(log_path: Path, attempts: dict[int, dict[str, Any]], set
                              "--output or delete the log to start over")
 
 
-def finished_prompts(output_path: str | os.PathLike, prompts: list[_Prompt], settings: dict[str, Any]) -> dict[int, dict]:
+def finished_prompts(output_path: str | os.PathLike, prompts: list[PromptRow], settings: dict[str, Any]) -> dict[int, dict]:
     """The attempts-log entries of earlier runs by source row; a log for other prompts or settings is a UsageError."""
     log_path = attempts_path(output_path)
     try:
@@ -232,7 +213,7 @@ def generate_corpus(model, tokenizer, prompts, output_path: str | os.PathLike, o
     if isinstance(prompts, (str, os.PathLike)):
         prompt_file = prompt_file or str(prompts)
         prompts = prepare_prompts(read_prompt_file(prompts), tokenizer, options, str(prompts))
-    elif not (isinstance(prompts, list) and prompts and isinstance(prompts[0], _Prompt)):
+    elif not (isinstance(prompts, list) and prompts and isinstance(prompts[0], PromptRow)):
         prompts = prepare_prompts([(i + 1, dict(r)) for i, r in enumerate(prompts)], tokenizer, options)
     verifier = None
     if options.verifier is not None:

@@ -5,7 +5,7 @@
 
 For each problem x (a prompt row: {"prompt": str | messages, "system"?, "tools"?, task fields such as "answer"}):
 
-1. sample y_init from chat(x) and verify it (reward >= success_threshold: correct);
+1. sample y_init from chat(x) and verify it (reward >= success_reward_threshold: correct);
 2. prefill the assistant turn with y_init + separator + P_r + separator, where P_r is the control phrase for
    that outcome ("Let me rephrase the above solution." / "Wait, this response is wrong. Let me correct it."
    for Qwen; per model family or overridden), and sample `num_revisions` revisions;
@@ -21,10 +21,11 @@ writes OUTPUT from that log, so a crash never duplicates or loses finished rows.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,43 +34,54 @@ import torch
 from sd_plugin.cli import UsageError, argument_parser, json_object
 from sd_plugin.contexts import control_phrases, sdzero_delimiter_ids, sdzero_teacher_ids
 from sd_plugin.data import Columns, RecordError, end_of_turn_ids, prompt_record
+from sd_plugin.deprecated import accepts_deprecated_names, resolve_deprecated_flag
 from sd_plugin.files import (
     append_attempts,
     attempts_path,
     read_attempts,
     read_jsonl_rows,
     refuse_output_over_input,
-    row_fingerprint,
     write_text_atomic,
 )
 from sd_plugin.rollout import SamplingOptions, generate_rollouts
-from sd_plugin.rows import left_pad, tokenize_prompt
+from sd_plugin.rows import PromptRow, left_pad, prepare_prompt_rows
 from sd_plugin.verifiers import load_verifier, verify_completion
 
 
 
 @dataclass
-class RevisionOptions:
+class SDZeroSharedOptions:
+    """The options of SD-Zero's data collection (`RevisionOptions`) that its training (`SDZeroOptions`) has too.
+
+    How a response is judged and how the revision prompt is phrased: the SRT data and the distill phase's teacher
+    inputs must agree on them, so both classes inherit these fields from here.
+    """
+
+    verifier: str | None = field(default=None, metadata={"help": "Required (collect-revisions, phase: distill): multiple_choice | tool_calls | boxed_math | python_tests | package.module:callable; in Python also a callable (prompt, completion, record) -> (reward, feedback)."})
+    verifier_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Keyword arguments of the verifier (e.g. answer_field)."})
+    success_reward_threshold: float = field(default=1.0, metadata={"help": "A response with reward >= this is correct (control phrase for correct responses)."})
+    control_phrase_family: str = field(default="qwen", metadata={"help": "Control phrases of this model family: qwen | olmo (official code)."})
+    control_phrase_correct: str | None = field(default=None, metadata={"help": "Override of the phrase after a correct response (must match the SRT data)."})
+    control_phrase_incorrect: str | None = field(default=None, metadata={"help": "Override of the phrase after an incorrect response (must match the SRT data)."})
+    separator: str = field(default="\n\n", metadata={"help": "Text around the control phrase: y + separator + P_r + separator (must match the SRT data)."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (string or messages)."})
+    tools_column: str = field(default="tools", metadata={"help": "Column with tool schemas (optional)."})
+
+
+@accepts_deprecated_names
+@dataclass
+class RevisionOptions(SDZeroSharedOptions):
     """How `collect_revisions` samples and judges (defaults: the official SD-Zero collection script)."""
 
-    verifier: Any = None  # a built-in name, "package.module:callable" or a callable (prompt, completion, record)
-    verifier_kwargs: dict[str, Any] | None = None
     num_revisions: int = 1
     revise_correct: bool = True  # the paper revises both outcomes; False revises incorrect y_init only
     max_new_tokens: int = 4096
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 8
-    success_threshold: float = 1.0
-    control_phrase_family: str = "qwen"
-    control_phrase_correct: str | None = None
-    control_phrase_incorrect: str | None = None
-    separator: str = "\n\n"
     max_prompt_length: int = 4096
     max_kept: int | None = None  # stop once this many revisions are kept (the official script: 6000)
     seed: int = 0
-    prompt_column: str = "prompt"
-    tools_column: str = "tools"
 
     def check(self) -> None:
         if self.verifier is None:
@@ -99,22 +111,14 @@ class CollectionSummary:
                 f"kept {self.kept} -> {self.output}")
 
 
-@dataclass
-class _Problem:
-    source_row: int
-    raw: dict[str, Any]
-    record: dict[str, Any]
-    prompt_ids: list[int]
-    fingerprint: str
-
-
-def _load_problems(problems) -> list[dict[str, Any]]:
+def _numbered_problems(problems) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    """(line, row) pairs and the name errors give their source: the file, or `problems` for rows given in Python."""
     if isinstance(problems, (str, os.PathLike)):
-        return [row for _, row in read_jsonl_rows(problems)]  # a malformed line: UsageError naming file:line
-    return [dict(row) for row in problems]
+        return read_jsonl_rows(problems), str(problems)  # a malformed line: UsageError naming file:line
+    return [(index + 1, dict(row)) for index, row in enumerate(problems)], "problems"
 
 
-def _write_output(path: Path, problems: list[_Problem], attempts: dict[int, dict[str, Any]], max_kept: int | None) -> int:
+def _write_output(path: Path, problems: list[PromptRow], attempts: dict[int, dict[str, Any]], max_kept: int | None) -> int:
     rows = []
     for source_row in sorted(attempts):
         attempt = attempts[source_row]
@@ -150,12 +154,12 @@ class _Collector:
         lengths = rollouts.completion_mask.sum(-1).tolist()
         return [rollouts.completion_ids[i, :length].tolist() for i, length in enumerate(lengths)]
 
-    def verify(self, problem: _Problem, response: list[int]) -> tuple[str, bool]:
+    def verify(self, problem: PromptRow, response: list[int]) -> tuple[str, bool]:
         verdict = verify_completion(self.verifier, self.tokenizer, response, problem.record, row=problem.source_row,
-                                    end_of_turn_ids=self.eos_token_ids, success_threshold=self.options.success_threshold)
+                                    end_of_turn_ids=self.eos_token_ids, success_reward_threshold=self.options.success_reward_threshold)
         return verdict.text, verdict.correct
 
-    def batch(self, problems: list[_Problem]) -> list[dict[str, Any]]:
+    def batch(self, problems: list[PromptRow]) -> list[dict[str, Any]]:
         o = self.options
         first = self.sample([p.prompt_ids for p in problems], 1)
         attempts = []
@@ -203,14 +207,8 @@ def collect_revisions(model, tokenizer, problems, output_path: str | os.PathLike
     options.check()
     columns = Columns(prompt=options.prompt_column, tools=options.tools_column)
     collector = _Collector(model, tokenizer, options)
-    items = []
-    for index, raw in enumerate(_load_problems(problems)):
-        try:
-            record = prompt_record(raw, index, columns)
-            prompt_ids = tokenize_prompt(tokenizer, record, options.max_prompt_length, index)
-        except RecordError as error:
-            raise ValueError(f"problem {error}") from None
-        items.append(_Problem(index, raw, record, prompt_ids, row_fingerprint(raw)))
+    numbered, source = _numbered_problems(problems)
+    items = prepare_prompt_rows(numbered, tokenizer, columns, options.max_prompt_length, source)
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     log_path = attempts_path(output)
@@ -260,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature")
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="problems per generate call")
-    parser.add_argument("--success-threshold", type=float, default=defaults.success_threshold,
-                        help="a reward at or above this is correct")
+    parser.add_argument("--success-reward-threshold", type=float, default=None,
+                        help=f"a reward at or above this is correct (default: {defaults.success_reward_threshold})")
+    parser.add_argument("--success-threshold", type=float, default=None, help=argparse.SUPPRESS)  # deprecated name
     parser.add_argument("--control-phrase-family", default=defaults.control_phrase_family, help="qwen | olmo")
     parser.add_argument("--control-phrase-correct", default=None, help="override the family's phrase after a correct y_init")
     parser.add_argument("--control-phrase-incorrect", default=None, help="override the family's phrase after a wrong y_init")
@@ -278,11 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     # Everything that can be refused is checked before the model loads (minutes on a large model).
     outputs = {"--output": args.output, "--output's attempts log": attempts_path(args.output)}
     refuse_output_over_input(outputs, [args.problems], args.force)
+    try:
+        threshold = resolve_deprecated_flag(args, "--success-threshold", "--success-reward-threshold",
+                                            defaults.success_reward_threshold)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     options = RevisionOptions(
         verifier=args.verifier, verifier_kwargs=args.verifier_kwargs, num_revisions=args.num_revisions,
         revise_correct=not args.only_revise_incorrect, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-        success_threshold=args.success_threshold, control_phrase_family=args.control_phrase_family,
+        success_reward_threshold=threshold, control_phrase_family=args.control_phrase_family,
         control_phrase_correct=args.control_phrase_correct, control_phrase_incorrect=args.control_phrase_incorrect,
         separator=args.separator.replace("\\n", "\n"), max_prompt_length=args.max_prompt_length,
         max_kept=args.max_kept, seed=args.seed, prompt_column=args.prompt_column, tools_column=args.tools_column,

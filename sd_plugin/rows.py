@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from sd_plugin.cli import UsageError
 from sd_plugin.contexts import render_ids, sdzero_delimiter_ids, tokenize_sdft
 from sd_plugin.data import Columns, RecordError, prompt_record, sdft_record
+from sd_plugin.files import row_fingerprint
 
 LOG = logging.getLogger("sd_plugin")
 SRT_COLUMNS = ("y_init", "control_phrase", "y_revised")
@@ -78,6 +81,32 @@ def prompt_row(tokenizer, raw: dict, index: int | None, columns: Columns, max_pr
     record = prompt_record(raw, index, columns)
     ids = tokenize_prompt(tokenizer, record, max_prompt_length, index)
     return {"input_ids": ids, "sd_record": json.dumps(record, default=str)}
+
+
+@dataclass
+class PromptRow:
+    """A prompt row of a sampling command (generate, collect-revisions), checked and tokenized before any sampling."""
+
+    source_row: int  # position in the input: the key of the attempts log
+    line: int  # line of the input file (position + 1 for rows given in Python)
+    raw: dict[str, Any]
+    record: dict[str, Any]
+    prompt_ids: list[int]
+    fingerprint: str  # `files.row_fingerprint`: a resumed run must find the same row here
+
+
+def prepare_prompt_rows(numbered_rows, tokenizer, columns: Columns, max_prompt_length: int, source: str) -> list[PromptRow]:
+    """Check and tokenize every `(line, row)` before anything is sampled; the first bad row is a UsageError
+    `source:line: reason`."""
+    prompts = []
+    for index, (line, raw) in enumerate(numbered_rows):
+        try:
+            record = prompt_record(raw, index, columns)
+            ids = tokenize_prompt(tokenizer, record, max_prompt_length, index)
+        except RecordError as error:
+            raise UsageError(f"{source}:{line}: {error.reason}") from None
+        prompts.append(PromptRow(index, line, raw, record, ids, row_fingerprint(raw)))
+    return prompts
 
 
 def sdft_row(tokenizer, raw: dict, index: int | None, columns: Columns, options) -> dict:

@@ -443,13 +443,13 @@ class Verdict(NamedTuple):
     text: str
     reward: float
     feedback: str | None
-    correct: bool  # reward >= success_threshold
+    correct: bool  # reward >= success_reward_threshold
 
 
 def verify_completion(verifier: Verifier, tokenizer, completion_ids: list[int], record: Mapping[str, Any], *,
-                      end_of_turn_ids: list[int], success_threshold: float, row: Any = None) -> Verdict:
+                      end_of_turn_ids: list[int], success_reward_threshold: float, row: Any = None) -> Verdict:
     """Decode a completion (`sd_plugin.data.completion_text`), verify it (`safe_verify`: never raises) and compare
     the reward with the threshold: the one rule of SDPO, SD-Zero and collect-revisions."""
     text = completion_text(tokenizer, completion_ids, end_of_turn_ids)
     result = safe_verify(verifier, record["messages"], text, record, row=row)
-    return Verdict(text, result.reward, result.feedback, result.reward >= success_threshold)
+    return Verdict(text, result.reward, result.feedback, result.reward >= success_reward_threshold)

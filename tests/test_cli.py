@@ -12,6 +12,7 @@ import pytest
 import sd_plugin
 import sd_plugin.files as files
 from sd_plugin.cli import main as cli_main
+from sd_plugin.rows import PromptRow
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "example_configs" / "assets" / "data"
@@ -337,9 +338,56 @@ def test_collected_revisions_are_written_atomically_with_the_umasks_mode(tmp_pat
     calls = []
     monkeypatch.setattr(revisions, "write_text_atomic",
                         lambda path, text: (calls.append(path), files.write_text_atomic(path, text))[1])
-    problem = revisions._Problem(0, {"prompt": "2+2?"}, {}, [1, 2], "f")
+    problem = PromptRow(0, 1, {"prompt": "2+2?"}, {}, [1, 2], "f")
     attempt = {"kept": ["4"], "y_init": "5", "initially_correct": False, "control_phrase": "Wait"}
     output = tmp_path / "revisions.jsonl"
     assert revisions._write_output(output, [problem], {0: attempt}, None) == 1
     assert calls == [output] and stat.S_IMODE(output.stat().st_mode) == 0o644
     assert json.loads(output.read_text())["y_revised"] == "4"
+
+
+# ------------------------------------------------------------------------- renamed flags
+class _LoadedModel:
+    def to(self, device):
+        return self
+
+
+@pytest.fixture
+def collect_without_a_model(monkeypatch):
+    """collect-revisions up to the collection: the options it would collect with, no model loaded."""
+    import transformers
+
+    import sd_plugin.revisions as revisions
+
+    used = []
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: object())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: _LoadedModel())
+    monkeypatch.setattr(revisions, "collect_revisions",
+                        lambda model, tokenizer, problems, output, options, **kwargs: used.append(options) or
+                        revisions.CollectionSummary(0, 0, 0, 0, str(output)))
+    return used
+
+
+@pytest.mark.parametrize("flags,threshold", [([], 1.0), (["--success-reward-threshold", "0.5"], 0.5)])
+def test_collect_revisions_takes_the_success_reward_threshold(flags, threshold, tmp_path, collect_without_a_model, recwarn):
+    problems = write_lines(tmp_path / "problems.jsonl", [{"prompt": "Which? A or B", "answer": "A"}])
+    assert cli_main(collect_argv(problems, tmp_path / "revisions.jsonl", "multiple_choice", *flags)) == 0
+    assert collect_without_a_model[0].success_reward_threshold == threshold
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
+def test_collect_revisions_old_threshold_flag_still_works_with_a_warning(tmp_path, collect_without_a_model):
+    problems = write_lines(tmp_path / "problems.jsonl", [{"prompt": "Which? A or B", "answer": "A"}])
+    argv = collect_argv(problems, tmp_path / "revisions.jsonl", "multiple_choice", "--success-threshold", "0.5")
+    with pytest.warns(FutureWarning, match="--success-threshold is deprecated: use --success-reward-threshold"):
+        assert cli_main(argv) == 0
+    assert collect_without_a_model[0].success_reward_threshold == 0.5
+
+
+def test_collect_revisions_refuses_the_old_and_new_threshold_flags_together(tmp_path, capsys, collect_without_a_model):
+    problems = write_lines(tmp_path / "problems.jsonl", [{"prompt": "Which? A or B", "answer": "A"}])
+    argv = collect_argv(problems, tmp_path / "revisions.jsonl", "multiple_choice",
+                        "--success-threshold", "0.5", "--success-reward-threshold", "0.7")
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "--success-threshold and --success-reward-threshold are both set" in one_error_line(err, "collect-revisions")
+    assert not collect_without_a_model

@@ -94,11 +94,21 @@ def test_bad_evaluation_options_fail_in_the_config(tmp_path, overrides, match):
 def test_bad_prompt_set_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "ok"}\n{"prompt": \n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
+        read_prompt_set(str(path))
+    path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text"):
         read_prompt_set(str(path))
     path.write_text('{"prompt": "ok"}\n{"question": "no prompt"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: missing column 'prompt'"):
         read_prompt_set(str(path))
+
+
+def test_prompt_set_is_read_like_the_commands_read_jsonl(tmp_path):
+    """One JSONL reader (sd_plugin.files): a byte-order mark, as editors write it, is not a bad line."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes('{"prompt": "first"}\n\n{"prompt": "second"}\n'.encode("utf-8-sig"))
+    assert [record["messages"][-1]["content"] for record in read_prompt_set(str(path))] == ["first", "second"]
 
 
 def test_evaluation_options_are_yaml_keys(tmp_path):

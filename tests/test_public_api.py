@@ -17,7 +17,7 @@ from sd_plugin.cli import COMMANDS
 
 PACKAGE_NAMES = [
     "SDFTConfig", "SDFTTrainer", "SDPOConfig", "SDPOTrainer", "SDZeroConfig", "SDZeroTrainer",
-    "SelfDistillationPlugin", "chunked_distillation_loss", "divergence",
+    "SelfDistillationPlugin", "DivergenceOptions", "chunked_distillation_loss", "divergence",
 ]
 SUBCOMMANDS = ["stats", "eval-stats", "mix", "merge", "plan", "collect-revisions", "generate", "demo-model"]
 TRAINER_TYPES = ["sdft", "sdpo", "sdzero"]

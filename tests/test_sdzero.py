@@ -204,7 +204,7 @@ def test_resume_refuses_a_log_written_for_other_problems(tmp_path, tokenizer, pr
 
 def test_bad_problem_rows_fail_naming_the_row(tmp_path, tokenizer, problems):
     options = RevisionOptions(verifier="multiple_choice", max_prompt_length=512)
-    with pytest.raises(ValueError, match="problem row 1: the prompt is empty"):
+    with pytest.raises(ValueError, match="problems:2: the prompt is empty"):
         collect_revisions(scripted(tokenizer, problems), tokenizer, [problems[0], {"prompt": ""}], tmp_path / "r.jsonl",
                           options, progress=False)
     with pytest.raises(ValueError, match="verifier is required"):
@@ -221,7 +221,7 @@ COLLECTION_CASES = {
     "temperature": 0.7,
     "top_p": 0.9,
     "batch_size": 1,
-    "success_threshold": 2.0,
+    "success_reward_threshold": 2.0,
     "control_phrase_family": "olmo",
     "control_phrase_correct": "Once more, shorter:",
     "control_phrase_incorrect": "Not right, again:",
@@ -250,6 +250,32 @@ def test_every_collection_option_is_exercised():
     from dataclasses import fields
 
     assert {f.name for f in fields(RevisionOptions)} == set(COLLECTION_CASES)
+
+
+def declaring_class(cls, name):
+    return next(klass for klass in cls.__mro__ if name in klass.__dict__.get("__annotations__", {}))
+
+
+def test_collection_and_training_options_are_declared_once():
+    """collect-revisions and phase distill must judge and phrase alike: their common fields have one declaration."""
+    from sd_plugin.trainers.base import SelfDistillationOptions
+
+    collection = {f.name: f for f in dataclasses.fields(RevisionOptions)}
+    training = {f.name: f for f in dataclasses.fields(SDZeroOptions)}
+    sampling = {f.name for f in dataclasses.fields(SelfDistillationOptions)}  # temperature, top_p: each its own setting
+    shared = (set(collection) & set(training)) - sampling
+    assert {"verifier", "verifier_kwargs", "success_reward_threshold", "control_phrase_family", "control_phrase_correct",
+            "control_phrase_incorrect", "separator", "prompt_column", "tools_column"} <= shared
+    for name in shared:
+        assert declaring_class(RevisionOptions, name) is declaring_class(SDZeroOptions, name), name
+        assert collection[name].default == training[name].default, name
+        assert collection[name].metadata["help"] == training[name].metadata["help"], name
+
+
+def test_collection_accepts_the_old_threshold_name_with_a_warning():
+    with pytest.warns(FutureWarning, match="success_threshold is deprecated: use success_reward_threshold"):
+        options = RevisionOptions(verifier="multiple_choice", success_threshold=0.5)
+    assert options.success_reward_threshold == 0.5
 
 
 @pytest.fixture(scope="module")

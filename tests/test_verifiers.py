@@ -649,16 +649,17 @@ def test_hostile_code_cannot_hang_or_kill_an_sdpo_training_run(tmp_path, tokeniz
     trainer = SDPOTrainer(model=build_model("qwen3", tokenizer), args=args, train_dataset=rows, processing_class=tokenizer,
                           peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     scored = []
-    real_score = trainer.score
-    trainer.score = lambda inputs, batch: scored.append(real_score(inputs, batch)) or scored[-1]
+    real_score = trainer.score_rollouts
+    trainer.score_rollouts = lambda inputs, batch: (real_score(inputs, batch), scored.append(batch.verdicts))[0]
     trainer.sample = hostile_rollouts.__get__(trainer)
     start = time.monotonic()
     result = trainer.train()
     assert result.global_step == 1 and time.monotonic() - start < 6 * (2 + 2) + 30
-    (step,) = scored
-    assert step.rewards.tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-    assert step.feedback[0] == "Timed out after 2 s"
-    assert step.feedback[1].startswith("Solution raised PermissionError")
-    assert step.feedback[2] == "Solution raised MemoryError"
-    assert step.feedback[3].startswith("Solution raised PermissionError") and step.feedback[4].startswith("Solution raised PermissionError")
+    (verdicts,) = scored
+    feedback = [verdict.feedback for verdict in verdicts]
+    assert [verdict.reward for verdict in verdicts] == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert feedback[0] == "Timed out after 2 s"
+    assert feedback[1].startswith("Solution raised PermissionError")
+    assert feedback[2] == "Solution raised MemoryError"
+    assert feedback[3].startswith("Solution raised PermissionError") and feedback[4].startswith("Solution raised PermissionError")
     assert os.getpid() > 0  # this process (the trainer) is alive

@@ -327,7 +327,7 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         """Step 5: the loss to optimize from the distillation output (SDPO adds its GRPO term here)."""
         return out.loss
 
-    def verify_rollouts(self, inputs, batch: StepBatch, verifier, success_threshold: float) -> None:
+    def verify_rollouts(self, inputs, batch: StepBatch, verifier, success_reward_threshold: float) -> None:
         """Decode, verify and judge every rollout (`verify_completion`) against its prompt record (`sd_record`)."""
         batch.records = [json.loads(r) for r in inputs["sd_record"]]
         rollouts, batch.verdicts = batch.rollouts, []
@@ -337,7 +337,7 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
             # Name the row for warnings: its `idx` column when it has one, else the start of its question.
             row = record.get("idx", repr(record["messages"][-1]["content"][:60]))
             batch.verdicts.append(verify_completion(verifier, self.processing_class, ids, record, row=row,
-                                                    end_of_turn_ids=self.eos_token_ids, success_threshold=success_threshold))
+                                                    end_of_turn_ids=self.eos_token_ids, success_reward_threshold=success_reward_threshold))
 
     # ------------------------------------------------------------------ the step
     def sampling_options(self) -> SamplingOptions:

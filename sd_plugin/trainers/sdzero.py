@@ -19,7 +19,6 @@ never re-tokenized across a boundary, so the masked positions are exactly the in
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 import torch
 from transformers import TrainingArguments
@@ -27,6 +26,7 @@ from transformers import TrainingArguments
 from sd_plugin.contexts import control_phrases, sdzero_delimiter_ids, sdzero_teacher_ids
 from sd_plugin.data import Columns
 from sd_plugin.deprecated import accepts_deprecated_names
+from sd_plugin.revisions import SDZeroSharedOptions
 from sd_plugin.rollout import Rollouts
 from sd_plugin.rows import right_pad, srt_rows, tokenize_prompt_rows, tokenize_rows
 from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch
@@ -54,8 +54,11 @@ PHASE_ONLY_OPTIONS = {
 
 @accepts_deprecated_names
 @dataclass
-class SDZeroOptions(SelfDistillationOptions):
-    """SD-Zero's options; the shared ones get the paper's defaults (official code: NeMo-RL distillation)."""
+class SDZeroOptions(SDZeroSharedOptions, SelfDistillationOptions):
+    """SD-Zero's options; the shared ones get the paper's defaults (official code: NeMo-RL distillation).
+
+    The verifier, control phrase and column fields are `SDZeroSharedOptions`, declared once for collect-revisions too.
+    """
 
     phase: str | None = field(default=None, metadata={"help": "Required: srt (self-revision training on collected revisions) | distill (self-distillation from the frozen SRT model)."})
     max_completion_length: int = field(default=4096, metadata={"help": "distill: rollout cap (max new tokens); srt: cap on the whole assistant turn y_init + P_r + y_revised (longer rows are refused)."})
@@ -69,15 +72,6 @@ class SDZeroOptions(SelfDistillationOptions):
     num_loss_tokens_to_skip: int = field(default=0, metadata={"help": "distill: first completion tokens left out of the loss (paper: 0)."})
     teacher_model_kind: str | None = field(default=None, metadata={"help": "distill: base (default: the frozen SRT model, i.e. the model with its LoRA adapter disabled, or a frozen copy) | ema | live; srt trains without a teacher."})
     srt_objective: str = field(default="joint", metadata={"help": "srt: joint (revision + generation rows, the paper's L_SRT) | revision | generation (the official code's stages 2 and 1)."})
-    verifier: str | None = field(default=None, metadata={"help": "distill (required): multiple_choice | tool_calls | boxed_math | python_tests | package.module:callable."})
-    verifier_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Keyword arguments of the verifier (e.g. answer_field)."})
-    success_reward_threshold: float = field(default=1.0, metadata={"help": "A response with reward >= this is correct (control phrase for correct responses)."})
-    control_phrase_family: str = field(default="qwen", metadata={"help": "Control phrases of this model family: qwen | olmo (official code)."})
-    control_phrase_correct: str | None = field(default=None, metadata={"help": "Override of the phrase after a correct response (must match the SRT data)."})
-    control_phrase_incorrect: str | None = field(default=None, metadata={"help": "Override of the phrase after an incorrect response (must match the SRT data)."})
-    separator: str = field(default="\n\n", metadata={"help": "Text around the control phrase: y + separator + P_r + separator (must match the SRT data)."})
-    prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (string or messages)."})
-    tools_column: str = field(default="tools", metadata={"help": "Column with tool schemas (optional)."})
 
     def __post_init__(self):
         self.resolve_teacher()
