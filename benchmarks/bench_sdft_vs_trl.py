@@ -187,11 +187,10 @@ def make_trainer(spec: dict, tokenizer, *, hidden_size: int, num_layers: int, pr
                          generation_kwargs={"min_new_tokens": completion_tokens})
         return TRLTrainer(model=model, args=args, train_dataset=Dataset.from_list(trl_rows),
                           processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
-    from sd_plugin.trainers.sdft import SDFTConfig, SDFTTrainer
-
     # Our rollouts sample with an explicit GenerationConfig (the checkpoint's generation_config never reaches
     # them; top-k is off): give it min_new_tokens so that every rollout has exactly completion_tokens tokens.
     import sd_plugin.rollout as rollout_module
+    from sd_plugin.trainers.sdft import SDFTConfig, SDFTTrainer
 
     plain = getattr(rollout_module.sampling_generation_config, "__wrapped__", rollout_module.sampling_generation_config)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sd_plugin.cli import UsageError, argument_parser
+from sd_plugin.dedup import near_duplicates
 from sd_plugin.files import (
     RowError,
     read_jsonl,
@@ -34,7 +35,6 @@ from sd_plugin.files import (
     row_error_lines,
     write_text_atomic,
 )
-from sd_plugin.dedup import near_duplicates
 from sd_plugin.stats import (
     CORPUS_TABLE_ROWS,
     DEFAULT_GROUP_FIELD,

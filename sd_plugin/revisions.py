@@ -48,7 +48,6 @@ from sd_plugin.rows import PromptRow, left_pad, prepare_prompt_rows
 from sd_plugin.verifiers import load_verifier, verify_completion
 
 
-
 @dataclass
 class SDZeroSharedOptions:
     """The options of SD-Zero's data collection (`RevisionOptions`) that its training (`SDZeroOptions`) has too.

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from test_axolotl_plugin import PLUGIN_RAN, QUICKSTART, REPO, quickstart, run_axolotl
 
 BASE = REPO / "example_configs" / "assets" / "tiny-qwen3"

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-
 from test_axolotl_plugin import PLUGIN_RAN, QUICKSTART, REPO, quickstart, run_axolotl
 
 BASE = REPO / "example_configs" / "assets" / "tiny-qwen3"

@@ -9,14 +9,14 @@ from collections import defaultdict
 import pytest
 from datasets import Dataset
 from peft import LoraConfig
-
-from sd_plugin import SDFTTrainer, SDZeroTrainer
-from sd_plugin import completions_log as completions_module
-from sd_plugin.testing import build_model
 from test_sdft_trainer import LORA, make_args, rows
 from test_sdpo import TEXTS, build_trainer
 from test_sdzero import QWEN, answer_text, chemistry_rows, encode, fixed_rollouts, next_letter
 from test_sdzero import make_args as sdzero_args
+
+from sd_plugin import SDFTTrainer, SDZeroTrainer
+from sd_plugin import completions_log as completions_module
+from sd_plugin.testing import build_model
 
 
 class FakeWandb(types.ModuleType):

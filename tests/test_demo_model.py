@@ -8,7 +8,7 @@ from sd_plugin.cli import main as cli_main
 
 
 def test_demo_model_ends_turns_with_im_end_and_pads_with_another_token(demo_model_dir):
-    from transformers import AutoTokenizer, GenerationConfig, AutoConfig
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
     assert tokenizer.eos_token == "<|im_end|>"

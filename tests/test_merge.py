@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sd_plugin import merge as merge_module
-from sd_plugin.cli import main as cli_main
 from sd_plugin import hub as hub_module
+from sd_plugin import merge as merge_module
 from sd_plugin import merge_check
 from sd_plugin.axolotl.merge_hook import post_lora_merge
+from sd_plugin.cli import main as cli_main
 from sd_plugin.merge import PublishError, merge_adapter, package_adapter
 
 ASSETS = Path(__file__).resolve().parents[1] / "example_configs" / "assets"

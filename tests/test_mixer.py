@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sd_plugin.cli import main as cli_main
+from sd_plugin.dedup import near_duplicates
 from sd_plugin.mixer import (
     CorpusSource,
     DiversityPenalizedReward,
@@ -18,7 +19,6 @@ from sd_plugin.mixer import (
     mix_corpora,
     mix_from_config,
 )
-from sd_plugin.dedup import near_duplicates
 
 SYNTHETIC = Path(__file__).parent / "fixtures" / "mixer" / "synthetic.py"
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
 from test_axolotl_plugin import REPO, quickstart, run_axolotl
 
 

@@ -11,11 +11,11 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from sd_plugin import SDPOConfig, SDPOTrainer
+from sd_plugin import rows as rows_module
 from sd_plugin.contexts import SDPO_FEEDBACK, SDPO_SOLUTION
 from sd_plugin.grpo import chunked_token_logprobs, group_advantages, grpo_loss
 from sd_plugin.rollout import Rollouts
 from sd_plugin.testing import build_model
-from sd_plugin import rows as rows_module
 from sd_plugin.trainers import base as base_module
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
@@ -358,7 +358,6 @@ def test_paper_scale_config_passes_the_schema():
 @pytest.mark.slow
 def test_axolotl_train_sdpo_tiny_runs_and_logs_the_metrics(tmp_path):
     import yaml
-
     from test_axolotl_plugin import PLUGIN_RAN, run_axolotl
 
     config = yaml.safe_load((REPO / "example_configs" / "sdpo-tiny.yml").read_text())

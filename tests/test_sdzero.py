@@ -1,8 +1,8 @@
 """SD-Zero: revision collection (scripted policy), the SRT rows and loss, the distill teacher input and loss
 mask, every option's effect, the Axolotl strategy and configs (end-to-end runs are slow)."""
 
-import dataclasses
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,12 +14,12 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from sd_plugin import losses as losses_module
+from sd_plugin import rows as rows_module
 from sd_plugin.contexts import CONTROL_PHRASES, control_phrases, render_ids, sdzero_teacher_ids
 from sd_plugin.data import Columns, prompt_record
 from sd_plugin.revisions import RevisionOptions, attempts_path, collect_revisions
 from sd_plugin.rollout import Rollouts
 from sd_plugin.testing import build_model, read_jsonl
-from sd_plugin import rows as rows_module
 from sd_plugin.trainers import base as base_module
 from sd_plugin.trainers.base import SelfDistillationCollator
 from sd_plugin.trainers.sdzero import PHASE_ONLY_OPTIONS, SDZeroConfig, SDZeroOptions, SDZeroTrainer, srt_rows
@@ -847,7 +847,6 @@ def test_example_configs_pass_axolotl_validation(name):
 @pytest.mark.parametrize("phase", ["srt", "distill"])
 def test_axolotl_train_tiny_configs_run_the_sdzero_trainer(tmp_path, phase):
     import yaml
-
     from test_axolotl_plugin import PLUGIN_RAN, run_axolotl
 
     config = yaml.safe_load((REPO / "example_configs" / f"sdzero-{phase}-tiny.yml").read_text())

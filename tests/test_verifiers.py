@@ -623,9 +623,9 @@ def test_hostile_code_cannot_hang_or_kill_an_sdpo_training_run(tmp_path, tokeniz
     from peft import LoraConfig
 
     from sd_plugin import SDPOConfig, SDPOTrainer
+    from sd_plugin import rows as rows_module
     from sd_plugin.rollout import Rollouts
     from sd_plugin.testing import build_model
-    from sd_plugin import rows as rows_module
 
     completions = [
         _py("def add(a, b):\n    while True:\n        pass"),

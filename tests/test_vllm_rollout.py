@@ -127,8 +127,9 @@ class RecordingEngine:
 @pytest.mark.parametrize("sleep_mode", [False, True])
 def test_weights_reach_vllm_once_per_optimizer_step_before_its_rollouts(tmp_path, tokenizer, quickstart_rows, monkeypatch,
                                                                          sleep_mode):
-    import sd_plugin.vllm_rollout as vllm_rollout
     from transformers import TrainerCallback
+
+    import sd_plugin.vllm_rollout as vllm_rollout
 
     monkeypatch.setattr(vllm_rollout, "vllm_generation_class", lambda: RecordingEngine)
 

@@ -28,7 +28,13 @@ from sd_plugin.completions_log import CompletionsLog
 from sd_plugin.data import end_of_turn_ids
 from sd_plugin.deprecated import accepts_deprecated_names
 from sd_plugin.liger import liger_available, liger_distillation_loss
-from sd_plugin.losses import DivergenceOptions, chunked_distillation_loss, importance_weights, loss_token_mask, loss_units
+from sd_plugin.losses import (
+    DivergenceOptions,
+    chunked_distillation_loss,
+    importance_weights,
+    loss_token_mask,
+    loss_units,
+)
 from sd_plugin.redact import redact_secrets
 from sd_plugin.rollout import Rollouts, SamplingOptions, check_chunked_prefill, generate_rollouts
 from sd_plugin.rows import SelfDistillationCollator, invalid_rows_path, left_pad
