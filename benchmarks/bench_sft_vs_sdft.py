@@ -191,6 +191,7 @@ def report(path: Path, plot: Path | None) -> str:
                      f"prior {b['prior']['reward']:.3f}; with the demonstration in context ({TEMPLATE_NAMES.get(base['template'], 'custom')} "
                      f"template): task exact "
                      f"{t['reward']:.3f}, format {t['format_rate']:.3f}")
+        lines.append("")
     if teachers:
         lines.append("| teacher template (base model, demonstration in context) | task exact | task format |")
         lines.append("|---|---|---|")
@@ -202,6 +203,10 @@ def report(path: Path, plot: Path | None) -> str:
     for r in sorted(runs, key=lambda r: r["key"]):
         lines.append(f"| {r['key']} | {r['task']['reward']:.3f} | {r['task']['format_rate']:.3f} | {r['prior']['reward']:.3f} "
                      f"| {r['first_loss']:.3g} -> {r['last_loss']:.3g} | {r['train_seconds']:.0f} |")
+    for r in sorted(runs, key=lambda r: r["key"]):
+        if r.get("curve"):
+            points = ", ".join(f"{c['step']}: {c['task']:.2f}/{c['format']:.2f}/{c['prior']:.2f}" for c in r["curve"])
+            lines.append(f"\nlearning curve of {r['key']} (step: task exact/format/prior): {points}")
     # Mean over seeds per method and learning rate (the settings of the sweep's default grid).
     groups: dict[str, list[dict]] = {}
     for r in runs:
