@@ -1,9 +1,10 @@
 """Learning on a real model (SmolLM2-135M-Instruct, `sd-plugin demo-model`): tests that fail when learning breaks.
 
 The contact-card task (sd_plugin.demo_task): a message about a person becomes one line of JSON; the prompt
-does not describe the format, so the base model scores 0. Each test is a run of
+does not describe the format, so the base model scores 0. The SFT and SDFT tests are runs of
 `benchmarks/bench_sft_vs_sdft.py` (same data, LoRA, seed and settings), scored here on the first 24 of its 48
-held-out cards to keep the test short. Fixed seed, CPU, fp32.
+held-out cards to keep the test short; the SDPO test is `benchmarks/bench_sdpo_demo.py`'s hybrid run on the
+capital questions. Fixed seed, CPU, fp32.
 """
 
 from pathlib import Path
