@@ -13,6 +13,8 @@ duplicate, cluster rows, and keep the first row of each near-duplicate set.
 
 collapsed:N  N near-identical rows: one 60-word answer template whose 8th word is one of N numbers (every pair
              has Jaccard 0.90, everything lands in the same buckets: the case a collapsed round-2 corpus is);
+template:N   N short template-filled texts, one number changing ("... the tool number 17 again"): every pair
+             shares most shingles (Jaccard 0.69) and none is a near duplicate (a round-2 corpus of one template);
 diverse:N    N random 60-word texts over a 5,000-word vocabulary (nearly no candidate pairs).
 """
 
@@ -27,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_CASES = ["collapsed:1000", "collapsed:10000", "collapsed:100000", "diverse:10000"]
+DEFAULT_CASES = ["template:1000", "template:4000", "template:16000", "template:64000",
+                 "collapsed:1000", "collapsed:10000", "collapsed:100000", "diverse:10000"]
 
 
 def corpus(kind: str, rows: int) -> list[str]:
@@ -36,11 +39,13 @@ def corpus(kind: str, rows: int) -> list[str]:
     if kind == "collapsed":
         words = [f"w{i}" for i in range(60)]
         return [" ".join(words[:7] + [f"n{i}"] + words[8:]) for i in range(rows)]
+    if kind == "template":
+        return [f"the same scenario text about the agent and the tool number {i} again" for i in range(rows)]
     if kind == "diverse":
         rng = np.random.default_rng(0)
         vocabulary = np.array([f"v{i}" for i in range(5000)])
         return [" ".join(rng.choice(vocabulary, size=60)) for _ in range(rows)]
-    raise ValueError(f"unknown corpus kind {kind!r}: collapsed or diverse")
+    raise ValueError(f"unknown corpus kind {kind!r}: template, collapsed or diverse")
 
 
 def run_case(case: str) -> dict:

@@ -226,6 +226,8 @@ def stats_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", default=None, help="write a rank/frequency PNG of the group distributions")
     parser.add_argument("--force", action="store_true", help="allow --json / --plot to overwrite an input file")
     args = parser.parse_args(argv)
+    if not 0.0 < args.dedup_threshold <= 1.0:
+        parser.error(f"--dedup-threshold must be in (0, 1], got {args.dedup_threshold}")
     refuse_output_over_input({"--json": args.json_out, "--plot": args.plot}, args.corpora, args.force)
 
     all_stats = []

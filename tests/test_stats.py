@@ -4,8 +4,7 @@ import importlib.util
 import itertools
 import json
 import math
-import zlib
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -84,15 +83,15 @@ def test_groups_fall_back_to_near_duplicate_clusters_without_group_field():
     assert result["group_source"].startswith("near-duplicate clusters")
 
 
-def test_minhash_lsh_finds_the_same_pairs_as_all_pairs(monkeypatch):
+def test_pairs_right_at_the_threshold_are_all_found():
+    """The join is exact: pairs at exactly the threshold (which MinHash LSH missed ~1% of) are all found."""
     rng = np.random.default_rng(3)
     texts = [" ".join(rng.choice([f"w{i}" for i in range(60)], size=20)) for _ in range(250)]
     texts += [t.rsplit(" ", 1)[0] + " changed" for t in texts[:50]]  # 50 near duplicates at Jaccard 17/19
-    lsh = near_duplicates(texts, 0.8)
-    monkeypatch.setattr(dedup, "EXACT_PAIRS_LIMIT", 10**9)
-    exact = near_duplicates(texts, 0.8)
-    assert lsh.neighbors == exact.neighbors
-    assert sum(lsh.has_near_duplicate()) == 100
+    at_threshold = [" ".join(t.split()[:-2]) + " two changed" for t in texts[50:100]]  # Jaccard 16/20 = 0.8
+    structure = near_duplicates(texts + at_threshold, 0.8)
+    assert structure.neighbors == reference_neighbors(texts + at_threshold, 0.8)[1]
+    assert sum(structure.has_near_duplicate()) == 200
 
 
 def test_read_jsonl_reports_line_numbers(tmp_path):
@@ -196,6 +195,15 @@ def test_eval_stats_cli_refuses_invalid_rows_with_line_numbers(tmp_path, capsys)
     assert err.splitlines()[-1] == f"sd-plugin eval-stats: {path}:2: label 'maybe' is not good/bad/1/0 (2 invalid rows in all)"
 
 
+@pytest.mark.parametrize("threshold", ["0", "1.5", "nan"])
+def test_stats_cli_refuses_a_dedup_threshold_outside_0_1(tmp_path, capsys, threshold):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"text": "a b c"}])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["stats", path, "--dedup-threshold", threshold, "--json", str(tmp_path / "s.json")])
+    assert exit_info.value.code == 2 and "--dedup-threshold must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
+
+
 def test_stats_cli_table_json_and_plot(tmp_path, capsys):
     rows = [{"template_id": f"t{i % 5}", "reward": i / 10, "text": f"row {i}"} for i in range(10)]
     first = write_jsonl(tmp_path / "r1.jsonl", rows)
@@ -214,33 +222,12 @@ def test_stats_cli_table_json_and_plot(tmp_path, capsys):
 
 # ------------------------------------------------------------------ near duplicates: near-linear, same answers
 def reference_neighbors(texts, threshold):
-    """The definition, as the all-candidate-pairs code computed it: every pair of every LSH bucket (every pair
-    at all up to EXACT_PAIRS_LIMIT distinct texts) with word-3-gram Jaccard >= threshold."""
+    """The definition: every pair of distinct texts with word-3-gram Jaccard >= threshold, by checking all pairs."""
     distinct = {}
     text_id = [-1 if text is None else distinct.setdefault(text, len(distinct)) for text in texts]
     sets = [shingles(tokenize(text)) for text in distinct]
-    if len(sets) <= dedup.EXACT_PAIRS_LIMIT:
-        candidates = itertools.combinations(range(len(sets)), 2)
-    else:
-        rng = np.random.default_rng(0)
-        a = rng.integers(1, dedup.MINHASH_PRIME, size=128, dtype=np.uint64)
-        b = rng.integers(0, dedup.MINHASH_PRIME, size=128, dtype=np.uint64)
-        signatures = np.full((len(sets), 128), dedup.MINHASH_PRIME, dtype=np.uint64)
-        for index, shingle_set in enumerate(sets):
-            if shingle_set:
-                crcs = [zlib.crc32(" ".join(s).encode()) % dedup.MINHASH_PRIME for s in shingle_set]
-                hashes = np.array(crcs, dtype=np.uint64)
-                signatures[index] = ((np.outer(a, hashes) + b[:, None]) % dedup.MINHASH_PRIME).min(axis=1)
-        rows = dedup.lsh_rows_per_band(threshold)
-        candidates = set()
-        for start in range(0, 128 - rows + 1, rows):
-            buckets = defaultdict(list)
-            for tid, band in enumerate(signatures[:, start : start + rows]):
-                buckets[band.tobytes()].append(tid)
-            for members in buckets.values():
-                candidates.update(itertools.combinations(members, 2))
     neighbors = [set() for _ in sets]
-    for first, second in candidates:
+    for first, second in itertools.combinations(range(len(sets)), 2):
         if jaccard(sets[first], sets[second]) >= threshold:
             neighbors[first].add(second)
             neighbors[second].add(first)
@@ -290,11 +277,10 @@ def normal_corpora():
     round1, round2 = module.synthetic_rounds(seed=0, rows=400)
     mixer_texts = [row["completion"] for row in round1 + round2]
     small = base[:40] + edited[:30] + [None, "", "", base[0]]
-    return {"edited (LSH)": base + edited + [base[3], None, ""], "mixer rounds (LSH)": mixer_texts,
-            "small (all pairs)": small}
+    return {"edited": base + edited + [base[3], None, ""], "mixer rounds": mixer_texts, "small": small}
 
 
-@pytest.mark.parametrize("name", ["edited (LSH)", "mixer rounds (LSH)", "small (all pairs)"])
+@pytest.mark.parametrize("name", ["edited", "mixer rounds", "small"])
 @pytest.mark.parametrize("threshold", [0.6, 0.8])
 def test_near_duplicate_answers_equal_the_all_pairs_definition(name, threshold):
     texts = normal_corpora()[name]
@@ -330,10 +316,25 @@ def test_near_duplicates_of_a_collapsed_corpus_take_a_few_comparisons_per_text(m
     assert len(comparisons) < 10 * len(texts)
 
 
+def test_a_template_corpus_below_the_threshold_takes_a_few_comparisons_per_text(monkeypatch):
+    """One template with a changing number: every pair shares most shingles (Jaccard 0.69) and none is a near
+    duplicate. MinHash LSH put them all in one bucket and compared every pair (128 s for 4,000 rows); the
+    positional filter skips the shared shingles' group whole."""
+    texts = [f"the same scenario text about the agent and the tool number {i} again" for i in range(3000)]
+    structure = near_duplicates(texts, 0.8)
+    comparisons = []
+    real_jaccard = dedup.id_jaccard
+    monkeypatch.setattr(dedup, "id_jaccard", lambda a, b: (comparisons.append(1), real_jaccard(a, b))[1])
+    assert not any(structure.has_near_duplicate())
+    assert len(set(structure.clusters())) == len(texts)
+    assert structure.keep_first(list(range(len(texts)))) == list(range(len(texts)))
+    assert len(comparisons) < 10 * len(texts)
+
+
 def test_mixer_removes_the_same_near_duplicates_as_the_all_pairs_definition(tmp_path):
     from sd_plugin.mixer import CorpusSource, MixConfig, mix_corpora
 
-    texts = normal_corpora()["edited (LSH)"]
+    texts = normal_corpora()["edited"]
     rows = [{"text": text, "reward": float(i % 7) / 7} for i, text in enumerate(texts) if text is not None]
     path = write_jsonl(tmp_path / "r.jsonl", rows)
     result = mix_corpora([CorpusSource(path, 1)], MixConfig(size=10_000, mix_in_ratio=0.0))
