@@ -152,7 +152,7 @@ def run_sandbox(python: str, setup: SandboxSetup, job: dict[str, Any], timeout: 
 
 
 def run_with_harness(python: str, setup: SandboxSetup, solution_job: dict[str, Any], harness_job: dict[str, Any],
-                     timeout: float, grace: float = 2.0) -> tuple[dict | None, str, str | None]:
+                     timeout: float, grace: float = 0.5) -> tuple[dict | None, str, str | None]:
     """Run a "solution" and a "harness" job in two sandboxes joined by two pipes (calls one way, replies the other).
 
     Returns (the harness's result or None, what went wrong, how the solution's process ended or None). Both are

@@ -29,6 +29,7 @@ import resource
 import select
 import signal
 import sys
+import threading
 import time
 
 PLAIN_TYPES = "None, bool, int, float, str, bytes, list, tuple, dict, set"
@@ -402,6 +403,7 @@ class Harness:
     def __init__(self, call_fd, reply_fd, call_timeout):
         self.call_fd, self.reply_fd, self.call_timeout = call_fd, reply_fd, call_timeout
         self.buffer = bytearray()
+        self.lock = threading.Lock()  # one call at a time, also when a test calls from threads
         self.stopped = self.broken = None
 
     def receive(self, what):
@@ -439,6 +441,10 @@ class Harness:
         raise Boundary(reason)
 
     def call(self, name, args, kwargs):
+        with self.lock:
+            return self.call_once(name, args, kwargs)
+
+    def call_once(self, name, args, kwargs):
         if self.stopped is not None:
             self.fail(self.stopped)
         try:
