@@ -9,8 +9,9 @@ Built-ins (`load_verifier` names): "tool_calls" (alias "tool_call"), "multiple_c
 `PythonTestsVerifier` runs model code in the sandbox of `sd_plugin.sandbox` (a separate program,
 `sandbox_runner.py`): where ``unshare -m`` works, a private view of the file system (no /root, /home, /tmp of
 the machine), no network, its own PID namespace, uid 65534 without capabilities, rlimits. `sandbox_mode()`
-says what is in use here. It contains accidents and hides credentials; results from a policy that targets
-the runner itself cannot be trusted without a VM or container (see the README).
+says what is in use here. The tests run in another process (the harness) that never runs model code and gets
+plain data back from the solution, so nothing the solution does to its own process changes a verdict; see the
+README for what is still possible and what such tests cannot express.
 """
 
 from __future__ import annotations
