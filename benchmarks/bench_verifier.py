@@ -1,9 +1,10 @@
 """Latency of the `python_tests` verifier: one verification (sandbox start to reward) and one call to the solution.
 
-    python benchmarks/bench_verifier.py                 # the table in benchmarks/README.md
-    python benchmarks/bench_verifier.py --reps 10 --calls 200
+    python benchmarks/bench_verifier.py --reps 11 --calls 2000   # the table in benchmarks/README.md
+    python benchmarks/bench_verifier.py                          # quicker: 15 reps, 100 calls
     # before (another commit's verifier, same script):
-    git worktree add /tmp/sd-plugin-old COMMIT && PYTHONPATH=/tmp/sd-plugin-old python benchmarks/bench_verifier.py
+    mkdir /tmp/old && git archive COMMIT sd_plugin | tar -x -C /tmp/old
+    PYTHONPATH=/tmp/old python benchmarks/bench_verifier.py
 
 Cases (each the median of --reps verifications of a correct `add`, after one untimed warm-up):
 
