@@ -166,8 +166,6 @@ def drop_privileges(libc, uid, read_all_files):
     libc_call(libc, "prctl", 4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no /proc/<runner>/fd, no ptrace by the worker
 
 
-
-
 # ------------------------------------------------------------------------------------- plain data on the wire
 class NotPlainData(Exception):
     """A value that is not plain data (`PLAIN_TYPES`, exact types, nested at most `MAX_DEPTH` levels)."""
