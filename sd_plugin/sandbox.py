@@ -183,8 +183,10 @@ def run_with_harness(python: str, setup: SandboxSetup, solution_job: dict[str, A
         harness.finish()
         solution.finish()
     thread.join()
-    ended, _ = solution.result(timeout)
+    ended, solution_problem = solution.result(timeout)
     result, problem = harness.result(timeout)
+    if ended is None and solution_problem and not solution_problem.startswith(("Timed out", "Sandbox killed")):
+        return None, solution_problem, None  # the solution's runner failed (not its worker, not killed by us)
     return result, problem, ended.get("ended") if isinstance(ended, dict) else None
 
 

@@ -359,6 +359,19 @@ def test_a_call_that_hangs_fails_its_test_and_stops_the_rest_within_the_call_tim
     assert feedback == "Test 2 of 3 failed: assert add(2, 2) == 4\nTimed out: add() gave no answer within 1 s"
 
 
+@needs_private_view
+def test_a_solution_sandbox_that_fails_to_start_is_reported_not_blamed_on_the_solution(monkeypatch):
+    real_make_job = verifiers.make_job
+
+    def broken_solution_job(role, setup, **fields):
+        job = real_make_job(role, setup, **fields)
+        return {**job, "tmp_mb": "not a size"} if role == "solution" else job
+
+    monkeypatch.setattr(verifiers, "make_job", broken_solution_job)
+    reward, feedback = PythonTestsVerifier()("q", _py(RIGHT_ADD), WRONG_ADD_TESTS)
+    assert reward == 0.0 and feedback.startswith("Sandbox exited with code 1 without a result"), feedback
+
+
 def test_plain_data_encoding_is_exact_and_strict():
     values = [None, True, False, 0, -(2 ** 5000), 1.5, -0.0, float("inf"), "é\n", b"\x00", [1, [2]], (1,), set(),
               {(1, "a"): {2}}, {}]
