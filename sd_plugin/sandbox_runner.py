@@ -21,6 +21,7 @@ JSON with type tags, never pickle): a subclass or any other object is refused on
 
 import base64
 import builtins
+import importlib
 import json
 import keyword
 import os
@@ -37,6 +38,8 @@ MAX_DEPTH = 100  # nesting levels of one value
 MAX_MESSAGE = 16 << 20  # bytes of one message between the harness and the solution
 VALUE_BUDGET = 10000  # values (elements included) of one global of the solution that the tests can read
 MAX_OUTPUT = 64 << 20  # bytes of stdout of all runs of one program together (the trainer holds them at once)
+# Standard-library modules the harness does not import for the tests: they act on import (print, open a browser).
+NOT_IMPORTED = ("this", "antigravity", "idlelib", "turtle", "turtledemo", "tkinter", "webbrowser")
 STOPPED = "Stopped the sandbox"  # the solution's process ended; the trainer adds how
 # Directories replaced by an empty tmpfs in the private view: homes (token files, ssh keys, caches), shared
 # temp dirs (AF_UNIX sockets, other jobs' files) and /run (daemon sockets, container secrets).
@@ -298,9 +301,12 @@ def serve(code, call_fd, reply_fd, read=os.read, send=send, encode=encode, decod
     except BaseException as exc:  # exit(), SystemExit(0), KeyboardInterrupt: all failures
         send(reply_fd, ["raised", *parts(exc)])
         exit(0)
-    functions, values = [], []
+    functions, values, modules = [], [], []
     for name, value in list(namespace.items()):
-        if type(name) is not str or name.startswith("__") or type(value) is type(os):
+        if type(name) is not str or name.startswith("__"):
+            continue
+        if type(value) is type(os):  # the harness imports the same module, if it is one of the standard library
+            modules.append([name, getattr(value, "__name__", None)])
             continue
         if callable(value):
             functions.append(name)
@@ -309,7 +315,7 @@ def serve(code, call_fd, reply_fd, read=os.read, send=send, encode=encode, decod
             values.append([name, encode(value, budget=[VALUE_BUDGET])])
         except BaseException:  # noqa: BLE001 - not plain data, too large, or changing
             pass
-    send(reply_fd, ["ready", functions, values])
+    send(reply_fd, ["ready", functions, values, modules])
     buffer = b""
     while True:
         while b"\n" not in buffer:
@@ -479,19 +485,30 @@ class Harness:
         if ready[0] == "raised" and len(ready) == 3 and type(ready[1]) is str and type(ready[2]) is str:
             return {"error": "Solution raised " + ready[1][:100] + (": " + ready[2] if ready[2] else ""),
                     "failures": []}
-        if (ready[0] != "ready" or len(ready) != 3 or type(ready[1]) is not list or type(ready[2]) is not list
-                or not all(type(pair) is list and len(pair) == 2 for pair in ready[2])):
+        if (ready[0] != "ready" or len(ready) != 4 or not all(type(part) is list for part in ready[1:])
+                or not all(type(pair) is list and len(pair) == 2 for pair in ready[2] + ready[3])):
             return {"error": "Solution sent a malformed reply", "failures": []}
-        # The solution's functions as proxies and its plain-data globals as they were after it ran; never a name
-        # that would shadow a builtin the tests use (an `abs` of its own).
+        # The solution's functions as proxies, its plain-data globals as they were after it ran, and the standard
+        # library modules it imported (imported here by their name: never a file of the solution); never a
+        # name that would shadow a builtin the tests use (an `abs` of its own).
         namespace = {"__name__": "tests"}
-        for name, value in [(name, Remote(self, name)) for name in ready[1]] + [tuple(pair) for pair in ready[2]]:
-            if (type(name) is str and name.isidentifier() and not keyword.iskeyword(name)
-                    and not name.startswith("__") and not hasattr(builtins, name)):
-                try:
-                    namespace[name] = value if type(value) is Remote else decode(value)
-                except (ValueError, RecursionError):
-                    return {"error": "Solution sent a malformed reply", "failures": []}
+        pairs = [(name, Remote(self, name)) for name in ready[1]] + [tuple(pair) for pair in ready[2] + ready[3]]
+        for i, (name, value) in enumerate(pairs):
+            if (type(name) is not str or not name.isidentifier() or keyword.iskeyword(name)
+                    or name.startswith("__") or hasattr(builtins, name)):
+                continue
+            if i >= len(pairs) - len(ready[3]):
+                if (type(value) is str and value in sys.stdlib_module_names and not value.startswith("_")
+                        and value not in NOT_IMPORTED):
+                    try:
+                        namespace[name] = importlib.import_module(value)
+                    except ImportError:
+                        pass
+                continue
+            try:
+                namespace[name] = value if type(value) is Remote else decode(value)
+            except (ValueError, RecursionError):
+                return {"error": "Solution sent a malformed reply", "failures": []}
         failures = []
         for i, test in enumerate(tests):
             if self.stopped is not None:

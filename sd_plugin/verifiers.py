@@ -307,12 +307,13 @@ class PythonTestsVerifier:
 
     - code: strings (typically ``assert f(1) == 2``) or one string of code. They run in order, in one namespace,
       in a *harness* process of their own that never runs model code: the solution runs in another sandboxed
-      process and the tests see its top-level functions as proxies. Arguments and results cross as plain data
-      (None, bool, int, float, str, bytes, list, tuple, dict, set; exact types): a result of any other type (a
-      subclass of int, an object with its own ``__eq__``, a generator) fails the test, and an exception of the
-      solution is raised in the test as the built-in exception of that name (else ``SolutionError``). The
-      solution's names that are builtins (its own ``abs``) are not seen by the tests. See the README for what
-      such tests cannot express.
+      process and the tests see its top-level functions as proxies, its plain-data globals as they were after
+      it ran and the standard-library modules it imported (the harness's own). Arguments and results cross as
+      plain data (None, bool, int, float, str, bytes, list, tuple, dict, set; exact types): a result of any other
+      type (a subclass of int, an object with its own ``__eq__``, a generator) fails the test, and an exception
+      of the solution is raised in the test as the built-in exception of that name (else ``SolutionError``).
+      The solution's names that are builtins (its own ``abs``) are not seen by the tests. See the README for
+      what such tests cannot express.
     - stdin/stdout (LiveCodeBench's form): ``{"input": str, "output": str}`` (``"testtype": "stdin"`` allowed).
       Each runs the program afresh with the input on stdin; its stdout matches when the whitespace-trimmed lines
       are equal, or equal as numbers (`stdio_mismatch`). An ``exit()`` ends the program; another exception, a

@@ -349,6 +349,18 @@ def test_only_plain_data_crosses_and_exceptions_keep_their_builtin_type():
     assert feedback.startswith("Test 1 of 1 failed: echo(lambda: 1)\necho() was given a value of type function"), feedback
 
 
+def test_the_tests_see_the_standard_library_modules_the_solution_imported_as_their_own_imports():
+    """MBPP-style tests use `math` that only the solution imported: the harness imports the same module by name
+    (never a file of the solution), except modules that act on import and names of builtins."""
+    code = ("import math\nimport collections.abc\nimport math as m\nimport this\nimport json as abs\n"
+            "import os\nsys = os\ndef area(r):\n    return math.pi * r * r")
+    tests = ["assert math.isclose(area(2), 12.566, rel_tol=1e-3) and m is math",
+             "assert collections.OrderedDict and abs(-1) == 1", "assert sys.getrecursionlimit()", "this"]
+    reward, feedback = PythonTestsVerifier(partial_credit=True)("q", _py(code), {"tests": tests})
+    assert reward == 0.5 and feedback.startswith("Test 3 of 4 failed: assert sys.getrecursionlimit()\n"
+                                                 "AttributeError: module 'os' has no attribute"), feedback
+
+
 def test_a_call_that_hangs_fails_its_test_and_stops_the_rest_within_the_call_timeout():
     code = "def add(a, b):\n    while a == 2:\n        pass\n    return a + b"
     tests = {"tests": ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(0, 0) == 0"]}
