@@ -316,10 +316,13 @@ def test_the_tests_fail_whatever_they_catch_when_a_call_gives_no_plain_value():
     """The harness holds the verdict: a test that swallows the error of a bad call still fails."""
     catching = ("try:\n    result = add(1, 2)\nexcept BaseException:\n    result = 3\nassert result == 3")
     verify = PythonTestsVerifier(call_timeout=1.0, timeout=5.0)
-    for code, why in ((EQ_ALWAYS_TRUE, "add() returned a value of type Anything, not plain data"),
-                      ("import os\ndef add(a, b):\n    os._exit(0)", "Stopped the sandbox: exited with code 0"),
-                      ("def add(a, b):\n    while True:\n        pass", "Timed out: add() gave no answer within 1 s")):
-        reward, feedback = verify("q", _py(code), {"tests": [catching]})
+    big = PythonTestsVerifier(call_timeout=10.0, timeout=20.0)  # 17 MiB through a pipe is slow on a loaded machine
+    for verifier, code, why in (
+            (verify, EQ_ALWAYS_TRUE, "add() returned a value of type Anything, not plain data"),
+            (verify, "import os\ndef add(a, b):\n    os._exit(0)", "Stopped the sandbox: exited with code 0"),
+            (verify, "def add(a, b):\n    while True:\n        pass", "Timed out: add() gave no answer within 1 s"),
+            (big, "def add(a, b):\n    return 'x' * (17 << 20)", "add() sent a reply larger than 16 MiB")):
+        reward, feedback = verifier("q", _py(code), {"tests": [catching]})
         assert reward == 0.0 and feedback.startswith(f"Test 1 of 1 failed: {catching}\n{why}"), feedback
 
 

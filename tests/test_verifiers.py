@@ -653,7 +653,7 @@ def test_python_tests_fork_bomb_is_contained_and_leaves_nothing_behind():
         ("chunks = []\nwhile True:\n    chunks.append(bytearray(32 << 20))", "Solution raised MemoryError"),
         ("chunks = []\nwhile True:\n    chunks.append('x' * (8 << 20))", "Solution raised MemoryError"),
         ("chunks = []\ntry:\n    while True:\n        chunks.append(bytearray(32 << 20))\nexcept MemoryError:\n"
-         "    while True:\n        pass", "Timed out after 2 s"),
+         "    while True:\n        pass", "Timed out after 4 s"),
         ("import threading\nhog = lambda: bytearray(1 << 31)\nthreading.Thread(target=hog).start()\n"
          "def add(a, b):\n    return a + b", None),
     ],
@@ -661,8 +661,9 @@ def test_python_tests_fork_bomb_is_contained_and_leaves_nothing_behind():
 )
 def test_python_tests_memory_hogs_hit_the_limit_not_the_machine(code, expected):
     start = time.monotonic()
-    reward, feedback = PythonTestsVerifier(timeout=2.0, memory_mb=256)("q", _py(code), ADD_TESTS)
-    assert time.monotonic() - start < 2.0 + 2.0
+    # 4 s: filling 256 MB takes a loaded 2-core machine (two sandboxes, other jobs) up to about 2 s.
+    reward, feedback = PythonTestsVerifier(timeout=4.0, memory_mb=256)("q", _py(code), ADD_TESTS)
+    assert time.monotonic() - start < 4.0 + 2.0
     assert reward == 0.0
     if expected is None:  # the thread's MemoryError stays in the thread; the tests then run and one fails
         assert feedback.startswith("Test 2 of 3 failed"), feedback
@@ -700,7 +701,7 @@ def test_hostile_code_cannot_hang_or_kill_an_sdpo_training_run(tmp_path, tokeniz
     rows = Dataset.from_list([{"prompt": f"Write add(a, b) in Python ({i}).", "tests": ["assert add(1, 2) == 3"]} for i in range(2)])
     args = SDPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1, logging_steps=1,
                       max_completion_length=64, report_to="none", save_strategy="no", use_cpu=True, seed=0,
-                      num_generations=3, verifier="python_tests", verifier_kwargs={"timeout": 2, "memory_mb": 256})
+                      num_generations=3, verifier="python_tests", verifier_kwargs={"timeout": 4, "memory_mb": 256})
     trainer = SDPOTrainer(model=build_model("qwen3", tokenizer), args=args, train_dataset=rows, processing_class=tokenizer,
                           peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     scored = []
@@ -709,11 +710,11 @@ def test_hostile_code_cannot_hang_or_kill_an_sdpo_training_run(tmp_path, tokeniz
     trainer.sample = hostile_rollouts.__get__(trainer)
     start = time.monotonic()
     result = trainer.train()
-    assert result.global_step == 1 and time.monotonic() - start < 6 * (2 + 2) + 30
+    assert result.global_step == 1 and time.monotonic() - start < 6 * (4 + 2) + 30
     (verdicts,) = scored
     feedback = [verdict.feedback for verdict in verdicts]
     assert [verdict.reward for verdict in verdicts] == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-    assert feedback[0] == "Timed out after 2 s"
+    assert feedback[0] == "Timed out after 4 s"
     assert feedback[1].startswith("Solution raised PermissionError")
     assert feedback[2] == "Solution raised MemoryError"
     assert feedback[3].startswith("Solution raised PermissionError") and feedback[4].startswith("Solution raised PermissionError")
