@@ -408,16 +408,16 @@ class Harness:
         self.call_fd, self.reply_fd, self.call_timeout = call_fd, reply_fd, call_timeout
         self.buffer = bytearray()
         self.lock = threading.Lock()  # one call at a time, also when a test calls from threads
+        self.poll = select.poll()
+        self.poll.register(reply_fd, select.POLLIN)
         self.stopped = self.broken = None
 
     def receive(self, what):
         """The next message from the solution (a list), or None with ``stopped`` set."""
         deadline = time.monotonic() + self.call_timeout
-        poll = select.poll()
-        poll.register(self.reply_fd, select.POLLIN)
         while b"\n" not in self.buffer:
             left = deadline - time.monotonic()
-            if left <= 0 or not poll.poll(left * 1000):
+            if left <= 0 or not self.poll.poll(left * 1000):
                 self.stopped = "Timed out: %s gave no answer within %g s" % (what, self.call_timeout)
                 return None
             chunk = os.read(self.reply_fd, 1 << 16)
