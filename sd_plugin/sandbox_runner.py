@@ -306,7 +306,8 @@ def serve(code, call_fd, reply_fd, read=os.read, send=send, encode=encode, decod
         if type(name) is not str or name.startswith("__"):
             continue
         if type(value) is type(os):  # the harness imports the same module, if it is one of the standard library
-            modules.append([name, getattr(value, "__name__", None)])
+            module_name = getattr(value, "__name__", None)
+            modules.append([name, module_name if type(module_name) is str else None])
             continue
         if callable(value):
             functions.append(name)
@@ -471,6 +472,9 @@ class Harness:
             except (ValueError, RecursionError):
                 self.fail("%s returned something that is not plain data" % what)
         if kind == "raised" and len(reply) == 3 and type(reply[1]) is str and type(reply[2]) is str:
+            cls = getattr(builtins, reply[1], None) if reply[1].isidentifier() else None
+            if isinstance(cls, type) and issubclass(cls, BaseException) and not issubclass(cls, Exception):
+                self.fail("%s raised %s: an exit fails the test" % (what, reply[1]))  # SystemExit and the like
             raise exception_from(reply[1][:100], reply[2][:1000])
         if kind == "unsendable" and len(reply) == 2 and type(reply[1]) is str:
             self.fail("%s returned %s, not plain data (%s)" % (what, reply[1][:200], PLAIN_TYPES))

@@ -320,6 +320,7 @@ def test_the_tests_fail_whatever_they_catch_when_a_call_gives_no_plain_value():
     for verifier, code, why in (
             (verify, EQ_ALWAYS_TRUE, "add() returned a value of type Anything, not plain data"),
             (verify, "import os\ndef add(a, b):\n    os._exit(0)", "Stopped the sandbox: exited with code 0"),
+            (verify, "def add(a, b):\n    exit(0)", "add() raised SystemExit: an exit fails the test"),
             (verify, "def add(a, b):\n    while True:\n        pass", "Timed out: add() gave no answer within 1 s"),
             (big, "def add(a, b):\n    return 'x' * (17 << 20)", "add() sent a reply larger than 16 MiB")):
         reward, feedback = verifier("q", _py(code), {"tests": [catching]})
