@@ -493,8 +493,8 @@ class Harness:
                 or not all(type(pair) is list and len(pair) == 2 for pair in ready[2] + ready[3])):
             return {"error": "Solution sent a malformed reply", "failures": []}
         # The solution's functions as proxies, its plain-data globals as they were after it ran, and the standard
-        # library modules it imported (imported here by their name: never a file of the solution); never a
-        # name that would shadow a builtin the tests use (an `abs` of its own).
+        # library modules it imported under their own names (imported here: never a file of the solution); never
+        # a name that would shadow a builtin the tests use (an `abs` of its own).
         namespace = {"__name__": "tests"}
         pairs = [(name, Remote(self, name)) for name in ready[1]] + [tuple(pair) for pair in ready[2] + ready[3]]
         for i, (name, value) in enumerate(pairs):
@@ -502,8 +502,9 @@ class Harness:
                     or name.startswith("__") or hasattr(builtins, name)):
                 continue
             if i >= len(pairs) - len(ready[3]):
-                if (type(value) is str and value in sys.stdlib_module_names and not value.startswith("_")
-                        and value not in NOT_IMPORTED):
+                # Only under its own name: the solution cannot make a name the tests use mean another module.
+                if (value == name and name in sys.stdlib_module_names and not name.startswith("_")
+                        and name not in NOT_IMPORTED):
                     try:
                         namespace[name] = importlib.import_module(value)
                     except ImportError:

@@ -354,15 +354,18 @@ def test_only_plain_data_crosses_and_exceptions_keep_their_builtin_type():
 
 
 def test_the_tests_see_the_standard_library_modules_the_solution_imported_as_their_own_imports():
-    """MBPP-style tests use `math` that only the solution imported: the harness imports the same module by name
-    (never a file of the solution), except modules that act on import and names of builtins."""
-    code = ("import math\nimport collections.abc\nimport math as m\nimport this\nimport json as abs\n"
-            "import os\nsys = os\ndef area(r):\n    return math.pi * r * r")
-    tests = ["assert math.isclose(area(2), 12.566, rel_tol=1e-3) and m is math",
-             "assert collections.OrderedDict and abs(-1) == 1", "assert sys.getrecursionlimit()", "this"]
+    """MBPP-style tests use `math` that only the solution imported: the harness imports the module of that name
+    itself (never a file of the solution); not under another name (`import cmath as math` must not change what
+    `math` means to the tests), not modules that act on import, not over a builtin."""
+    code = ("import math\nimport collections.abc\nimport this\nimport json as abs\nimport os as sys\n"
+            "def area(r):\n    return math.pi * r * r")
+    tests = ["assert math.isclose(area(2), 12.566, rel_tol=1e-3)", "assert collections.OrderedDict and abs(-1) == 1",
+             "sys", "this"]
     reward, feedback = PythonTestsVerifier(partial_credit=True)("q", _py(code), {"tests": tests})
-    assert reward == 0.5 and feedback.startswith("Test 3 of 4 failed: assert sys.getrecursionlimit()\n"
-                                                 "AttributeError: module 'os' has no attribute"), feedback
+    assert reward == 0.5 and feedback == "Test 3 of 4 failed: sys\nNameError: name 'sys' is not defined", feedback
+    code = "import cmath as math\ndef area(r):\n    return 3 * r * r"
+    reward, feedback = PythonTestsVerifier()("q", _py(code), {"tests": ["assert math.isclose(area(2), 12.566)"]})
+    assert reward == 0.0 and feedback.endswith("NameError: name 'math' is not defined"), feedback
 
 
 def test_a_call_that_hangs_fails_its_test_and_stops_the_rest_within_the_call_timeout():
