@@ -1,8 +1,10 @@
 """The trainer's side of the sandbox that runs model code for `PythonTestsVerifier`.
 
-`sandbox_setup` finds, once per interpreter, the strongest isolation this machine allows; `run_sandbox` starts
+`sandbox_setup` finds, once per interpreter, the strongest isolation this machine allows. `run_sandbox` starts
 ``python -I sandbox_runner.py`` (see that file for what happens inside) with a minimal environment (no token,
-no key of the trainer's environment gets through), in its own session, and reads its one result line.
+no key of the trainer's environment gets through), in its own session, and reads its result line;
+`run_with_harness` starts two of them, the model's solution and the harness that runs the tests, each in its
+own sandbox, joined only by two pipes.
 
 Where ``unshare -m`` works (root, or unprivileged user namespaces) the code gets a private view of the file
 system: empty read-only tmpfs over /root, /home, /run, /var/tmp, /mnt, /media, /srv, a private size-limited
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Any, NamedTuple
 
 from sd_plugin.sandbox_runner import MASKED_DIRS
@@ -55,64 +58,136 @@ _SANDBOX_SETUP: dict[tuple[str, bool], SandboxSetup] = {}
 _SANDBOX_LOCK = threading.Lock()
 
 
-def make_job(code: str, tests: list[str], setup: SandboxSetup, *, timeout: float, memory_mb: int,
-             max_processes: int, file_mb: int) -> dict[str, Any]:
-    """The job `sandbox_runner.py` reads: code, tests, rlimits and how to isolate."""
-    cpu_s, memory, fsize = math.ceil(timeout) + 1, memory_mb << 20, file_mb << 20
+def make_job(role: str, setup: SandboxSetup, *, cpu_seconds: float, memory_mb: int, max_processes: int, file_mb: int,
+             **fields: Any) -> dict[str, Any]:
+    """The job `sandbox_runner.py` reads: its role ("solution", "harness" or "program", see there), rlimits, how to
+    isolate, and the role's ``fields``."""
+    cpu_s, memory, fsize = math.ceil(cpu_seconds) + 1, memory_mb << 20, file_mb << 20
     limits = [(resource.RLIMIT_CPU, cpu_s, cpu_s + 1), (resource.RLIMIT_AS, memory, memory),
               (resource.RLIMIT_FSIZE, fsize, fsize), (resource.RLIMIT_CORE, 0, 0),
               (resource.RLIMIT_NPROC, max_processes, max_processes)]
-    return {"code": code, "tests": list(tests), "limits": limits, "uid": setup.uid,
-            "read_all_files": setup.read_all_files, "private_files": setup.private_files, "tmp_mb": 4 * file_mb}
+    return {"role": role, "limits": limits, "uid": setup.uid, "read_all_files": setup.read_all_files,
+            "private_files": setup.private_files, "tmp_mb": 4 * file_mb, **fields}
+
+
+class _Sandbox:
+    """One started ``python -I sandbox_runner.py`` (see `run_sandbox`); `finish` kills what is left of it."""
+
+    def __init__(self, python: str, setup: SandboxSetup, job: dict[str, Any], pass_fds: tuple[int, ...] = ()):
+        # stderr goes to a folder only the trainer can enter; the sandbox's own folder (its cwd when there is no
+        # private /tmp) is another one, so nothing the code writes can replace what the trainer reads.
+        self.private = tempfile.TemporaryDirectory(prefix="sd_verify_", ignore_cleanup_errors=True)
+        self.work_dir = tempfile.TemporaryDirectory(prefix="sd_verify_work_", ignore_cleanup_errors=True)
+        if setup.uid is not None:
+            os.chown(self.work_dir.name, setup.uid, setup.uid)
+        self.err_path = os.path.join(self.private.name, "stderr")
+        self.job, self.out, self.timed_out, self.proc, self.problem = json.dumps(job).encode(), b"", False, None, ""
+        with open(self.err_path, "wb") as err:
+            try:
+                self.proc = subprocess.Popen([*setup.prefix, python, "-I", RUNNER], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=err, cwd=self.work_dir.name,
+                                             env=dict(SANDBOX_ENV), start_new_session=True, pass_fds=pass_fds)
+            except OSError as exc:
+                self.problem = f"Could not start the sandbox: {exc}"
+
+    def communicate(self, timeout: float) -> None:
+        """Send the job and read the results until the runner exits or ``timeout`` seconds pass."""
+        if self.proc is None:
+            return
+        try:
+            self.out = self.proc.communicate(self.job, timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            self.timed_out = True
+        except (OSError, ValueError):  # killed by `finish` from another thread while writing or reading
+            pass
+
+    def finish(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def result(self, timeout: float) -> tuple[dict | None, str]:
+        """(the runner's last result line or None, a description of what went wrong); cleans up."""
+        try:
+            if self.proc is None:
+                return None, self.problem
+            if self.timed_out:
+                return None, f"Timed out after {timeout:g} s"
+            lines = self.out.decode(errors="replace").splitlines()
+            try:
+                result = json.loads(lines[-1])
+            except (IndexError, ValueError):
+                result = None
+            if isinstance(result, dict) and "setup_error" in result:
+                return None, f"Sandbox setup failed: {result['setup_error']}"
+            if isinstance(result, dict):
+                return result, ""
+            with open(self.err_path, "rb") as f:
+                stderr = f.read()[-2000:].decode(errors="replace").strip()
+            signals = {-signal.SIGXCPU: "CPU time limit exceeded", -signal.SIGXFSZ: "file size limit exceeded",
+                       -signal.SIGKILL: "killed (memory limit?)"}
+            code = self.proc.returncode
+            reason = signals.get(code, f"exited with code {code} without a result")
+            return None, f"Sandbox {reason}" + (f": {stderr[-300:]}" if stderr else "")
+        finally:
+            self.private.cleanup()
+            self.work_dir.cleanup()
 
 
 def run_sandbox(python: str, setup: SandboxSetup, job: dict[str, Any], timeout: float) -> tuple[dict | None, str]:
-    """Run the runner on ``job``; returns (its result or None, a description of what went wrong)."""
-    # stderr goes to a folder only the trainer can enter; the sandbox's own folder (its cwd when there is no
-    # private /tmp) is another one, so nothing the code writes can replace what the trainer reads.
-    with tempfile.TemporaryDirectory(prefix="sd_verify_", ignore_cleanup_errors=True) as private, \
-            tempfile.TemporaryDirectory(prefix="sd_verify_work_", ignore_cleanup_errors=True) as work_dir:
-        if setup.uid is not None:
-            os.chown(work_dir, setup.uid, setup.uid)
-        err_path = os.path.join(private, "stderr")
-        with open(err_path, "wb") as err:
-            try:
-                proc = subprocess.Popen([*setup.prefix, python, "-I", RUNNER], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=err, cwd=work_dir, env=dict(SANDBOX_ENV),
-                                        start_new_session=True)
-            except OSError as exc:
-                return None, f"Could not start the sandbox: {exc}"
-            out, timed_out = b"", False
-            try:
-                out = proc.communicate(json.dumps(job).encode(), timeout=timeout)[0]
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                try:
-                    proc.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    pass
-        if timed_out:
-            return None, f"Timed out after {timeout:g} s"
-        lines = out.decode(errors="replace").splitlines()
-        try:
-            result = json.loads(lines[-1])
-        except (IndexError, ValueError):
-            result = None
-        if isinstance(result, dict) and "setup_error" in result:
-            return None, f"Sandbox setup failed: {result['setup_error']}"
-        if isinstance(result, dict):
-            return result, ""
-        with open(err_path, "rb") as f:
-            stderr = f.read()[-2000:].decode(errors="replace").strip()
-    signals = {-signal.SIGXCPU: "CPU time limit exceeded", -signal.SIGXFSZ: "file size limit exceeded",
-               -signal.SIGKILL: "killed (memory limit?)"}
-    reason = signals.get(proc.returncode, f"exited with code {proc.returncode} without a result")
-    return None, f"Sandbox {reason}" + (f": {stderr[-300:]}" if stderr else "")
+    """Run the runner on ``job`` (a "program" job: no other process takes part) within ``timeout`` seconds;
+    returns (its result or None, a description of what went wrong)."""
+    sandbox = _Sandbox(python, setup, job)
+    try:
+        sandbox.communicate(timeout)
+    finally:
+        sandbox.finish()
+    return sandbox.result(timeout)
+
+
+def run_with_harness(python: str, setup: SandboxSetup, solution_job: dict[str, Any], harness_job: dict[str, Any],
+                     timeout: float, grace: float = 0.5) -> tuple[dict | None, str, str | None]:
+    """Run a "solution" and a "harness" job in two sandboxes joined by two pipes (calls one way, replies the other).
+
+    Returns (the harness's result or None, what went wrong, how the solution's process ended or None). Both are
+    killed after ``timeout`` seconds; once the harness is done, the solution gets ``grace`` seconds to end.
+    """
+    call_read, call_write = os.pipe()
+    reply_read, reply_write = os.pipe()
+    start, sandboxes = time.monotonic(), []
+    try:
+        solution = _Sandbox(python, setup, {**solution_job, "call_fd": call_read, "reply_fd": reply_write},
+                            (call_read, reply_write))
+        sandboxes.append(solution)
+        harness = _Sandbox(python, setup, {**harness_job, "call_fd": call_write, "reply_fd": reply_read},
+                           (call_write, reply_read))
+        sandboxes.append(harness)
+    finally:
+        for fd in (call_read, call_write, reply_read, reply_write):  # each end now lives in one sandbox only
+            os.close(fd)
+        if len(sandboxes) < 2:
+            for sandbox in sandboxes:
+                sandbox.finish()
+    thread = threading.Thread(target=solution.communicate, args=(timeout,), daemon=True)
+    thread.start()
+    try:
+        harness.communicate(timeout)
+        thread.join(min(grace, max(0.0, timeout - (time.monotonic() - start))))
+    finally:
+        harness.finish()
+        solution.finish()
+    thread.join()
+    ended, solution_problem = solution.result(timeout)
+    result, problem = harness.result(timeout)
+    if ended is None and solution_problem and not solution_problem.startswith(("Timed out", "Sandbox killed")):
+        return None, solution_problem, None  # the solution's runner failed (not its worker, not killed by us)
+    return result, problem, ended.get("ended") if isinstance(ended, dict) else None
 
 
 def _candidates(allow_read_all_files: bool) -> list[SandboxSetup]:
@@ -169,10 +244,10 @@ def sandbox_setup(python: str = sys.executable, allow_read_all_files: bool = Fal
             why = "`unshare` not found" if shutil.which("unshare") is None else ""
             found = None
             for setup in _candidates(allow_read_all_files):
-                job = make_job("import fractions\nx = 1", ["assert x == 1"], setup, timeout=10, memory_mb=1024,
-                               max_processes=64, file_mb=16)
+                job = make_job("program", setup, cpu_seconds=10, memory_mb=1024, max_processes=64, file_mb=16,
+                               code="import fractions\nprint(input())", inputs=["1"], run_timeout=10)
                 result, problem = run_sandbox(python, setup, job, timeout=10)
-                if result == {"error": None, "failures": [None]}:
+                if result == {"runs": [{"stdout": "MQo=", "ended": "exited with code 0", "error": ""}]}:  # "1\n"
                     found = setup
                     break
                 if setup.private_files:

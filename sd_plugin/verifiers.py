@@ -9,12 +9,14 @@ Built-ins (`load_verifier` names): "tool_calls" (alias "tool_call"), "multiple_c
 `PythonTestsVerifier` runs model code in the sandbox of `sd_plugin.sandbox` (a separate program,
 `sandbox_runner.py`): where ``unshare -m`` works, a private view of the file system (no /root, /home, /tmp of
 the machine), no network, its own PID namespace, uid 65534 without capabilities, rlimits. `sandbox_mode()`
-says what is in use here. It contains accidents and hides credentials; results from a policy that targets
-the runner itself cannot be trusted without a VM or container (see the README).
+says what is in use here. The tests run in another process (the harness) that never runs model code and gets
+plain data back from the solution, so nothing the solution does to its own process changes a verdict; see the
+README for what is still possible and what such tests cannot express.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import importlib
 import json
@@ -24,18 +26,27 @@ import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any, Mapping, NamedTuple, Protocol, runtime_checkable
 
 from sd_plugin.data import completion_text
-from sd_plugin.sandbox import SandboxUnavailable, make_job, run_sandbox, sandbox_mode, sandbox_setup
+from sd_plugin.sandbox import (
+    SandboxUnavailable,
+    make_job,
+    run_sandbox,
+    run_with_harness,
+    sandbox_mode,
+    sandbox_setup,
+)
+from sd_plugin.sandbox_runner import STOPPED
 
 logger = logging.getLogger("sd_plugin.verifiers")
 
 __all__ = [
     "BUILTIN_VERIFIERS", "BoxedMathVerifier", "MultipleChoiceVerifier", "PythonTestsVerifier", "SandboxUnavailable",
     "ToolCallVerifier", "Verifier", "VerifierResult", "extract_code", "last_boxed", "load_verifier",
-    "normalize_math", "safe_verify", "sandbox_mode", "sandbox_setup",
+    "normalize_math", "safe_verify", "sandbox_mode", "sandbox_setup", "stdio_mismatch",
 ]
 
 
@@ -292,15 +303,31 @@ def extract_code(completion: str) -> str:
 class PythonTestsVerifier:
     """Runs the completion's Python code (see `extract_code`) against ``record[tests_field]`` in a sandbox.
 
-    Tests are a list of code strings (typically ``assert f(1) == 2``) or one string of code (a JSON list
-    string is decoded); they run in order in the solution's namespace. Reward: all passed -> 1.0, else 0.0,
-    or the fraction passed when ``partial_credit``. Feedback names the first failing test and its error, a
-    failing solution ("Solution raised ..."), or "Timed out after 5 s". Any exit (``exit()``, ``SystemExit(0)``,
-    ``os._exit``), exception or stop while a test runs fails that test. Limits: wall ``timeout`` seconds
-    (the call returns within about timeout + 2 s), CPU ceil(timeout) + 1 s, ``memory_mb`` of address space,
-    ``max_processes``, ``file_mb`` per written file (the private /tmp holds 4 x ``file_mb``). See
-    `sd_plugin.sandbox` for the isolation; ``allow_read_all_files`` lets it run where the only working mode
-    exposes every file of the machine (root without a private view: refused by default).
+    Tests (a list, or a JSON string of one) are either code or stdin/stdout cases:
+
+    - code: strings (typically ``assert f(1) == 2``) or one string of code. They run in order, in one namespace,
+      in a *harness* process of their own that never runs model code: the solution runs in another sandboxed
+      process and the tests see its top-level functions as proxies, its plain-data globals as they were after
+      it ran and the standard-library modules it imported (the harness's own). Arguments and results cross as
+      plain data (None, bool, int, float, str, bytes, list, tuple, dict, set; exact types): a result of any other
+      type (a subclass of int, an object with its own ``__eq__``, a generator) fails the test, and an exception
+      of the solution is raised in the test as the built-in exception of that name (else ``SolutionError``).
+      The solution's names that are builtins (its own ``abs``) are not seen by the tests. See the README for
+      what such tests cannot express.
+    - stdin/stdout (LiveCodeBench's form): ``{"input": str, "output": str}`` (``"testtype": "stdin"`` allowed).
+      Each runs the program afresh with the input on stdin; its stdout matches when the whitespace-trimmed lines
+      are equal, or equal as numbers (`stdio_mismatch`). An ``exit()`` ends the program; another exception, a
+      timeout or a limit fails the test. The expected outputs never enter the sandbox.
+
+    Reward: all passed -> 1.0, else 0.0, or the fraction passed when ``partial_credit``. Feedback names the
+    first failing test and why, a failing solution ("Solution raised ..."), or "Timed out after 5 s". Any exit
+    (``exit()``, ``SystemExit(0)``, ``os._exit``), exception or stop while a call runs fails that test. Limits:
+    wall ``timeout`` seconds for everything (the call returns within about timeout + 2 s), ``call_timeout``
+    (default ``timeout``) for one call to the solution or one run of a program, CPU ceil(timeout) + 1 s
+    (ceil(call_timeout) + 1 per program run), ``memory_mb`` of address space, ``max_processes``, ``file_mb``
+    per written file (the private /tmp holds 4 x ``file_mb``). See `sd_plugin.sandbox` for the isolation;
+    ``allow_read_all_files`` lets it run where the only working mode exposes every file of the machine (root
+    without a private view: refused by default).
     """
 
     tests_field: str = "tests"
@@ -311,12 +338,14 @@ class PythonTestsVerifier:
     file_mb: int = 16
     python: str = sys.executable
     allow_read_all_files: bool = False
+    call_timeout: float | None = None
 
     def __post_init__(self):
         # Probed here (once per interpreter) so that a machine with no safe sandbox fails at load, before training.
         sandbox_setup(self.python, self.allow_read_all_files)
 
-    def __call__(self, prompt: Any, completion: str, record: Mapping[str, Any]) -> VerifierResult:
+    def _tests(self, record: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, str]] | None]:
+        """(the tests as text for feedback, the (input, output) cases when they are stdin/stdout tests)."""
         tests = record[self.tests_field]
         if isinstance(tests, str):
             try:
@@ -324,17 +353,54 @@ class PythonTestsVerifier:
             except ValueError:
                 decoded = None
             tests = decoded if isinstance(decoded, list) else [tests]
-        tests = [str(test) for test in tests]
+        tests = list(tests)
         if not tests:
             raise ValueError(f"record[{self.tests_field!r}] holds no tests")
+        cases = [test for test in tests if isinstance(test, Mapping)]
+        if not cases:
+            return [str(test) for test in tests], None
+        if len(cases) != len(tests):
+            raise ValueError(f"record[{self.tests_field!r}] mixes code tests and stdin/stdout tests")
+        for i, case in enumerate(cases):
+            where = f"record[{self.tests_field!r}][{i}]"
+            if case.get("testtype", "stdin") != "stdin":
+                raise ValueError(f"{where} is a {case['testtype']!r} test: only stdin/stdout tests and test code "
+                                 "(e.g. 'assert f(1) == 2') are supported")
+            if not isinstance(case.get("input"), str) or not isinstance(case.get("output"), str):
+                raise ValueError(f"{where} needs an 'input' and an 'output' string, got keys {sorted(case)}")
+        return [f"input {_short(repr(case['input']), 100)}" for case in cases], [
+            (case["input"], case["output"]) for case in cases]
+
+    def __call__(self, prompt: Any, completion: str, record: Mapping[str, Any]) -> VerifierResult:
+        tests, cases = self._tests(record)
         setup = sandbox_setup(self.python, self.allow_read_all_files)
-        job = make_job(extract_code(completion), tests, setup, timeout=self.timeout, memory_mb=self.memory_mb,
-                       max_processes=self.max_processes, file_mb=self.file_mb)
-        result, problem = run_sandbox(self.python, setup, job, self.timeout)
-        if result is None:
-            return VerifierResult(0.0, problem)
-        if not _well_formed(result, len(tests)):  # exactly one verdict per test, or none after a failed solution
-            return VerifierResult(0.0, "Sandbox returned a malformed result")
+        call_timeout = self.timeout if self.call_timeout is None else self.call_timeout
+        limits = {"memory_mb": self.memory_mb, "max_processes": self.max_processes, "file_mb": self.file_mb}
+        code = extract_code(completion)
+        if cases is not None:
+            job = make_job("program", setup, cpu_seconds=call_timeout, code=code, inputs=[text for text, _ in cases],
+                           run_timeout=call_timeout, **limits)
+            result, problem = run_sandbox(self.python, setup, job, self.timeout)
+            if result is None:
+                return VerifierResult(0.0, problem)
+            failures = _stdio_failures(result, cases)
+            if failures is None:
+                return VerifierResult(0.0, "Sandbox returned a malformed result")
+            result = {"error": None, "failures": failures}
+        else:
+            solution = make_job("solution", setup, cpu_seconds=self.timeout, code=code, **limits)
+            harness = make_job("harness", setup, cpu_seconds=self.timeout, tests=tests, call_timeout=call_timeout,
+                               **limits)
+            result, problem, ended = run_with_harness(self.python, setup, solution, harness, self.timeout)
+            if result is None:
+                return VerifierResult(0.0, problem)
+            if not _well_formed(result, len(tests)):  # one verdict per test, or none after a failed solution
+                return VerifierResult(0.0, "Sandbox returned a malformed result")
+            if ended is not None:  # the solution's process ended early: say how
+                result["failures"] = [f"{STOPPED}: {ended}" if failure == STOPPED else failure
+                                      for failure in result["failures"]]
+                if result["error"] == f"Solution {STOPPED[0].lower()}{STOPPED[1:]}":
+                    result["error"] += f": {ended}"
         if result["error"] is not None:
             return VerifierResult(0.0, _short(result["error"]))
         failures = result["failures"]
@@ -357,6 +423,65 @@ def _well_formed(result: Any, num_tests: int) -> bool:
     if error is not None:
         return isinstance(error, str) and failures == []
     return len(failures) == num_tests
+
+
+def _stdio_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.strip().split("\n")]
+
+
+def _decimals(line: str) -> list[Decimal] | None:
+    try:
+        return [Decimal(token) for token in line.split()]
+    except (InvalidOperation, ValueError):
+        return None
+
+
+def stdio_mismatch(output: str, expected: str) -> str | None:
+    """None when a program's ``output`` matches ``expected`` as LiveCodeBench compares stdin/stdout tests, else why.
+
+    Both are stripped and split into lines, each line stripped; the line counts must be equal and each pair of
+    lines equal as text, or as lists of numbers (whitespace-separated tokens read as decimals: "1.0" = "1").
+    """
+    got, want = _stdio_lines(output), _stdio_lines(expected)
+    if len(got) != len(want):
+        return f"Wrong answer: {len(got)} output lines, expected {len(want)}: got {_short(repr(output), 120)}"
+    for number, (line, wanted) in enumerate(zip(got, want), start=1):
+        if line == wanted:
+            continue
+        numbers = _decimals(line)
+        try:
+            if numbers is not None and numbers == _decimals(wanted):
+                continue
+        except InvalidOperation:  # a signalling NaN
+            pass
+        return f"Wrong answer on line {number}: got {_short(repr(line), 100)}, expected {_short(repr(wanted), 100)}"
+    return None
+
+
+def _stdio_failures(result: Any, cases: list[tuple[str, str]]) -> list[str | None] | None:
+    """One verdict per stdin/stdout case from the runs the sandbox reports; None when malformed."""
+    runs = result.get("runs") if isinstance(result, dict) and set(result) == {"runs"} else None
+    if not isinstance(runs, list) or len(runs) != len(cases):
+        return None
+    failures = []
+    for run, (_, expected) in zip(runs, cases):
+        if not (isinstance(run, dict) and set(run) == {"stdout", "ended", "error"}
+                and all(isinstance(value, str) for value in run.values())):
+            return None
+        try:
+            output = base64.b64decode(run["stdout"], validate=True).decode("utf-8", "replace")
+        except ValueError:
+            return None
+        ended, error = run["ended"], run["error"]
+        if ended.startswith("timed out"):
+            failures.append(ended[0].upper() + ended[1:])
+        elif ended == "exited with code 1" and error:
+            failures.append(f"Runtime error: {error}")
+        elif ended != "exited with code 0":
+            failures.append(f"The program {ended}" + (f": {error}" if error else ""))
+        else:
+            failures.append(stdio_mismatch(output, expected))
+    return failures
 
 
 # ---------------------------------------------------------------------------------- loading and safe calls

@@ -30,6 +30,7 @@ from sd_plugin.verifiers import (
     load_verifier,
     safe_verify,
     sandbox_mode,
+    stdio_mismatch,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "verifiers"
@@ -289,12 +290,66 @@ def test_python_tests_code_extraction_and_test_formats():
     assert reward == 0.0 and feedback.startswith("Solution raised SyntaxError")
     reward, feedback = verify("q", _py("def add(a, b):\n    return a + b\nraise SystemExit(3)"), record)
     assert reward == 0.0 and feedback.startswith("Solution raised SystemExit")
-    exits = verify("q", _py("import sys\ndef add(a, b):\n    return a + b"), {"tests": ["sys.exit(0)"]})
-    assert exits == (0.0, "Test 1 of 1 failed: sys.exit(0)\nSystemExit: 0")  # any exit during a test fails it
+    exits = verify("q", _py("def add(a, b):\n    return a + b"), {"tests": ["import sys\nsys.exit(0)"]})
+    assert exits == (0.0, "Test 1 of 1 failed: import sys\nsys.exit(0)\nSystemExit: 0")  # any exit fails a test
     reward, feedback = verify("q", _py("def add(a, b):\n    raise ValueError('x' * 2000)"), record)
     assert reward == 0.0 and len(feedback) <= 300 and "ValueError: xxx" in feedback
     with pytest.raises(ValueError, match="no tests"):
         verify("q", _py("x = 1"), {"tests": []})
+
+
+def test_python_tests_stdin_stdout_tests_as_livecodebench_compares_them():
+    verify = PythonTestsVerifier(partial_credit=True)
+    cases = [{"input": "1 2\n", "output": "3\n", "testtype": "stdin"}, {"input": "0.5 0.25", "output": "0.75"},
+             {"input": "5 5\n", "output": "10"}]
+    as_json = {"tests": json.dumps(cases)}  # LiveCodeBench's public_test_cases: a JSON string
+    for reader in ("input()", "sys.stdin.readline()", "sys.stdin.buffer.read().decode()", "open(0).read()"):
+        program = f"import sys\na, b = map(float, {reader}.split())\nprint(f'{{a + b:g}}')"
+        assert verify("q", _py(program), as_json) == (1.0, None), reader
+    # Lines are stripped and compared as text, or as numbers ("10.0" = "10"); the line count must match.
+    assert stdio_mismatch("  3 \n4\n\n", "3\n4") is None and stdio_mismatch("10.0 2", "10 2.00") is None
+    assert stdio_mismatch("3\n4", "3") == "Wrong answer: 2 output lines, expected 1: got '3\\n4'"
+    assert stdio_mismatch("yes", "YES") == "Wrong answer on line 1: got 'yes', expected 'YES'"
+    assert stdio_mismatch("sNaN", "sNaN") is None and stdio_mismatch("sNaN", "1") is not None
+    # exit() ends the program and its output counts (as LiveCodeBench); an exception fails the test.
+    assert verify("q", _py("print(int(input()) * 2)\nexit(3)"), {"tests": [{"input": "5", "output": "10"}]}) == (
+        1.0, None)
+    reward, feedback = verify("q", _py("a, b = input().split()\nprint(int(a) + int(b))"), as_json)
+    assert reward == pytest.approx(2 / 3)
+    assert feedback == "Test 2 of 3 failed: input '0.5 0.25'\nRuntime error: ValueError: invalid literal for " \
+                       "int() with base 10: '0.5'", feedback
+    reward, feedback = verify("q", _py("def main(:\n    pass"), as_json)
+    assert reward == 0.0 and feedback.startswith("Test 1 of 3 failed: input '1 2\\n'\nRuntime error: SyntaxError")
+
+
+def test_python_tests_stdin_stdout_limits_and_bad_records():
+    loop = "import sys\nif sys.stdin.read().strip() == 'loop':\n    while True:\n        pass\nprint('ok')"
+    cases = {"tests": [{"input": "loop", "output": "ok"}, {"input": "go", "output": "ok"}]}
+    start = time.monotonic()
+    verify = PythonTestsVerifier(partial_credit=True, timeout=10, call_timeout=1)
+    assert verify("q", _py(loop), cases) == (0.5, "Test 1 of 2 failed: input 'loop'\nTimed out after 1 s")
+    assert time.monotonic() - start < 1 + 4
+    big = PythonTestsVerifier(file_mb=1)("q", _py("print('x' * (4 << 20))"), {"tests": [{"input": "", "output": ""}]})
+    assert big == (0.0, "Test 1 of 1 failed: input ''\nRuntime error: OSError: [Errno 27] File too large"), big
+    verify = PythonTestsVerifier()
+    with pytest.raises(ValueError, match=r"record\['tests'\]\[0\] is a 'functional' test"):
+        verify("q", "", {"tests": [{"input": "1", "output": "1", "testtype": "functional"}]})
+    with pytest.raises(ValueError, match=r"record\['tests'\]\[1\] needs an 'input' and an 'output' string"):
+        verify("q", "", {"tests": [{"input": "1", "output": "1"}, {"input": "1", "output": 1}]})
+    with pytest.raises(ValueError, match="mixes code tests and stdin/stdout tests"):
+        verify("q", "", {"tests": ["assert True", {"input": "1", "output": "1"}]})
+
+
+def test_python_tests_expected_outputs_never_enter_the_sandbox():
+    """The program can search its whole memory and the file system: the expected output is not there to copy."""
+    program = ("import gc, sys\nfound = [text for obj in gc.get_objects() if isinstance(obj, (list, tuple, dict))\n"
+               "         for text in (obj.values() if isinstance(obj, dict) else obj)\n"
+               "         if isinstance(text, str) and text[:7] == 'SECRET-' and text[7:].isdigit()]\n"
+               "frame = sys._getframe()\nwhile frame is not None:\n"
+               "    found += [v for v in frame.f_locals.values() if isinstance(v, str) and v[:7] == 'SECRET-' and v[7:].isdigit()]\n"
+               "    frame = frame.f_back\nprint(found[0] if found else 'nothing')")
+    reward, feedback = PythonTestsVerifier()("q", _py(program), {"tests": [{"input": "", "output": "SECRET-4217"}]})
+    assert reward == 0.0 and "got 'nothing'" in feedback, feedback
 
 
 def test_python_tests_infinite_loop_times_out_within_bound():
@@ -598,7 +653,7 @@ def test_python_tests_fork_bomb_is_contained_and_leaves_nothing_behind():
         ("chunks = []\nwhile True:\n    chunks.append(bytearray(32 << 20))", "Solution raised MemoryError"),
         ("chunks = []\nwhile True:\n    chunks.append('x' * (8 << 20))", "Solution raised MemoryError"),
         ("chunks = []\ntry:\n    while True:\n        chunks.append(bytearray(32 << 20))\nexcept MemoryError:\n"
-         "    while True:\n        pass", "Timed out after 2 s"),
+         "    while True:\n        pass", "Timed out after 4 s"),
         ("import threading\nhog = lambda: bytearray(1 << 31)\nthreading.Thread(target=hog).start()\n"
          "def add(a, b):\n    return a + b", None),
     ],
@@ -606,8 +661,9 @@ def test_python_tests_fork_bomb_is_contained_and_leaves_nothing_behind():
 )
 def test_python_tests_memory_hogs_hit_the_limit_not_the_machine(code, expected):
     start = time.monotonic()
-    reward, feedback = PythonTestsVerifier(timeout=2.0, memory_mb=256)("q", _py(code), ADD_TESTS)
-    assert time.monotonic() - start < 2.0 + 2.0
+    # 4 s: filling 256 MB takes a loaded 2-core machine (two sandboxes, other jobs) up to about 2 s.
+    reward, feedback = PythonTestsVerifier(timeout=4.0, memory_mb=256)("q", _py(code), ADD_TESTS)
+    assert time.monotonic() - start < 4.0 + 2.0
     assert reward == 0.0
     if expected is None:  # the thread's MemoryError stays in the thread; the tests then run and one fails
         assert feedback.startswith("Test 2 of 3 failed"), feedback
@@ -645,7 +701,7 @@ def test_hostile_code_cannot_hang_or_kill_an_sdpo_training_run(tmp_path, tokeniz
     rows = Dataset.from_list([{"prompt": f"Write add(a, b) in Python ({i}).", "tests": ["assert add(1, 2) == 3"]} for i in range(2)])
     args = SDPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1, logging_steps=1,
                       max_completion_length=64, report_to="none", save_strategy="no", use_cpu=True, seed=0,
-                      num_generations=3, verifier="python_tests", verifier_kwargs={"timeout": 2, "memory_mb": 256})
+                      num_generations=3, verifier="python_tests", verifier_kwargs={"timeout": 4, "memory_mb": 256})
     trainer = SDPOTrainer(model=build_model("qwen3", tokenizer), args=args, train_dataset=rows, processing_class=tokenizer,
                           peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     scored = []
@@ -654,11 +710,11 @@ def test_hostile_code_cannot_hang_or_kill_an_sdpo_training_run(tmp_path, tokeniz
     trainer.sample = hostile_rollouts.__get__(trainer)
     start = time.monotonic()
     result = trainer.train()
-    assert result.global_step == 1 and time.monotonic() - start < 6 * (2 + 2) + 30
+    assert result.global_step == 1 and time.monotonic() - start < 6 * (4 + 2) + 30
     (verdicts,) = scored
     feedback = [verdict.feedback for verdict in verdicts]
     assert [verdict.reward for verdict in verdicts] == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-    assert feedback[0] == "Timed out after 2 s"
+    assert feedback[0] == "Timed out after 4 s"
     assert feedback[1].startswith("Solution raised PermissionError")
     assert feedback[2] == "Solution raised MemoryError"
     assert feedback[3].startswith("Solution raised PermissionError") and feedback[4].startswith("Solution raised PermissionError")
