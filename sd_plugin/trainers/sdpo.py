@@ -135,6 +135,8 @@ class SDPOTrainer(SelfDistillationTrainer):
             siblings = [j for j, g in enumerate(groups) if g == group and verdicts[j].correct and (j != i or not o.dont_reprompt_on_self_success)]
             solution = verdicts[siblings[0]].text if siblings else None
             feedback = verdicts[i].feedback if o.include_environment_feedback else None
+            if feedback is not None and not feedback.strip():
+                feedback = None  # as TRL: feedback that is empty after stripping is no feedback (no teacher prompt)
             if o.environment_feedback_only_without_solution and solution is not None:
                 feedback = None
             batch.teacher_contexts.append(teacher_context_text(solution, feedback))
