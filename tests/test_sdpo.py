@@ -245,9 +245,12 @@ def test_grpo_loss_matches_trl_sdpo_policy_loss():
         torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(theirs, logits)[0])
 
 
-def test_policy_mode_gradient_is_the_naive_grpo_gradient(tmp_path, tokenizer, quickstart_rows, monkeypatch):
-    """The whole trainer path (padding, hidden states, chunking) against GRPO computed from full logits per rollout."""
-    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, sdpo_mode="policy", teacher_model_kind="live")
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_policy_mode_gradient_is_the_naive_grpo_gradient(tmp_path, tokenizer, quickstart_rows, monkeypatch, temperature):
+    """The whole trainer path (padding, hidden states, chunking) against GRPO computed from full logits per rollout,
+    at the sampling temperature (the policy that drew the rollouts)."""
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, sdpo_mode="policy", teacher_model_kind="live",
+                            temperature=temperature)
     inputs = first_batch(trainer)
     model = trainer.model
     model.train()
@@ -264,7 +267,7 @@ def test_policy_mode_gradient_is_the_naive_grpo_gradient(tmp_path, tokenizer, qu
         length = int(batch.rollouts.completion_mask[i].sum())
         completion = batch.rollouts.completion_ids[i, :length]
         logits = model(input_ids=torch.cat([prompt, completion]).unsqueeze(0)).logits[0, len(prompt) - 1: -1]
-        logprobs = torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+        logprobs = torch.log_softmax(logits / temperature, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
         # ratio = exp(logp - logp.detach()) = 1 in value; its gradient is the policy gradient.
         total = total - (torch.exp(logprobs - logprobs.detach()) * advantages[i]).sum()
         rows += length
@@ -272,6 +275,36 @@ def test_policy_mode_gradient_is_the_naive_grpo_gradient(tmp_path, tokenizer, qu
     assert any(g.abs().sum() > 0 for g in ours)
     for a, b in zip(ours, naive):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("record_logprobs", [True, False])
+def test_grpo_ratio_is_one_on_policy_at_the_sampling_temperature(tmp_path, tokenizer, quickstart_rows, monkeypatch,
+                                                                  record_logprobs):
+    """Real sampling at temperature 0.5 with the weights that sampled: the PPO ratio is 1 and nothing is clipped,
+    with the sampler's recorded log-probs (importance_sampling_correction) as old log-probs or without them."""
+    import sd_plugin.trainers.sdpo as sdpo_module
+
+    trainer = SDPOTrainer(model=build_model("qwen3", tokenizer),
+                          args=make_args(tmp_path, sdpo_mode="policy", teacher_model_kind="live", temperature=0.5,
+                                         max_completion_length=16, importance_sampling_correction=record_logprobs),
+                          train_dataset=rows(quickstart_rows), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    trainer.verifier = lambda prompt, completion, record: (float(len(completion) % 2), None)  # unequal rewards
+    seen = {}
+
+    def spy(logprobs, old_logprobs, advantages, mask, **kwargs):
+        seen.update(logprobs=logprobs.detach(), old=old_logprobs.detach(), mask=mask)
+        return grpo_loss(logprobs, old_logprobs, advantages, mask, **kwargs)
+
+    monkeypatch.setattr(sdpo_module, "grpo_loss", spy)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, first_batch(trainer))
+    mask = seen["mask"].bool()
+    assert mask.sum() > 10
+    ratio = torch.exp(seen["logprobs"] - seen["old"])[mask]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
+    assert trainer._metrics["train"]["clip_fraction"][-1] == 0.0
+    if record_logprobs:  # the sampler's own log-probs, not a copy of the loss's
+        assert trainer.prepare_step(trainer.model, first_batch(trainer)).rollouts.old_logprobs is not None
 
 
 def test_hybrid_is_grpo_plus_weighted_distillation(tmp_path, tokenizer, quickstart_rows, monkeypatch):

@@ -171,8 +171,11 @@ class SDPOTrainer(SelfDistillationTrainer):
             return out.loss
         rollouts = batch.rollouts
         head_weight, head_bias = output_head(self.accelerator.unwrap_model(model))
+        # At the sampling temperature (as TRL's GRPO / SDPO): the policy that drew the rollouts, and the distribution
+        # the sampler's recorded log-probs are taken from, so that the ratio is exactly 1 on-policy.
         logprobs = chunked_token_logprobs(student_hidden, head_weight, rollouts.completion_ids,
-                                          rollouts.completion_mask, loss_chunk_size=o.loss_chunk_size, lm_head_bias=head_bias)
+                                          rollouts.completion_mask, loss_chunk_size=o.loss_chunk_size,
+                                          temperature=o.temperature, lm_head_bias=head_bias)
         # On-policy rollouts: the ratio is 1 in value and the clip only matters for rollouts from another engine.
         old_logprobs = rollouts.old_logprobs if rollouts.old_logprobs is not None else logprobs.detach()
         advantages = group_advantages(torch.tensor(batch.rewards, dtype=torch.float32, device=logprobs.device), o.num_generations)
