@@ -307,14 +307,15 @@ def test_grpo_ratio_is_one_on_policy_at_the_sampling_temperature(tmp_path, token
         assert trainer.prepare_step(trainer.model, first_batch(trainer)).rollouts.old_logprobs is not None
 
 
-def test_hybrid_is_grpo_plus_weighted_distillation(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+def test_hybrid_is_trls_convex_blend_of_grpo_and_distillation(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+    """TRL's SDPO meaning of distillation_weight w: (1 - w) x policy loss + w x distillation loss."""
     trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, sdpo_mode="hybrid", distillation_weight=0.25,
                             teacher_model_kind="base")
     inputs = first_batch(trainer)
     with torch.no_grad():
         total = trainer.compute_loss(trainer.model, inputs)
     metrics = trainer._metrics["train"]
-    expected = metrics["self_distillation/policy_loss"][-1] + 0.25 * metrics["self_distillation/distillation_loss"][-1]
+    expected = 0.75 * metrics["self_distillation/policy_loss"][-1] + 0.25 * metrics["self_distillation/distillation_loss"][-1]
     assert total.item() == pytest.approx(expected, rel=1e-5, abs=1e-8)
     assert metrics["self_distillation/distillation_loss"][-1] > 0
 
@@ -362,6 +363,9 @@ def test_sampled_rollouts_are_scored_by_a_builtin_verifier(tmp_path, tokenizer, 
         ({"sdpo_mode": "grpo"}, "sdpo_mode must be one of"),
         ({"sdpo_mode": "hybrid", "num_generations": 1}, "num_generations must be >= 2"),
         ({"distillation_weight": 0.5}, "only used with sdpo_mode=hybrid"),
+        ({"sdpo_mode": "hybrid"}, r"sdpo_mode=hybrid needs 0 < distillation_weight < 1, got 1.0"),
+        ({"sdpo_mode": "hybrid", "distillation_weight": 1.5}, "needs 0 < distillation_weight < 1"),
+        ({"sdpo_mode": "hybrid", "distillation_weight": 0.0}, "needs 0 < distillation_weight < 1"),
         ({"epsilon": 0.3}, "only used with sdpo_mode=policy or hybrid"),
         ({"sdpo_mode": "policy"}, "set teacher_model_kind: live"),
         ({"include_environment_feedback": False, "environment_feedback_only_without_solution": True}, "needs include_environment_feedback"),

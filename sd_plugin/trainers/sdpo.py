@@ -3,7 +3,7 @@
 Several rollouts per prompt are scored by a verifier. The teacher (an EMA of the student by default) sees
 the prompt plus a successful sibling rollout and/or the verifier's feedback on this rollout, and scores the
 same tokens; rows with neither get no distillation loss. `sdpo_mode` picks distillation only (the paper),
-GRPO only, or GRPO + weight x distillation.
+GRPO only, or (1 - distillation_weight) x GRPO + distillation_weight x distillation (TRL's SDPO formula).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class SDPOOptions(SelfDistillationOptions):
     dont_reprompt_on_self_success: bool = field(default=True, metadata={"help": "A successful rollout never gets itself as its teacher's solution, only a successful sibling (paper: true)."})
     include_environment_feedback: bool = field(default=True, metadata={"help": "Put the verifier's feedback on this rollout into the teacher's context."})
     environment_feedback_only_without_solution: bool = field(default=False, metadata={"help": "Use feedback only when no sibling solution exists."})
-    sdpo_mode: str = field(default="distill", metadata={"help": "distill (paper) | policy (GRPO only) | hybrid (GRPO + distillation_weight x distillation)."})
-    distillation_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation term in hybrid mode."})
+    sdpo_mode: str = field(default="distill", metadata={"help": "distill (paper) | policy (GRPO only) | hybrid ((1 - distillation_weight) x GRPO + distillation_weight x distillation)."})
+    distillation_weight: float = field(default=1.0, metadata={"help": "TRL's SDPO meaning: loss = (1 - w) x GRPO + w x distillation, w in [0, 1] (1.0: distillation only, TRL's default). sdpo_mode: hybrid needs 0 < w < 1 (0.5: both terms equally)."})
     epsilon: float = field(default=0.2, metadata={"help": "PPO clip range of the GRPO term."})
     prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (string or messages)."})
     tools_column: str = field(default="tools", metadata={"help": "Column with tool schemas (optional)."})
@@ -63,6 +63,13 @@ class SDPOOptions(SelfDistillationOptions):
             raise ValueError(f"sdpo_mode={self.sdpo_mode} needs group advantages: num_generations must be >= 2, got {self.num_generations}")
         if self.sdpo_mode != "hybrid" and self.distillation_weight != 1.0:
             raise ValueError(f"distillation_weight is only used with sdpo_mode=hybrid (sdpo_mode is {self.sdpo_mode})")
+        if self.sdpo_mode == "hybrid" and not 0.0 < self.distillation_weight < 1.0:
+            # TRL's meaning: 1.0 (TRL's default) is distillation only, 0.0 GRPO only; a hybrid blends both.
+            raise ValueError(
+                f"sdpo_mode=hybrid needs 0 < distillation_weight < 1, got {self.distillation_weight}: the loss is "
+                "(1 - distillation_weight) x GRPO + distillation_weight x distillation (TRL's SDPO); 0.5 weights both "
+                "equally, 1.0 is sdpo_mode: distill and 0.0 is sdpo_mode: policy"
+            )
         if self.sdpo_mode == "distill" and self.epsilon != 0.2:
             raise ValueError("epsilon is only used with sdpo_mode=policy or hybrid")
         if self.sdpo_mode == "policy" and self.teacher_model_kind != "live":
@@ -187,7 +194,8 @@ class SDPOTrainer(SelfDistillationTrainer):
         # The loss has two terms: log each (TRL's names); in the other modes the loss is the one term.
         metrics["self_distillation/policy_loss"].append(policy_loss.item())
         metrics["self_distillation/distillation_loss"].append(out.loss.item())
-        return policy_loss + o.distillation_weight * out.loss
+        # TRL's SDPO blend under TRL's name: (1 - w) x policy + w x distillation.
+        return (1.0 - o.distillation_weight) * policy_loss + o.distillation_weight * out.loss
 
 
 def teacher_context_text(solution: str | None, feedback: str | None) -> str:
