@@ -245,6 +245,64 @@ def test_gradient_accumulation_gives_the_same_step_as_one_big_batch(tmp_path, to
             torch.testing.assert_close(other[name], results[0][name], atol=1e-6, rtol=1e-4)
 
 
+def grouped_completions_by_prompt(tokenizer, lengths, num_generations):
+    """SDPO's `sample` replacement: rollout g of prompt i (by its text) always gets the same completion; the
+    lengths differ within a group, so do the rewards of `length_parity_verifier`."""
+    from sd_plugin.rollout import Rollouts
+    from sd_plugin.rows import right_pad
+
+    def sample(self, model, prompt_ids, prompt_mask):
+        completions = []
+        for ids, mask in zip(prompt_ids, prompt_mask):
+            key = sum(ids[mask.bool()].tolist())
+            for g in range(num_generations):
+                length = lengths[(key + g) % len(lengths)]
+                completions.append([10 + (key * 7 + 3 * g + j) % 50 for j in range(length)] + [tokenizer.eos_token_id])
+        ids, mask = right_pad(completions, tokenizer.pad_token_id)
+        index = torch.arange(prompt_ids.shape[0]).repeat_interleave(num_generations)
+        return Rollouts(ids, mask, index, torch.zeros(len(completions), dtype=torch.bool))
+
+    return sample
+
+
+def length_parity_verifier(prompt, completion, record):
+    """Reward by the completion's length; feedback on a miss (a teacher prompt for the hybrid's distillation)."""
+    return (1.0, None) if len(completion) % 2 else (0.0, "Say it in an odd number of characters.")
+
+
+@pytest.mark.parametrize("sdpo_mode", ["policy", "hybrid"])
+def test_gradient_accumulation_gives_the_same_sdpo_step_with_the_grpo_term(tmp_path, tokenizer, quickstart_rows,
+                                                                          monkeypatch, sdpo_mode):
+    """SDPO's GRPO term is normalised by the whole step's completion tokens, as the distillation term by its own:
+    4 prompts x 1, 1 x 4 and 2 x 2 micro-batches take the same SGD step (2 rollouts per prompt)."""
+    from datasets import Dataset
+
+    from sd_plugin import SDPOTrainer
+
+    monkeypatch.setattr(SDPOTrainer, "sample", grouped_completions_by_prompt(tokenizer, [2, 9, 4, 13, 1, 7, 3], 2))
+    data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in quickstart_rows[:4]])
+    mode = dict(sdpo_mode="policy", teacher_model_kind="live") if sdpo_mode == "policy" else dict(
+        sdpo_mode="hybrid", distillation_weight=0.5, teacher_model_kind="base")
+    results = []
+    for batch, accumulation in ((4, 1), (1, 4), (2, 2)):
+        args = SDPOConfig(output_dir=str(tmp_path / f"{batch}x{accumulation}"), per_device_train_batch_size=batch,
+                          gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=10.0,
+                          lr_scheduler_type="constant", max_grad_norm=1e9, report_to="none", save_strategy="no",
+                          use_cpu=True, seed=0, liger_loss=False, verifier="multiple_choice", num_generations=2, **mode)
+        trainer = SDPOTrainer(model=build_model("qwen3", tokenizer), args=args, train_dataset=data,
+                              processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+        trainer.verifier = length_parity_verifier
+        trainer.train()
+        results.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+        assert 0.0 < trainer.state.log_history[0]["self_distillation/reward_mean"] < 1.0  # advantages are not all 0
+    start = {n: p for n, p in get_peft_model(build_model("qwen3", tokenizer), LoraConfig(**LORA)).named_parameters()
+             if p.requires_grad}
+    assert max((results[0][n] - start[n]).abs().max().item() for n in start) > 1e-3, "the step must move the weights"
+    for other in results[1:]:
+        for name in results[0]:
+            torch.testing.assert_close(other[name], results[0][name], atol=1e-6, rtol=1e-4)
+
+
 def test_lambda_on_policy_draws_per_example_per_micro_batch_and_per_process(tmp_path, tokenizer, quickstart_rows):
     from datasets import Dataset
 

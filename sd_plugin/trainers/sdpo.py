@@ -187,7 +187,8 @@ class SDPOTrainer(SelfDistillationTrainer):
         old_logprobs = rollouts.old_logprobs if rollouts.old_logprobs is not None else logprobs.detach()
         advantages = group_advantages(torch.tensor(batch.rewards, dtype=torch.float32, device=logprobs.device), o.num_generations)
         policy_loss, clip_fraction = grpo_loss(logprobs, old_logprobs, advantages, rollouts.completion_mask,
-                                               epsilon=o.epsilon, loss_reduction=o.loss_reduction)
+                                               epsilon=o.epsilon, loss_reduction=o.loss_reduction,
+                                               normalizer=batch.policy_loss_normalizer)
         metrics["clip_fraction"].append(clip_fraction.item())
         if o.sdpo_mode == "policy":
             return policy_loss
