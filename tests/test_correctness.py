@@ -74,6 +74,45 @@ def test_hard_sync_makes_the_teacher_equal_the_student(tokenizer):
         torch.testing.assert_close(logits_of(scorer, ids), logits_of(model, ids), atol=1e-5, rtol=1e-5)
 
 
+def tiny_gpt2_with_trained_conv1d_adapter():
+    """A GPT-2 built here (no download) with LoRA on its Conv1D layers (fan_in_fan_out): c_attn [32 -> 96] and
+    the square c_proj / c_fc [32 -> 128]; the adapter is not zero."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"],
+                      fan_in_fan_out=True, task_type="CAUSAL_LM")
+    model = get_peft_model(GPT2LMHeadModel(config).eval(), lora)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("kind,sync,ema_rank", [("ema", 0, 0), ("ema", 0, 16), ("initial", 0, 0), ("base", 1, 0),
+                                                ("base", 1, 8)])
+def test_conv1d_lora_teachers_equal_the_student_they_copy(kind, sync, ema_rank):
+    """GPT-2-style Conv1D LoRA (fan_in_fan_out): the EMA / initial teacher starts at the student, a hard sync
+    copies it; peft's delta is in Conv1D's [in, out] layout and must be applied as [out, in]."""
+    model = tiny_gpt2_with_trained_conv1d_adapter()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    teacher = Teacher(model, kind, ema_rate=0.1, sync_steps=sync, ema_rank=ema_rank)
+    if sync:  # the student moves on, then is copied
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    param.mul_(1.7)
+        teacher.step(model, 1)
+    student = logits_of(model, ids)
+    with teacher.scoring(model) as scorer:
+        torch.testing.assert_close(logits_of(scorer, ids), student, atol=1e-5, rtol=1e-5)
+    with model.disable_adapter():
+        assert not torch.allclose(logits_of(model, ids), student, atol=1e-3), "the adapter must matter for this test"
+
+
 @pytest.mark.parametrize("lora,kind,sync,match", [
     (dict(use_dora=True), "ema", 0, "DoRA"),
     (dict(use_dora=True), "base", 5, "DoRA"),
