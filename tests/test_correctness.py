@@ -284,31 +284,6 @@ def test_gradient_accumulation_gives_the_same_step_as_one_big_batch(tmp_path, to
             torch.testing.assert_close(other[name], results[0][name], atol=1e-6, rtol=1e-4)
 
 
-def grouped_completions_by_prompt(tokenizer, lengths, num_generations):
-    """SDPO's `sample` replacement: rollout g of prompt i (by its text) always gets the same completion; the
-    lengths differ within a group, so do the rewards of `length_parity_verifier`."""
-    from sd_plugin.rollout import Rollouts
-    from sd_plugin.rows import right_pad
-
-    def sample(self, model, prompt_ids, prompt_mask):
-        completions = []
-        for ids, mask in zip(prompt_ids, prompt_mask):
-            key = sum(ids[mask.bool()].tolist())
-            for g in range(num_generations):
-                length = lengths[(key + g) % len(lengths)]
-                completions.append([10 + (key * 7 + 3 * g + j) % 50 for j in range(length)] + [tokenizer.eos_token_id])
-        ids, mask = right_pad(completions, tokenizer.pad_token_id)
-        index = torch.arange(prompt_ids.shape[0]).repeat_interleave(num_generations)
-        return Rollouts(ids, mask, index, torch.zeros(len(completions), dtype=torch.bool))
-
-    return sample
-
-
-def length_parity_verifier(prompt, completion, record):
-    """Reward by the completion's length; feedback on a miss (a teacher prompt for the hybrid's distillation)."""
-    return (1.0, None) if len(completion) % 2 else (0.0, "Say it in an odd number of characters.")
-
-
 @pytest.mark.parametrize("sdpo_mode", ["policy", "hybrid"])
 def test_gradient_accumulation_gives_the_same_sdpo_step_with_the_grpo_term(tmp_path, tokenizer, quickstart_rows,
                                                                           monkeypatch, sdpo_mode):
@@ -317,8 +292,10 @@ def test_gradient_accumulation_gives_the_same_sdpo_step_with_the_grpo_term(tmp_p
     from datasets import Dataset
 
     from sd_plugin import SDPOTrainer
+    from sd_plugin.testing import length_parity_verifier, scripted_grouped_rollouts
 
-    monkeypatch.setattr(SDPOTrainer, "sample", grouped_completions_by_prompt(tokenizer, [2, 9, 4, 13, 1, 7, 3], 2))
+    monkeypatch.setattr(SDPOTrainer, "sample", scripted_grouped_rollouts(tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                                                         [2, 9, 4, 13, 1, 7, 3], 2))
     data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in quickstart_rows[:4]])
     mode = dict(sdpo_mode="policy", teacher_model_kind="live") if sdpo_mode == "policy" else dict(
         sdpo_mode="hybrid", distillation_weight=0.5, teacher_model_kind="base")
