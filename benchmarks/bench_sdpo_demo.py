@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-completion-length", type=int, default=24)
     parser.add_argument("--teacher-model-kind", default="ema")
     parser.add_argument("--sdpo-mode", default="distill", help="distill (the paper) | policy (GRPO) | hybrid")
+    parser.add_argument("--distillation-weight", type=float, default=0.5,
+                        help="hybrid only: (1 - w) x GRPO + w x distillation (TRL's meaning)")
     args = parser.parse_args(argv)
 
     import torch
@@ -57,7 +59,8 @@ def main(argv=None) -> int:
         warmup_steps=2, seed=0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
         max_completion_length=args.max_completion_length, max_prompt_length=128, temperature=args.temperature,
         verifier="sd_plugin.demo_task:AnswerContainsVerifier", teacher_model_kind=args.teacher_model_kind,
-        sdpo_mode=args.sdpo_mode, log_completions=True, num_completions_to_print=4,
+        sdpo_mode=args.sdpo_mode, distillation_weight=args.distillation_weight if args.sdpo_mode == "hybrid" else 1.0,
+        log_completions=True, num_completions_to_print=4,
     )
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     trainer = SDPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)

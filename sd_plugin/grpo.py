@@ -64,18 +64,20 @@ def grpo_loss(
     *,
     epsilon: float = 0.2,
     loss_reduction: str = "token",
+    normalizer: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO-clipped policy-gradient loss with per-sequence advantages; returns (loss, clipped-token fraction).
 
     per token: -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon) * A), ratio = exp(logp - old_logp);
-    reduced with `loss_token_weights` (token mean over the batch, or per-sequence then batch mean).
+    reduced with `loss_token_weights` (token mean over the batch, or per-sequence then batch mean; `normalizer`:
+    the optimizer step's count instead of this batch's, for gradient-accumulation / multi-process invariance).
     """
     ratio = torch.exp(logprobs - old_logprobs)
     advantages = advantages.unsqueeze(-1)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - epsilon, 1.0 + epsilon) * advantages
     per_token = -torch.minimum(unclipped, clipped)
-    weights = loss_token_weights(mask.to(per_token.dtype), loss_reduction=loss_reduction)
+    weights = loss_token_weights(mask.to(per_token.dtype), loss_reduction=loss_reduction, normalizer=normalizer)
     is_clipped = (clipped < unclipped).to(per_token.dtype)
     clip_fraction = (is_clipped * mask).sum() / mask.sum().clamp(min=1)
     return (per_token * weights).sum(), clip_fraction.detach()

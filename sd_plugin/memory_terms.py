@@ -128,6 +128,12 @@ def tiled_terms(setup: TrainingSetup, saved: dict[str, float]) -> dict[str, int]
     the gradients of one layer's output and input [T, H] and of its keys/values. The teacher (no grad) keeps a
     layer's input and output [T, H], its keys/values and one tile's temporaries; only the completion
     positions' hidden states leave either forward.
+
+    The attention core is CUDA's memory-efficient kernel (tiling.fused_attention_kernel): it keeps its output
+    and log-sum-exp, never [heads, tile, T] scores. What it needs beyond the model's keys/values: the K/V heads
+    repeated to the query heads ([T, query_dim] each, `tiling.expand_kv_heads`) and, in backward, their
+    gradients before they are summed back to the K/V heads; the boolean [tile, T] mask and its additive copy in
+    the compute dtype.
     """
     shape, b = setup.shape, setup.compute_bytes
     rows = setup.micro_batch_size * setup.num_generations
@@ -149,12 +155,19 @@ def tiled_terms(setup: TrainingSetup, saved: dict[str, float]) -> dict[str, int]
     else:
         student_activations, host_offloaded = layer_inputs + kept_kv + carry, 0
     mask = (1 + b) * tile_tokens * student_length  # bool [tile, T], converted for the attention kernel
+    # K/V repeated to the query heads for the memory-efficient kernel (per token; 0 without grouped heads), and in
+    # backward also their gradients; without grouping, the gradients of the K/V slices the tile reads.
+    grouped = shape.num_attention_heads > shape.num_key_value_heads
+    expanded = 2 * shape.query_dim * b if grouped else 0
+    expanded_backward = 2 * expanded if grouped else kv
     working = forward_working_bytes_per_token(setup)
     backward = (max(saved.values()) + BACKWARD_TRANSIENT_FACTOR * working) * tile_tokens + mask
-    backward += 2 * row * student_tokens + (kv * student_tokens if shape.full_attention_layers else 0)
+    backward += 2 * row * student_tokens
+    if shape.full_attention_layers:
+        backward += (kv + expanded_backward) * student_tokens
     teacher_tile = rows * min(setup.sequence_tile_size, teacher_length)
     teacher = (working * teacher_tile + (1 + b) * teacher_tile * teacher_length + 3 * row * teacher_tokens
-               + (kv * teacher_tokens if shape.full_attention_layers else 0))
+               + ((kv + expanded) * teacher_tokens if shape.full_attention_layers else 0))
     completion_tokens = rows * setup.completion_length
     hidden_states = 2 * row * completion_tokens + (b if setup.liger_rms_norm else 4) * shape.hidden_size * completion_tokens
     return {"student_activations": int(student_activations), "backward_working_set": int(backward),

@@ -61,14 +61,19 @@ def lora_layers(model) -> dict[str, torch.nn.Module]:
 
 @torch.no_grad()
 def lora_delta(module) -> torch.Tensor:
-    """Effective weight update of a LoRA layer's active adapter, in float32 (a full tensor, also under FSDP2)."""
+    """Effective weight update of a LoRA layer's active adapter, in float32 (a full tensor, also under FSDP2),
+    as an [out, in] matrix (what `F.linear` applies) for every layer kind.
+
+    peft's `get_delta_weight` returns it in the base weight's layout, which for `fan_in_fan_out` layers
+    (GPT-2's Conv1D, whose weight is [in, out]) is the transpose: transposed back here.
+    """
     adapter = module.active_adapters[0]
     weight_a, weight_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
     if is_dtensor(weight_a) or is_dtensor(weight_b):
-        # FSDP2 shards A and B along their first dimension: gather both, then form B @ A as peft does.
-        delta = full_value(weight_b).float() @ full_value(weight_a).float()
-        return (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
-    return module.get_delta_weight(adapter).float()
+        # FSDP2 shards A and B along their first dimension: gather both, then form B @ A ([out, in]) as peft does.
+        return (full_value(weight_b).float() @ full_value(weight_a).float()) * module.scaling[adapter]
+    delta = module.get_delta_weight(adapter).float()
+    return delta.T.contiguous() if module.fan_in_fan_out else delta
 
 
 def is_dtensor(tensor) -> bool:
@@ -326,10 +331,9 @@ def lora_layers_any(model) -> dict[str, torch.nn.Module]:
 
 
 def lora_factors(module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale * B, A) of a LoRA layer's active adapter in float32: Delta W = scale * B @ A, never formed."""
+    """(scale * B, A) of a LoRA layer's active adapter in float32: Delta W = scale * B @ A ([out, in], also for
+    fan_in_fan_out layers: lora_B / lora_A are nn.Linear either way), never formed."""
     adapter = module.active_adapters[0]
-    if module.fan_in_fan_out:
-        raise ValueError("teacher_ema_rank > 0 supports nn.Linear LoRA layers (fan_in_fan_out=False) only")
     up = full_value(module.lora_B[adapter].weight).detach().float() * module.scaling[adapter]
     return up, full_value(module.lora_A[adapter].weight).detach().float()
 

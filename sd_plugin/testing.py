@@ -142,3 +142,32 @@ def build_model(kind: str, tokenizer, *, seed: int = 0, vocab_size: int | None =
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def scripted_grouped_rollouts(eos_token_id: int, pad_token_id: int, lengths: list[int], num_generations: int):
+    """A `sample` replacement for the trainers (tests of SDPO's GRPO term): rollout g of a prompt always gets the
+    same completion, chosen from the prompt's token ids, whatever the process, RNG or micro-batch; lengths differ
+    within a group, so do the rewards of `length_parity_verifier`."""
+    import torch
+
+    from sd_plugin.rollout import Rollouts
+    from sd_plugin.rows import right_pad
+
+    def sample(self, model, prompt_ids, prompt_mask):
+        completions = []
+        for ids, mask in zip(prompt_ids, prompt_mask):
+            key = sum(ids[mask.bool()].tolist())
+            for g in range(num_generations):
+                length = lengths[(key + g) % len(lengths)]
+                completions.append([10 + (key * 7 + 3 * g + j) % 50 for j in range(length)] + [eos_token_id])
+        ids, mask = right_pad(completions, pad_token_id)
+        index = torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat_interleave(num_generations)
+        return Rollouts(ids.to(prompt_ids.device), mask.to(prompt_ids.device), index,
+                        torch.zeros(len(completions), dtype=torch.bool, device=prompt_ids.device))
+
+    return sample
+
+
+def length_parity_verifier(prompt, completion, record):
+    """Reward 1 for an odd number of characters; feedback on a miss (a teacher prompt for SDPO's distillation)."""
+    return (1.0, None) if len(completion) % 2 else (0.0, "Say it in an odd number of characters.")

@@ -9,7 +9,9 @@ one that runs layer by layer, tile by tile, around the model's own modules:
   gated norm, MLP) of one tile is one checkpoint, so backward recomputes one tile at a time.
 - Full-attention layers first compute each tile's K/V (one checkpoint per tile; K/V of the whole
   sequence stay, like a KV cache), then each query tile runs projections, gate, an SDPA core over the K/V of
-  itself and the earlier tiles (causal, padding keys masked), o_proj and the MLP as one checkpoint.
+  itself and the earlier tiles (causal, padding keys masked), o_proj and the MLP as one checkpoint. The K/V
+  heads are repeated to the query heads so that CUDA's memory-efficient kernel takes the masked call (never
+  the math kernel: `fused_attention_kernel`).
 - Only the positions in `keep` (the completion slice) get the final norm; they are returned as a copy.
 
 Under `torch.no_grad()` (the teacher) the same code is a chunked prefill: nothing is checkpointed and only the
@@ -150,6 +152,43 @@ def tile_attention_mask(mask: torch.Tensor, start: int, end: int) -> torch.Tenso
     return ((causal & mask[:, None, :end]) | (key == query)).unsqueeze(1)
 
 
+def expand_kv_heads(keys: torch.Tensor, values: torch.Tensor, query_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V [B, kv_heads, S, D] repeated to the query heads (query head h reads K/V head h // groups, as SDPA's
+    enable_gqa and transformers' repeat_kv).
+
+    Why: on CUDA the flash kernel takes grouped heads but no attention mask, and the memory-efficient kernel
+    takes a mask but not grouped heads; a masked grouped call gets PyTorch's math kernel, which materialises
+    the [heads, tile, S] scores (8 GiB in bf16 per call at 64K). The copies live inside the tile's checkpoint
+    (2 x [B, heads, S, D], and their gradients in backward): what the planner counts (memory_terms.tiled_terms).
+    """
+    groups = query_heads // keys.shape[1]
+    if groups == 1:
+        return keys, values
+    return keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+
+
+@contextlib.contextmanager
+def fused_attention_kernel(query: torch.Tensor):
+    """On CUDA, SDPA restricted to the memory-efficient kernel (it takes the tile's boolean mask): never the math
+    kernel, whose [heads, tile, S] scores the planner does not count. A call it refuses fails loudly, naming the
+    option. Elsewhere (CPU) SDPA picks its own kernel."""
+    if not query.is_cuda:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        try:
+            yield
+        except RuntimeError as error:
+            if "No available kernel" not in str(error):
+                raise
+            raise RuntimeError(
+                f"sequence_tile_size: PyTorch's memory-efficient attention kernel refused the tiled attention call "
+                f"({query.dtype}, head_dim {query.shape[-1]}; see the warnings above for why), and the math kernel would "
+                "materialise [heads, tile, length] scores; set sequence_tile_size: 0") from error
+
+
 def _modeling(module):
     return sys.modules[type(module).__module__]
 
@@ -219,9 +258,10 @@ def attention_tile(layer, hidden, position_embeddings, keys, values, allowed):
     query = attn.q_norm(query.view(shape)).transpose(1, 2)
     cos, sin = position_embeddings
     query, _ = _modeling(attn).apply_rotary_pos_emb(query, query, cos, sin)
-    out = F.scaled_dot_product_attention(
-        query, keys.to(query.dtype), values.to(query.dtype), attn_mask=allowed, scale=attn.scaling,
-        dropout_p=attn.attention_dropout if attn.training else 0.0, enable_gqa=True)
+    keys, values = expand_kv_heads(keys.to(query.dtype), values.to(query.dtype), query.shape[1])
+    with fused_attention_kernel(query):
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=attn.scaling,
+                                             dropout_p=attn.attention_dropout if attn.training else 0.0)
     out = out.transpose(1, 2).reshape(*input_shape, -1)
     if gate is not None:
         out = out * torch.sigmoid(gate)

@@ -66,22 +66,30 @@ def vllm_generation_kwargs(options, *, per_device_batch_size: int, eos_token_ids
 class VLLMRollouts:
     """A `RolloutBackend` over a VLLMGeneration-like engine (`generate`, `sync_weights`).
 
-    push_every_call: colocate sleep mode. VLLMGeneration puts the engine to sleep at level 2 after each
-    generate, and on waking reloads the checkpoint's weights from disk (vLLM issue 29341): the pushed weights
-    are gone, so they are pushed again before every rollout batch (every micro-batch under gradient
-    accumulation). They are still the weights after the last optimizer step.
+    sleep_mode: colocate with `vllm_enable_sleep_mode`. VLLMGeneration puts the engine to sleep at level 2 after
+    each generate (the weights are dropped), and its `generate` wakes it and reloads the checkpoint from disk
+    (`collective_rpc("reload_weights")`, TRL's work-around for vLLM issue 29341) after any push made before the
+    call: pushed weights would never be sampled. So the push happens inside generate, right before vLLM samples
+    (`PushBeforeSampling` on the engine's `llm`): after each reload, and after each optimizer step. The pushed
+    weights are still the weights after the last optimizer step.
     """
 
-    def __init__(self, engine, push_every_call: bool = False):
+    def __init__(self, engine, sleep_mode: bool = False):
         self.engine = engine
-        self.push_every_call = push_every_call
+        self.sleep_mode = sleep_mode
         self.synced_step: int | None = None
+        if sleep_mode:
+            engine.llm = PushBeforeSampling(engine.llm, engine.sync_weights)
 
     def sync_weights(self, step: int) -> None:
         """Push the trainer's weights when the optimizer has stepped since the last push (or never pushed)."""
-        if step != self.synced_step or self.push_every_call:
+        if step == self.synced_step:
+            return
+        if self.sleep_mode:
+            self.engine.llm.stale = True  # pushed inside generate, after the engine's wake-up and reload
+        else:
             self.engine.sync_weights()
-            self.synced_step = step
+        self.synced_step = step
 
     @torch.no_grad()
     def __call__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, options: SamplingOptions,
@@ -97,6 +105,35 @@ class VLLMRollouts:
             logprobs = sampled_token_logprobs(completion_ids, logprobs, logprob_token_ids)
         return rollouts_from_token_lists(completion_ids, logprobs, options.num_generations, eos_token_ids,
                                          pad_token_id, device=prompt_ids.device)
+
+
+class PushBeforeSampling:
+    """The colocated vLLM `LLM` of a sleeping engine, with the student's weights pushed right before it samples.
+
+    Everything is passed through to the engine's `LLM`, except: `collective_rpc("reload_weights")` (the
+    checkpoint from disk replaces the pushed weights) marks the weights stale, and `generate` first pushes the
+    student's weights (`push`: VLLMGeneration.sync_weights) when they are stale. With TRL 1.9 that is one push
+    per rollout batch (every generate reloads); with a TRL that stops reloading, one push per optimizer step.
+    """
+
+    def __init__(self, llm, push):
+        self.llm, self.push, self.stale = llm, push, True
+
+    def __getattr__(self, name):
+        return getattr(self.llm, name)
+
+    def collective_rpc(self, method, *args, **kwargs):
+        try:
+            return self.llm.collective_rpc(method, *args, **kwargs)
+        finally:
+            if method == "reload_weights":
+                self.stale = True
+
+    def generate(self, *args, **kwargs):
+        if self.stale:
+            self.push()  # VLLMGeneration.sync_weights: wakes the weights (idempotent), loads the student's, resets the cache
+            self.stale = False
+        return self.llm.generate(*args, **kwargs)
 
 
 def sampled_token_logprobs(completion_ids: list[list[int]], logprobs: list[list[list[float | None]]],
@@ -133,4 +170,4 @@ def make_vllm_rollouts(trainer) -> VLLMRollouts:
         **vllm_generation_kwargs(o, per_device_batch_size=trainer.args.per_device_train_batch_size,
                                  eos_token_ids=trainer.eos_token_ids),
     )
-    return VLLMRollouts(engine, push_every_call=o.vllm_mode == "colocate" and o.vllm_enable_sleep_mode)
+    return VLLMRollouts(engine, sleep_mode=o.vllm_mode == "colocate" and o.vllm_enable_sleep_mode)

@@ -74,6 +74,45 @@ def test_hard_sync_makes_the_teacher_equal_the_student(tokenizer):
         torch.testing.assert_close(logits_of(scorer, ids), logits_of(model, ids), atol=1e-5, rtol=1e-5)
 
 
+def tiny_gpt2_with_trained_conv1d_adapter():
+    """A GPT-2 built here (no download) with LoRA on its Conv1D layers (fan_in_fan_out): c_attn [32 -> 96] and
+    the square c_proj / c_fc [32 -> 128]; the adapter is not zero."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"],
+                      fan_in_fan_out=True, task_type="CAUSAL_LM")
+    model = get_peft_model(GPT2LMHeadModel(config).eval(), lora)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("kind,sync,ema_rank", [("ema", 0, 0), ("ema", 0, 16), ("initial", 0, 0), ("base", 1, 0),
+                                                ("base", 1, 8)])
+def test_conv1d_lora_teachers_equal_the_student_they_copy(kind, sync, ema_rank):
+    """GPT-2-style Conv1D LoRA (fan_in_fan_out): the EMA / initial teacher starts at the student, a hard sync
+    copies it; peft's delta is in Conv1D's [in, out] layout and must be applied as [out, in]."""
+    model = tiny_gpt2_with_trained_conv1d_adapter()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    teacher = Teacher(model, kind, ema_rate=0.1, sync_steps=sync, ema_rank=ema_rank)
+    if sync:  # the student moves on, then is copied
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    param.mul_(1.7)
+        teacher.step(model, 1)
+    student = logits_of(model, ids)
+    with teacher.scoring(model) as scorer:
+        torch.testing.assert_close(logits_of(scorer, ids), student, atol=1e-5, rtol=1e-5)
+    with model.disable_adapter():
+        assert not torch.allclose(logits_of(model, ids), student, atol=1e-3), "the adapter must matter for this test"
+
+
 @pytest.mark.parametrize("lora,kind,sync,match", [
     (dict(use_dora=True), "ema", 0, "DoRA"),
     (dict(use_dora=True), "base", 5, "DoRA"),
@@ -237,6 +276,41 @@ def test_gradient_accumulation_gives_the_same_step_as_one_big_batch(tmp_path, to
                               processing_class=tokenizer, peft_config=LoraConfig(**LORA))
         trainer.train()
         results.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+    start = {n: p for n, p in get_peft_model(build_model("qwen3", tokenizer), LoraConfig(**LORA)).named_parameters()
+             if p.requires_grad}
+    assert max((results[0][n] - start[n]).abs().max().item() for n in start) > 1e-3, "the step must move the weights"
+    for other in results[1:]:
+        for name in results[0]:
+            torch.testing.assert_close(other[name], results[0][name], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sdpo_mode", ["policy", "hybrid"])
+def test_gradient_accumulation_gives_the_same_sdpo_step_with_the_grpo_term(tmp_path, tokenizer, quickstart_rows,
+                                                                          monkeypatch, sdpo_mode):
+    """SDPO's GRPO term is normalised by the whole step's completion tokens, as the distillation term by its own:
+    4 prompts x 1, 1 x 4 and 2 x 2 micro-batches take the same SGD step (2 rollouts per prompt)."""
+    from datasets import Dataset
+
+    from sd_plugin import SDPOTrainer
+    from sd_plugin.testing import length_parity_verifier, scripted_grouped_rollouts
+
+    monkeypatch.setattr(SDPOTrainer, "sample", scripted_grouped_rollouts(tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                                                         [2, 9, 4, 13, 1, 7, 3], 2))
+    data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in quickstart_rows[:4]])
+    mode = dict(sdpo_mode="policy", teacher_model_kind="live") if sdpo_mode == "policy" else dict(
+        sdpo_mode="hybrid", distillation_weight=0.5, teacher_model_kind="base")
+    results = []
+    for batch, accumulation in ((4, 1), (1, 4), (2, 2)):
+        args = SDPOConfig(output_dir=str(tmp_path / f"{batch}x{accumulation}"), per_device_train_batch_size=batch,
+                          gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=10.0,
+                          lr_scheduler_type="constant", max_grad_norm=1e9, report_to="none", save_strategy="no",
+                          use_cpu=True, seed=0, liger_loss=False, verifier="multiple_choice", num_generations=2, **mode)
+        trainer = SDPOTrainer(model=build_model("qwen3", tokenizer), args=args, train_dataset=data,
+                              processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+        trainer.verifier = length_parity_verifier
+        trainer.train()
+        results.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+        assert 0.0 < trainer.state.log_history[0]["self_distillation/reward_mean"] < 1.0  # advantages are not all 0
     start = {n: p for n, p in get_peft_model(build_model("qwen3", tokenizer), LoraConfig(**LORA)).named_parameters()
              if p.requires_grad}
     assert max((results[0][n] - start[n]).abs().max().item() for n in start) > 1e-3, "the step must move the weights"

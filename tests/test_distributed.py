@@ -134,6 +134,35 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.slow
+def test_sdpo_grpo_term_is_the_same_step_on_two_processes_and_with_accumulation(tmp_path):
+    """SDPO with its GRPO term (policy and hybrid): 2 processes x 2 prompts, 1 x 4 and 4 micro-batches x 1 take the
+    same SGD steps. Two scripted rollouts per prompt of different lengths (`scripted_grouped_rollouts`), so the
+    processes and micro-batches hold different token counts, and the GRPO term must divide by the step's total."""
+    import json
+
+    sdpo = ["--rows", "4", "--max-steps", "2", "--teacher", "base", "--loss-reduction", "token", "--optim", "sgd",
+            "--learning-rate", "1.0"]
+    modes = ("policy", "hybrid")
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([[str(tmp_path / f"two-{m}"), *sdpo, "--sdpo-mode", m, "--batch-size", "2"] for m in modes]))
+    torchrun(TRAIN, "--jobs", str(jobs))
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps(
+        [[str(tmp_path / f"one-{m}"), *sdpo, "--sdpo-mode", m, "--batch-size", "4"] for m in modes]
+        + [[str(tmp_path / f"accumulated-{m}"), *sdpo, "--sdpo-mode", m, "--batch-size", "1", "--grad-accum", "4"]
+           for m in modes]))
+    run([sys.executable, str(TRAIN), "--jobs", str(single)])
+    for mode in modes:
+        one, accumulated = (load(tmp_path / f"{name}-{mode}" / "result_rank0.pt") for name in ("one", "accumulated"))
+        two = [load(tmp_path / f"two-{mode}" / f"result_rank{rank}.pt") for rank in (0, 1)]
+        rewards = logged(one, "self_distillation/reward_mean")
+        assert all(0.0 < r < 1.0 for r in rewards), rewards  # advantages are not all zero
+        assert max_difference(two[0]["params"], two[1]["params"]) == 0.0
+        assert max_difference(two[0]["params"], one["params"]) < 1e-5, mode
+        assert max_difference(accumulated["params"], one["params"]) < 1e-5, mode
+
+
+@pytest.mark.slow
 def test_sharded_ema_teacher_matches_an_unsharded_one(tmp_path):
     kinds = ["fsdp2", "fsdp2-full", "fsdp1"]
     torchrun(SHARDED, str(tmp_path), *kinds)

@@ -92,7 +92,7 @@ def test_sdpo_hybrid_raises_the_training_reward_of_the_demo_model(demo_model_dir
         learning_rate=1e-3, lr_scheduler_type="constant_with_warmup", warmup_steps=2, seed=0, logging_steps=1,
         save_strategy="no", report_to="none", use_cpu=True, max_completion_length=24, max_prompt_length=128,
         temperature=1.0, verifier="sd_plugin.demo_task:AnswerContainsVerifier", teacher_model_kind="base",
-        sdpo_mode="hybrid",
+        sdpo_mode="hybrid", distillation_weight=0.5,
     )
     trainer = SDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(read_jsonl(DATA / "capitals_test.jsonl")),
                           processing_class=tokenizer, peft_config=LoraConfig(**LORA))

@@ -28,7 +28,7 @@ CASES = [
     (SDPOOptions, {**SDPO, "success_threshold": 0.5}, {**SDPO, "success_reward_threshold": 0.5}),
     (SDPOOptions, {**SDPO, "use_feedback": False}, {**SDPO, "include_environment_feedback": False}),
     (SDPOOptions, {**SDPO, "feedback_only_without_solution": True}, {**SDPO, "environment_feedback_only_without_solution": True}),
-    (SDPOOptions, {**SDPO, "sdpo_mode": "hybrid", "grpo_epsilon": 0.3}, {**SDPO, "sdpo_mode": "hybrid", "epsilon": 0.3}),
+    (SDPOOptions, {**SDPO, "sdpo_mode": "hybrid", "distillation_weight": 0.5, "grpo_epsilon": 0.3}, {**SDPO, "sdpo_mode": "hybrid", "distillation_weight": 0.5, "epsilon": 0.3}),
     (SDPOOptions, {**SDPO, "include_own_solution": True}, {**SDPO, "dont_reprompt_on_self_success": False}),
     (SDPOOptions, {**SDPO, "include_own_solution": False}, {**SDPO, "dont_reprompt_on_self_success": True}),
     (SDZeroOptions, {"phase": "distill", **SDPO, "success_threshold": 0.5}, {"phase": "distill", **SDPO, "success_reward_threshold": 0.5}),

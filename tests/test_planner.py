@@ -336,17 +336,20 @@ def test_chunked_prefill_plans_one_chunks_working_set_and_the_same_cache():
     assert chunked.setup.prefill_chunk_size == 4096 and chunked.fits
     cfg["sdft"].pop("prefill_chunk_size")
     one_pass = plan_memory(cfg, gpus=2, gpu_memory="24GB")
-    assert one_pass.peak_phase == "rollout" and chunked.peak_phase == "backward"
-    assert chunked.peak < one_pass.peak
+    # The one-pass prefill's rollout phase is the larger; at 64K on 24 GB the step's backward (with the tiled
+    # attention's repeated K/V heads and their gradients) now peaks slightly above both.
+    assert chunked.phases["rollout"] < one_pass.phases["rollout"] and chunked.peak_phase == "backward"
+    assert chunked.peak <= one_pass.peak
     assert chunked.rollout_kv_cache == one_pass.rollout_kv_cache  # the cache still holds the whole prompt
     # One 4,096-token chunk of the 57,344-token prompt: 1/14 of the working set, plus the cache's copy of one of the
     # 8 full-attention layers' keys/values while a chunk is appended.
     one_chunk = one_pass.rollout_working_set / 14
     assert one_chunk < chunked.rollout_working_set < one_chunk + chunked.rollout_kv_cache / 8
     assert any("prefill_chunk_size 4096" in note for note in chunked.notes)
-    # Suggested when the one-pass prefill is what does not fit: 120K-token prompts on the same GPUs.
-    cfg["sdft"].update(max_prompt_length=120000, max_teacher_prompt_length=120000)
-    cfg["sequence_len"] = 128192
-    long_prompt = plan_memory(cfg, gpus=2, gpu_memory="24GB")
+    # Suggested when the one-pass prefill is what does not fit: 150K-token prompts on 31 GB GPUs (the tiled step's
+    # backward then fits, the one-pass prefill does not).
+    cfg["sdft"].update(max_prompt_length=150000, max_teacher_prompt_length=150000)
+    cfg["sequence_len"] = 158192
+    long_prompt = plan_memory(cfg, gpus=2, gpu_memory="31GB")
     assert long_prompt.peak_phase == "rollout" and not long_prompt.fits
     assert any(s.startswith("prefill_chunk_size: 4096") for s in long_prompt.suggestions), long_prompt.suggestions

@@ -111,6 +111,18 @@ def test_teacher_context_has_sibling_solution_and_feedback_exactly_when_it_shoul
     assert metrics["self_distillation/success_group_fraction"][-1] == (0.0 if overrides.get("success_reward_threshold") else 0.5)
 
 
+@pytest.mark.parametrize("blank", ["", "  \n\t "])
+def test_whitespace_only_feedback_builds_no_teacher_prompt(tmp_path, tokenizer, quickstart_rows, monkeypatch, blank):
+    """TRL ignores feedback that is empty after stripping: no solution (threshold 2) and blank feedback: no teacher."""
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, success_reward_threshold=2.0)
+    trainer.verifier = lambda prompt, completion, record: (0.0, blank if completion == "wrong one" else None)
+    teacher, _ = teacher_texts(trainer, first_batch(trainer))
+    assert teacher == [None] * 6
+    metrics = trainer._metrics["train"]
+    assert metrics["self_distillation/feedback_used_fraction"][-1] == 0.0
+    assert metrics["no_teacher_signal_fraction"][-1] == 1.0
+
+
 def test_thinking_of_the_sibling_solution_is_stripped(tmp_path, tokenizer, quickstart_rows, monkeypatch):
     texts = ["wrong one", "<think>private musing</think>\n<answer>A</answer> right", *TEXTS[2:]]
     trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, texts=texts)
@@ -233,9 +245,12 @@ def test_grpo_loss_matches_trl_sdpo_policy_loss():
         torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(theirs, logits)[0])
 
 
-def test_policy_mode_gradient_is_the_naive_grpo_gradient(tmp_path, tokenizer, quickstart_rows, monkeypatch):
-    """The whole trainer path (padding, hidden states, chunking) against GRPO computed from full logits per rollout."""
-    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, sdpo_mode="policy", teacher_model_kind="live")
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_policy_mode_gradient_is_the_naive_grpo_gradient(tmp_path, tokenizer, quickstart_rows, monkeypatch, temperature):
+    """The whole trainer path (padding, hidden states, chunking) against GRPO computed from full logits per rollout,
+    at the sampling temperature (the policy that drew the rollouts)."""
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, sdpo_mode="policy", teacher_model_kind="live",
+                            temperature=temperature)
     inputs = first_batch(trainer)
     model = trainer.model
     model.train()
@@ -252,7 +267,7 @@ def test_policy_mode_gradient_is_the_naive_grpo_gradient(tmp_path, tokenizer, qu
         length = int(batch.rollouts.completion_mask[i].sum())
         completion = batch.rollouts.completion_ids[i, :length]
         logits = model(input_ids=torch.cat([prompt, completion]).unsqueeze(0)).logits[0, len(prompt) - 1: -1]
-        logprobs = torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+        logprobs = torch.log_softmax(logits / temperature, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
         # ratio = exp(logp - logp.detach()) = 1 in value; its gradient is the policy gradient.
         total = total - (torch.exp(logprobs - logprobs.detach()) * advantages[i]).sum()
         rows += length
@@ -262,14 +277,45 @@ def test_policy_mode_gradient_is_the_naive_grpo_gradient(tmp_path, tokenizer, qu
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_hybrid_is_grpo_plus_weighted_distillation(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+@pytest.mark.parametrize("record_logprobs", [True, False])
+def test_grpo_ratio_is_one_on_policy_at_the_sampling_temperature(tmp_path, tokenizer, quickstart_rows, monkeypatch,
+                                                                  record_logprobs):
+    """Real sampling at temperature 0.5 with the weights that sampled: the PPO ratio is 1 and nothing is clipped,
+    with the sampler's recorded log-probs (importance_sampling_correction) as old log-probs or without them."""
+    import sd_plugin.trainers.sdpo as sdpo_module
+
+    trainer = SDPOTrainer(model=build_model("qwen3", tokenizer),
+                          args=make_args(tmp_path, sdpo_mode="policy", teacher_model_kind="live", temperature=0.5,
+                                         max_completion_length=16, importance_sampling_correction=record_logprobs),
+                          train_dataset=rows(quickstart_rows), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    trainer.verifier = lambda prompt, completion, record: (float(len(completion) % 2), None)  # unequal rewards
+    seen = {}
+
+    def spy(logprobs, old_logprobs, advantages, mask, **kwargs):
+        seen.update(logprobs=logprobs.detach(), old=old_logprobs.detach(), mask=mask)
+        return grpo_loss(logprobs, old_logprobs, advantages, mask, **kwargs)
+
+    monkeypatch.setattr(sdpo_module, "grpo_loss", spy)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, first_batch(trainer))
+    mask = seen["mask"].bool()
+    assert mask.sum() > 10
+    ratio = torch.exp(seen["logprobs"] - seen["old"])[mask]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
+    assert trainer._metrics["train"]["clip_fraction"][-1] == 0.0
+    if record_logprobs:  # the sampler's own log-probs, not a copy of the loss's
+        assert trainer.prepare_step(trainer.model, first_batch(trainer)).rollouts.old_logprobs is not None
+
+
+def test_hybrid_is_trls_convex_blend_of_grpo_and_distillation(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+    """TRL's SDPO meaning of distillation_weight w: (1 - w) x policy loss + w x distillation loss."""
     trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, sdpo_mode="hybrid", distillation_weight=0.25,
                             teacher_model_kind="base")
     inputs = first_batch(trainer)
     with torch.no_grad():
         total = trainer.compute_loss(trainer.model, inputs)
     metrics = trainer._metrics["train"]
-    expected = metrics["self_distillation/policy_loss"][-1] + 0.25 * metrics["self_distillation/distillation_loss"][-1]
+    expected = 0.75 * metrics["self_distillation/policy_loss"][-1] + 0.25 * metrics["self_distillation/distillation_loss"][-1]
     assert total.item() == pytest.approx(expected, rel=1e-5, abs=1e-8)
     assert metrics["self_distillation/distillation_loss"][-1] > 0
 
@@ -317,6 +363,9 @@ def test_sampled_rollouts_are_scored_by_a_builtin_verifier(tmp_path, tokenizer, 
         ({"sdpo_mode": "grpo"}, "sdpo_mode must be one of"),
         ({"sdpo_mode": "hybrid", "num_generations": 1}, "num_generations must be >= 2"),
         ({"distillation_weight": 0.5}, "only used with sdpo_mode=hybrid"),
+        ({"sdpo_mode": "hybrid"}, r"sdpo_mode=hybrid needs 0 < distillation_weight < 1, got 1.0"),
+        ({"sdpo_mode": "hybrid", "distillation_weight": 1.5}, "needs 0 < distillation_weight < 1"),
+        ({"sdpo_mode": "hybrid", "distillation_weight": 0.0}, "needs 0 < distillation_weight < 1"),
         ({"epsilon": 0.3}, "only used with sdpo_mode=policy or hybrid"),
         ({"sdpo_mode": "policy"}, "set teacher_model_kind: live"),
         ({"include_environment_feedback": False, "environment_feedback_only_without_solution": True}, "needs include_environment_feedback"),

@@ -233,6 +233,27 @@ def test_sdft_step_with_tiling_equals_the_untiled_step(tmp_path, tokenizer, quic
         assert_close(a, b, 5e-4)
 
 
+def test_tiled_attention_calls_sdpa_with_equal_heads_and_no_gqa_flag(tokenizer, monkeypatch):
+    """The call CUDA's memory-efficient kernel takes (it refuses grouped heads; flash refuses the mask): K/V heads
+    repeated to the query heads, a boolean mask, no enable_gqa. On CPU SDPA's fused kernel took either call, so
+    only the call's shape can be checked here (the kernel that runs on CUDA: the gpu test below)."""
+    import sd_plugin.tiling as tiling
+
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, attn_mask=None, **kwargs):
+        calls.append((query.shape[1], key.shape[1], value.shape[1], attn_mask.dtype, kwargs.get("enable_gqa", False)))
+        return real(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(tiling.F, "scaled_dot_product_attention", recording)
+    model = model_of("qwen3", tokenizer, torch.float32)
+    assert model.config.num_attention_heads > model.config.num_key_value_heads, "the test needs grouped heads"
+    with torch.no_grad():
+        completion_hidden_states(model, model, *batch(model.config.vocab_size, pad=3), sequence_tile_size=8)
+    assert calls and all(q == k == v and mask == torch.bool and not gqa for q, k, v, mask, gqa in calls), calls
+
+
 # ---------------------------------------------------------------------------------------------- the planner
 def test_planner_tiled_student_memory_grows_with_the_tile_not_the_length():
     from dataclasses import replace
@@ -326,3 +347,57 @@ def test_64k_step_of_a_qwen3_5_9b_shaped_model_against_the_planner(offload):
     print(f"64K tiled step (offload {offload}): measured {measured / 2**30:.2f} GiB, planner {predicted / 2**30:.2f} GiB")
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
     assert measured <= 1.3 * predicted + 2**30
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_tiled_64k_attention_layer_runs_the_memory_efficient_kernel_within_the_planner():
+    """One Qwen3.5-9B-shaped full-attention layer (16 query / 4 K/V heads of 256, output gate) over 65,536
+    tokens in tiles of 4,096, bf16, LoRA r16 on q/v: forward + backward. Asserts that SDPA ran its
+    memory-efficient kernel and never the math kernel (the profiler's aten ops), and that the measured peak
+    (torch.cuda.max_memory_allocated minus what was allocated before) is what the planner gives that layer."""
+    from dataclasses import replace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
+
+    from sd_plugin.planner import QWEN3_5_9B, TrainingSetup, plan
+
+    s = replace(QWEN3_5_9B, num_layers=1, full_attention_layers=1, vocab_size=1024)
+    config = Qwen3_5TextConfig(
+        vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size, num_hidden_layers=1,
+        num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_key_value_heads, head_dim=s.head_dim,
+        linear_num_key_heads=s.linear_num_key_heads, linear_num_value_heads=s.linear_num_value_heads,
+        linear_key_head_dim=s.linear_key_head_dim, linear_value_head_dim=s.linear_value_head_dim,
+        layer_types=["full_attention"], max_position_embeddings=131072, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    targets = ["q_proj", "v_proj"]
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    length, completion, tile = 65536, 256, 4096
+    prompt_ids = torch.randint(10, s.vocab_size, (1, length - completion), device="cuda")
+    completion_ids = torch.randint(10, s.vocab_size, (1, completion), device="cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        hidden = completion_hidden_states(model, model, prompt_ids, torch.ones_like(prompt_ids), completion_ids,
+                                          torch.ones_like(completion_ids), sequence_tile_size=tile)
+        hidden.float().pow(2).mean().backward()
+        torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - before
+    ops = {event.key for event in profile.key_averages()}
+    assert "aten::_scaled_dot_product_efficient_attention" in ops, sorted(o for o in ops if "attention" in o)
+    assert "aten::_efficient_attention_backward" in ops or "aten::_scaled_dot_product_efficient_attention_backward" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+    setup = TrainingSetup(shape=s, weight_format="bf16", adapter="lora", lora_r=16, lora_targets=targets,
+                          gradient_checkpointing="full", attention="sdpa", prompt_length=length - completion,
+                          teacher_prompt_length=length - completion, completion_length=completion,
+                          sequence_tile_size=tile)
+    result = plan(setup, suggest=False)
+    predicted = result.student_activations + result.backward_working_set + result.lora_grads + result.hidden_states
+    print(f"one tiled 64K attention layer: measured {measured / 2**30:.2f} GiB, planner {predicted / 2**30:.2f} GiB")
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    # The math kernel alone would hold [16, 4096, 65536] bf16 scores (8 GiB) and their softmax.
+    assert 0.6 * predicted <= measured <= 1.25 * predicted + 2**28

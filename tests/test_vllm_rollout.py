@@ -124,9 +124,7 @@ class RecordingEngine:
         return prompts, completions, [[[-1.0]] * 4 for _ in prompts], None
 
 
-@pytest.mark.parametrize("sleep_mode", [False, True])
-def test_weights_reach_vllm_once_per_optimizer_step_before_its_rollouts(tmp_path, tokenizer, quickstart_rows, monkeypatch,
-                                                                         sleep_mode):
+def test_weights_reach_vllm_once_per_optimizer_step_before_its_rollouts(tmp_path, tokenizer, quickstart_rows, monkeypatch):
     from transformers import TrainerCallback
 
     import sd_plugin.vllm_rollout as vllm_rollout
@@ -140,17 +138,14 @@ def test_weights_reach_vllm_once_per_optimizer_step_before_its_rollouts(tmp_path
     data = Dataset.from_list([{"prompt": r["prompt"], "demonstration": r["demonstration"]} for r in quickstart_rows[:6]])
     args = SDFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=1, gradient_accumulation_steps=2,
                       max_steps=3, logging_steps=1, max_completion_length=8, report_to="none", save_strategy="no",
-                      learning_rate=1e-2, use_cpu=True, seed=0, use_vllm=True, vllm_enable_sleep_mode=sleep_mode)
+                      learning_rate=1e-2, use_cpu=True, seed=0, use_vllm=True)
     trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=args, train_dataset=data, processing_class=tokenizer,
                           callbacks=[StepRecorder()])
     engine = RecordingEngine.last
     assert engine.kwargs["mode"] == "colocate" and engine.kwargs["max_num_seqs"] == 1
     trainer.train()
     kinds = [kind for kind, _ in engine.events]
-    if sleep_mode:  # the sleeping engine forgets pushed weights: pushed again before each micro-batch's rollouts
-        assert kinds == ["sync", "generate", "sync", "generate", "optimizer_step"] * 3
-    else:
-        assert kinds == ["sync", "generate", "generate", "optimizer_step"] * 3
+    assert kinds == ["sync", "generate", "generate", "optimizer_step"] * 3
     pushed = [value for kind, value in engine.events if kind == "sync"]
     assert len(set(pushed)) == 3  # each push carries the weights the last optimizer step made
     last_push = None
@@ -161,6 +156,91 @@ def test_weights_reach_vllm_once_per_optimizer_step_before_its_rollouts(tmp_path
             assert value == last_push  # rollouts of step k come from the weights after step k - 1
     # vLLM's sampling log-probs become old_logprobs: the importance weight is on and logged by default.
     assert all("importance_weight_mean" in entry for entry in trainer.state.log_history[:-1])
+
+
+class SleepingLLM:
+    """Stands in for vLLM's `LLM` under TRL's real VLLMGeneration (`_init_vllm`, `sync_weights`, `generate`): it
+    keeps its own copy of the weights and where they came from. Level-2 sleep drops them; waking up gives
+    garbage until a reload (`collective_rpc("reload_weights")`: the checkpoint from disk) or a push
+    (`load_weights`, only into awake memory). `generate` records, per call, where its weights came from and
+    whether they equal the student's weights at that moment."""
+
+    def __init__(self, model, enable_sleep_mode, student, **kwargs):
+        self.student, self.enable_sleep_mode, self.calls = student, enable_sleep_mode, []
+        SleepingLLM.last = self
+        self.disk = {name: p.detach().clone() for name, p in student.named_parameters()}
+        self.weights, self.source, self.awake = dict(self.disk), "disk", True
+        runner = types.SimpleNamespace(model=types.SimpleNamespace(load_weights=self.load_weights))
+        self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
+            driver_worker=types.SimpleNamespace(model_runner=runner)))
+
+    def sleep(self, level):
+        assert self.enable_sleep_mode
+        self.awake = False
+        if level == 2:
+            self.weights, self.source = {}, "dropped"
+
+    def wake_up(self, tags=None):
+        if not self.awake and "weights" in (tags or ["weights"]):
+            self.awake = True
+            if self.source == "dropped":
+                self.weights = {name: torch.full_like(p, float("nan")) for name, p in self.disk.items()}
+                self.source = "garbage"
+
+    def collective_rpc(self, method, *args, **kwargs):
+        assert method == "reload_weights"
+        self.weights, self.source = {name: p.clone() for name, p in self.disk.items()}, "disk"
+
+    def load_weights(self, named):
+        assert self.awake, "load_weights into sleeping (unmapped) memory"
+        for name, param in named:
+            self.weights[name] = param.detach().clone()
+        self.source = "pushed"
+
+    def reset_prefix_cache(self):
+        pass
+
+    def generate(self, prompts, sampling_params, use_tqdm=False):
+        student = dict(self.student.named_parameters())
+        same = bool(self.weights) and all(torch.equal(self.weights[n], student[n].detach()) for n in student)
+        self.calls.append((self.source, same))
+        eos = sampling_params.stop_token_ids[0]
+        outputs = []
+        for i, prompt in enumerate(prompts):
+            tokens = [40 + i % 5, 41, 42, 43, 44, 45, eos]  # past num_loss_tokens_to_skip: the student moves
+            logprobs = [{t: types.SimpleNamespace(logprob=-1.0, rank=1)} for t in tokens]
+            outputs.append(types.SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=[
+                types.SimpleNamespace(token_ids=tokens, logprobs=logprobs)]))
+        return outputs
+
+
+def test_sleep_mode_samples_the_pushed_student_weights_step_after_step(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+    """vllm_enable_sleep_mode with TRL's own VLLMGeneration code (its generate wakes the engine and reloads the
+    checkpoint from disk on every call): every rollout batch must be sampled from the student's current weights."""
+    import os
+
+    from trl.generation import vllm_generation
+
+    import sd_plugin.vllm_rollout as vllm_rollout
+
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # TRL's _init_vllm writes RANK, WORLD_SIZE, ... there
+    model = build_model("qwen3", tokenizer)
+    monkeypatch.setattr(vllm_rollout, "vllm_generation_class", lambda: vllm_generation.VLLMGeneration)
+    monkeypatch.setattr(vllm_generation, "is_vllm_available", lambda: True)
+    monkeypatch.setattr(vllm_generation, "LLM", lambda **kwargs: SleepingLLM(student=model, **kwargs), raising=False)
+    monkeypatch.setattr(vllm_generation, "SamplingParams", types.SimpleNamespace, raising=False)
+    data = Dataset.from_list([{"prompt": r["prompt"], "demonstration": r["demonstration"]} for r in quickstart_rows[:6]])
+    args = SDFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                      max_steps=3, logging_steps=1, max_completion_length=8, report_to="none", save_strategy="no",
+                      learning_rate=1e-2, use_cpu=True, seed=0, use_vllm=True, vllm_enable_sleep_mode=True)
+    trainer = SDFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    llm = SleepingLLM.last
+    assert isinstance(llm, SleepingLLM) and llm.source == "dropped"  # TRL's _init_vllm put it to sleep
+    trainer.train()
+    # 3 optimizer steps x 2 micro-batches, each sampled from the student's weights of that moment, pushed by TRL's
+    # sync_weights after TRL's reload; the student moved, so the checkpoint on disk is no longer it.
+    assert llm.calls == [("pushed", True)] * 6
+    assert any(not torch.equal(llm.disk[n], p.detach()) for n, p in model.named_parameters())
 
 
 def test_server_mode_with_several_processes_refuses_mixed_batches(monkeypatch):

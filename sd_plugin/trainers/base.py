@@ -411,24 +411,27 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         return batch_samples, num_items_in_batch
 
     def prepare_step_group(self, model, group: "StepGroup") -> None:
-        """Prepare every micro-batch of the step and set their common loss normalizer.
+        """Prepare every micro-batch of the step and set their common loss normalizers.
 
         The Trainer divides each micro-batch's loss by the number of micro-batches and data parallelism
-        averages over processes: the normalizer is the step's global count of loss units divided by both.
+        averages over processes: a normalizer is the step's global count of loss units divided by both. Two
+        counts: the distillation loss's units, and every completion's (SDPO's GRPO term trains all rollouts).
         """
-        steps, units = [], 0
+        steps, units, policy_units = [], 0, 0
         for inputs in group.batches:
             own = {k: v for k, v in inputs.items() if k not in ("sd_step_group", "sd_micro_batch")}
             step = self.prepare_step(model, self._prepare_inputs(own))
             mask = loss_token_mask(step.loss_mask(), num_loss_tokens_to_skip=self.options.num_loss_tokens_to_skip, unskipped_rows=step.ce_rows)
             units += loss_units(mask, self.options.loss_reduction)
+            policy_units += loss_units(step.rollouts.completion_mask, self.options.loss_reduction)
             steps.append(step)
-        total = torch.tensor(float(units), device=self.accelerator.device)
+        totals = torch.tensor([float(units), float(policy_units)], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
-            total = self.accelerator.reduce(total, reduction="sum")
-        normalizer = max(total.item(), 1.0) / (len(steps) * self.accelerator.num_processes)
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        share = len(steps) * self.accelerator.num_processes
+        normalizer, policy_normalizer = (max(total, 1.0) / share for total in totals.tolist())
         for step in steps:
-            step.loss_normalizer = normalizer
+            step.loss_normalizer, step.policy_loss_normalizer = normalizer, policy_normalizer
         group.steps = steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

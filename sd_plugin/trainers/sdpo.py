@@ -3,7 +3,7 @@
 Several rollouts per prompt are scored by a verifier. The teacher (an EMA of the student by default) sees
 the prompt plus a successful sibling rollout and/or the verifier's feedback on this rollout, and scores the
 same tokens; rows with neither get no distillation loss. `sdpo_mode` picks distillation only (the paper),
-GRPO only, or GRPO + weight x distillation.
+GRPO only, or (1 - distillation_weight) x GRPO + distillation_weight x distillation (TRL's SDPO formula).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class SDPOOptions(SelfDistillationOptions):
     dont_reprompt_on_self_success: bool = field(default=True, metadata={"help": "A successful rollout never gets itself as its teacher's solution, only a successful sibling (paper: true)."})
     include_environment_feedback: bool = field(default=True, metadata={"help": "Put the verifier's feedback on this rollout into the teacher's context."})
     environment_feedback_only_without_solution: bool = field(default=False, metadata={"help": "Use feedback only when no sibling solution exists."})
-    sdpo_mode: str = field(default="distill", metadata={"help": "distill (paper) | policy (GRPO only) | hybrid (GRPO + distillation_weight x distillation)."})
-    distillation_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation term in hybrid mode."})
+    sdpo_mode: str = field(default="distill", metadata={"help": "distill (paper) | policy (GRPO only) | hybrid ((1 - distillation_weight) x GRPO + distillation_weight x distillation)."})
+    distillation_weight: float = field(default=1.0, metadata={"help": "TRL's SDPO meaning: loss = (1 - w) x GRPO + w x distillation, w in [0, 1] (1.0: distillation only, TRL's default). sdpo_mode: hybrid needs 0 < w < 1 (0.5: both terms equally)."})
     epsilon: float = field(default=0.2, metadata={"help": "PPO clip range of the GRPO term."})
     prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (string or messages)."})
     tools_column: str = field(default="tools", metadata={"help": "Column with tool schemas (optional)."})
@@ -63,6 +63,13 @@ class SDPOOptions(SelfDistillationOptions):
             raise ValueError(f"sdpo_mode={self.sdpo_mode} needs group advantages: num_generations must be >= 2, got {self.num_generations}")
         if self.sdpo_mode != "hybrid" and self.distillation_weight != 1.0:
             raise ValueError(f"distillation_weight is only used with sdpo_mode=hybrid (sdpo_mode is {self.sdpo_mode})")
+        if self.sdpo_mode == "hybrid" and not 0.0 < self.distillation_weight < 1.0:
+            # TRL's meaning: 1.0 (TRL's default) is distillation only, 0.0 GRPO only; a hybrid blends both.
+            raise ValueError(
+                f"sdpo_mode=hybrid needs 0 < distillation_weight < 1, got {self.distillation_weight}: the loss is "
+                "(1 - distillation_weight) x GRPO + distillation_weight x distillation (TRL's SDPO); 0.5 weights both "
+                "equally, 1.0 is sdpo_mode: distill and 0.0 is sdpo_mode: policy"
+            )
         if self.sdpo_mode == "distill" and self.epsilon != 0.2:
             raise ValueError("epsilon is only used with sdpo_mode=policy or hybrid")
         if self.sdpo_mode == "policy" and self.teacher_model_kind != "live":
@@ -135,6 +142,8 @@ class SDPOTrainer(SelfDistillationTrainer):
             siblings = [j for j, g in enumerate(groups) if g == group and verdicts[j].correct and (j != i or not o.dont_reprompt_on_self_success)]
             solution = verdicts[siblings[0]].text if siblings else None
             feedback = verdicts[i].feedback if o.include_environment_feedback else None
+            if feedback is not None and not feedback.strip():
+                feedback = None  # as TRL: feedback that is empty after stripping is no feedback (no teacher prompt)
             if o.environment_feedback_only_without_solution and solution is not None:
                 feedback = None
             batch.teacher_contexts.append(teacher_context_text(solution, feedback))
@@ -169,20 +178,25 @@ class SDPOTrainer(SelfDistillationTrainer):
             return out.loss
         rollouts = batch.rollouts
         head_weight, head_bias = output_head(self.accelerator.unwrap_model(model))
+        # At the sampling temperature (as TRL's GRPO / SDPO): the policy that drew the rollouts, and the distribution
+        # the sampler's recorded log-probs are taken from, so that the ratio is exactly 1 on-policy.
         logprobs = chunked_token_logprobs(student_hidden, head_weight, rollouts.completion_ids,
-                                          rollouts.completion_mask, loss_chunk_size=o.loss_chunk_size, lm_head_bias=head_bias)
+                                          rollouts.completion_mask, loss_chunk_size=o.loss_chunk_size,
+                                          temperature=o.temperature, lm_head_bias=head_bias)
         # On-policy rollouts: the ratio is 1 in value and the clip only matters for rollouts from another engine.
         old_logprobs = rollouts.old_logprobs if rollouts.old_logprobs is not None else logprobs.detach()
         advantages = group_advantages(torch.tensor(batch.rewards, dtype=torch.float32, device=logprobs.device), o.num_generations)
         policy_loss, clip_fraction = grpo_loss(logprobs, old_logprobs, advantages, rollouts.completion_mask,
-                                               epsilon=o.epsilon, loss_reduction=o.loss_reduction)
+                                               epsilon=o.epsilon, loss_reduction=o.loss_reduction,
+                                               normalizer=batch.policy_loss_normalizer)
         metrics["clip_fraction"].append(clip_fraction.item())
         if o.sdpo_mode == "policy":
             return policy_loss
         # The loss has two terms: log each (TRL's names); in the other modes the loss is the one term.
         metrics["self_distillation/policy_loss"].append(policy_loss.item())
         metrics["self_distillation/distillation_loss"].append(out.loss.item())
-        return policy_loss + o.distillation_weight * out.loss
+        # TRL's SDPO blend under TRL's name: (1 - w) x policy + w x distillation.
+        return (1.0 - o.distillation_weight) * policy_loss + o.distillation_weight * out.loss
 
 
 def teacher_context_text(solution: str | None, feedback: str | None) -> str:

@@ -32,6 +32,9 @@ class StepBatch:
     teacher_prompts: list[list[int] | None] = field(default_factory=list)
     scored_lengths: list[int | None] | None = None
     loss_normalizer: float | None = None  # set by prepare_step_group: the step's loss tokens (or sequences) per micro-batch
+    # The same for every completion token (or sequence) of the step: the normalizer of SDPO's GRPO term, which
+    # trains every rollout, with or without a teacher signal.
+    policy_loss_normalizer: float | None = None
     # For log_completions, per rollout: what the teacher sees that the student does not (SDFT: read from the
     # batch's demonstrations instead).
     teacher_contexts: list[str] = field(default_factory=list)

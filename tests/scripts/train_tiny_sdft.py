@@ -3,6 +3,8 @@
     python tests/scripts/train_tiny_sdft.py OUTPUT_DIR [--teacher ema] [--max-steps 5] [--save-steps 2]
         [--resume CHECKPOINT] [--block-at-step S] [--batch-size 2] [--rows 6] [--top-k N] [--nan-at-step S]
     python tests/scripts/train_tiny_sdft.py --jobs JOBS.json    (a JSON list of argument lists, run in order)
+    python tests/scripts/train_tiny_sdft.py OUTPUT_DIR --sdpo-mode hybrid ...   (SDPOTrainer instead: 2 scripted
+        rollouts per prompt, `sd_plugin.testing.scripted_grouped_rollouts`, rewarded by `length_parity_verifier`)
     torchrun --nproc_per_node 2 tests/scripts/train_tiny_sdft.py OUTPUT_DIR ...   (gloo on CPU)
 
 Writes OUTPUT_DIR/result_rank{R}.pt: the final trainable parameters, the teacher state, the log history and
@@ -54,6 +56,8 @@ def parse_args(argv=None):
     parser.add_argument("--loss-reduction", default="sequence", choices=["sequence", "token"])
     parser.add_argument("--data", default=str(DATA), help="SDFT records (jsonl)")
     parser.add_argument("--lambda-on-policy", type=float, default=1.0, help="0: SFT rows (demonstrations of different lengths)")
+    parser.add_argument("--optim", default="adamw_torch", help="sgd: the step is the gradient (no Adam normalisation)")
+    parser.add_argument("--sdpo-mode", default=None, choices=["policy", "hybrid"], help="SDPO with its GRPO term instead of SDFT")
     return parser.parse_args(argv)
 
 
@@ -73,20 +77,33 @@ def main(argv=None) -> None:
     dataset = Dataset.from_list([{"prompt": r["prompt"], "demonstration": r["demonstration"]} for r in records])
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
-    config = SDFTConfig(
+    common = dict(
         output_dir=str(output_dir), per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         max_steps=args.max_steps, learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=0,
         logging_steps=1, report_to="none", use_cpu=True, seed=args.seed, data_seed=args.seed,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-        max_completion_length=args.max_completion_length, top_k=args.top_k, teacher_model_kind=args.teacher,
-        teacher_update_rate=0.3 if args.teacher == "ema" else 0.01, num_loss_tokens_to_skip=1,
-        loss_reduction=args.loss_reduction, lambda_on_policy=args.lambda_on_policy,
-        max_consecutive_nonfinite_steps=args.max_consecutive_nonfinite_steps,
+        max_completion_length=args.max_completion_length, top_k=args.top_k, loss_reduction=args.loss_reduction,
+        max_consecutive_nonfinite_steps=args.max_consecutive_nonfinite_steps, optim=args.optim,
         dataloader_num_workers=0, ddp_backend="gloo" if "RANK" in os.environ else None,
     )
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     torch.manual_seed(args.seed)  # the LoRA initialization
-    trainer = SDFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    if args.sdpo_mode:
+        from sd_plugin import SDPOConfig, SDPOTrainer
+        from sd_plugin.testing import length_parity_verifier, scripted_grouped_rollouts
+
+        SDPOTrainer.sample = scripted_grouped_rollouts(tokenizer.eos_token_id, tokenizer.pad_token_id or 0,
+                                                       [2, 9, 4, 13, 1, 7, 3], 2)
+        mode = dict(teacher_model_kind="live") if args.sdpo_mode == "policy" else dict(
+            distillation_weight=0.5, teacher_model_kind=args.teacher, teacher_update_rate=0.3 if args.teacher == "ema" else 0.05)
+        config = SDPOConfig(**common, verifier="multiple_choice", num_generations=2, sdpo_mode=args.sdpo_mode, **mode)
+        dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in records])
+        trainer = SDPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+        trainer.verifier = length_parity_verifier
+    else:
+        config = SDFTConfig(**common, teacher_model_kind=args.teacher, teacher_update_rate=0.3 if args.teacher == "ema" else 0.01,
+                            num_loss_tokens_to_skip=1, lambda_on_policy=args.lambda_on_policy)
+        trainer = SDFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
 
     completions: dict[int, dict[int, list[int]]] = {}  # optimizer step (from 1) -> dataset row -> completion ids
     row_of_prompt = {tuple(ids): i for i, ids in enumerate(trainer.train_dataset["input_ids"])}
