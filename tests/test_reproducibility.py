@@ -1,7 +1,9 @@
 """`axolotl train` with the plugin is reproducible: the same config and seed give the same adapter bit for bit on
-CPU, and a run SIGKILLed after a checkpoint and resumed ends where the uninterrupted run ends."""
+CPU, and a run SIGKILLed at random moments (inside checkpoint saves too) and resumed with
+auto_resume_from_checkpoints ends where the uninterrupted run ends (adapter and EMA teacher, bit for bit)."""
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,9 +16,11 @@ import yaml
 from safetensors.torch import load_file
 from test_axolotl_plugin import REPO, quickstart, run_axolotl
 
+from sd_plugin.checkpoints import checkpoint_folders, missing_files, previous_complete
+
 
 def config(tmp_path: Path, name: str) -> dict:
-    cfg = quickstart(tmp_path / name, max_steps=4, save_strategy="steps", save_steps=2, seed=7)
+    cfg = quickstart(tmp_path / name, max_steps=6, save_strategy="steps", save_steps=2, seed=7)
     cfg["sdft"] = dict(cfg["sdft"], teacher_model_kind="ema", teacher_update_rate=0.2)
     return cfg
 
@@ -26,7 +30,7 @@ def adapter(run: Path) -> dict:
 
 
 def teacher_state(run: Path) -> dict:
-    return torch.load(run / "out" / "checkpoint-4" / "sd_teacher_state.pt", weights_only=True)
+    return torch.load(run / "out" / "checkpoint-6" / "sd_teacher_state.pt", weights_only=True)
 
 
 def assert_identical(left: dict, right: dict) -> None:
@@ -35,33 +39,66 @@ def assert_identical(left: dict, right: dict) -> None:
         assert torch.equal(left[key], right[key]), key
 
 
+def axolotl_env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false")
+
+
+def start_axolotl(config_path: Path, log: Path) -> subprocess.Popen:
+    with open(log, "w") as handle:
+        return subprocess.Popen([str(Path(sys.executable).parent / "axolotl"), "train", str(config_path)], cwd=REPO,
+                                env=axolotl_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_training(process: subprocess.Popen, out: Path, starts: int) -> None:
+    """Until Axolotl has logged its `starts`-th "Starting trainer..." into out/debug.log (appended on resume)."""
+    log, deadline = out / "debug.log", time.monotonic() + 600
+    while (log.read_text(errors="replace").count("Starting trainer") if log.exists() else 0) < starts:
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before training started"
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
-def test_same_seed_same_adapter_and_a_killed_run_resumes_to_the_same_end(tmp_path):
-    for name in ("first", "second"):
-        result = run_axolotl(config(tmp_path, name), tmp_path, name=f"{name}.yml")
-        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+def test_same_seed_same_adapter_and_a_run_killed_at_random_moments_resumes_to_the_same_end(tmp_path):
+    # The first run also measures how long its training takes (from Axolotl's "Starting trainer..." to its exit).
+    path = tmp_path / "first.yml"
+    path.write_text(yaml.safe_dump(config(tmp_path, "first")))
+    process = start_axolotl(path, tmp_path / "first.log")
+    wait_for_training(process, tmp_path / "first" / "out", 1)
+    started = time.monotonic()
+    assert process.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    training_seconds = time.monotonic() - started
+    result = run_axolotl(config(tmp_path, "second"), tmp_path, name="second.yml")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert_identical(adapter(tmp_path / "first"), adapter(tmp_path / "second"))
     assert_identical(teacher_state(tmp_path / "first"), teacher_state(tmp_path / "second"))
 
-    # Killed right after its step-2 checkpoint, then `axolotl train` again with auto_resume_from_checkpoints.
+    # SIGKILLed at a random moment of its training, three times, each time `axolotl train` again with
+    # auto_resume_from_checkpoints, then once more to the end. A kill inside a checkpoint save leaves an incomplete
+    # checkpoint, which the next run must pass over for the previous complete one.
     cfg = config(tmp_path, "killed")
     cfg["auto_resume_from_checkpoints"] = True
     path = tmp_path / "killed.yml"
     path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false")
     out = tmp_path / "killed" / "out"
-    process = subprocess.Popen([str(Path(sys.executable).parent / "axolotl"), "train", str(path)], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        while not (out / "checkpoint-2" / "sd_teacher_state.pt").exists():
-            assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-            time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGKILL)
-    finally:
-        process.wait()
-    assert not (out / "checkpoint-4").exists(), "the kill came too late to test a resume"
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    kills = []
+    for attempt in range(1, 4):
+        process = start_axolotl(path, tmp_path / f"killed-{attempt}.log")
+        try:
+            wait_for_training(process, out, attempt)
+            time.sleep(rng.uniform(0.0, 0.8 * training_seconds))
+            kills.append(process.poll() is None)
+            os.killpg(process.pid, signal.SIGKILL)
+        finally:
+            process.wait()
+    story = f"seed {seed}, training {training_seconds:.1f} s, kills that hit a running process: {kills}"
+    assert any(kills), story
+    last = checkpoint_folders(str(out))[-1] if checkpoint_folders(str(out)) else None
+    incomplete = last is not None and missing_files(last, ("teacher", "numerics"))
     result = run_axolotl(cfg, tmp_path, name="killed.yml")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    if incomplete and previous_complete(last, ("teacher", "numerics")):
+        assert f"checkpoint {last} is incomplete" in result.stdout + result.stderr, story
     assert_identical(adapter(tmp_path / "killed"), adapter(tmp_path / "first"))
     assert_identical(teacher_state(tmp_path / "killed"), teacher_state(tmp_path / "first"))

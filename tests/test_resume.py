@@ -5,8 +5,10 @@ The runs are subprocesses of tests/scripts/train_tiny_sdft.py on the tiny Qwen3,
 temperature 1 (so the restored RNG state matters), 6 rows, batch 2, 5 steps, a checkpoint every 2 steps.
 The killed process blocks after step 3 (checkpoint-2 is complete) and is SIGKILLed from here; the resume
 starts at step 3, mid-epoch, and crosses the epoch boundary. Control runs resume from copies of the
-checkpoint without its RNG state / without the EMA teacher state and must end elsewhere: they show that
-the comparison can fail.
+checkpoint without its RNG state / with the EMA teacher state zeroed and must end elsewhere: they show that
+the comparison can fail. A second test ends runs inside a checkpoint save: the incomplete checkpoint is refused,
+or under auto-resume passed over for the previous complete one, and the run still ends bit for bit where the
+uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -90,7 +92,12 @@ def test_killed_run_resumed_from_checkpoint_matches_an_uninterrupted_run(tmp_pat
     assert (killed["ema"] / "checkpoint-2" / "sd_teacher_state.pt").exists()
 
     no_rng = checkpoint_copy_without(killed["base"] / "checkpoint-2", tmp_path / "no-rng" / "checkpoint-2", "rng_state.pth")
-    no_ema = checkpoint_copy_without(killed["ema"] / "checkpoint-2", tmp_path / "no-ema" / "checkpoint-2", "sd_teacher_state.pt")
+    # A checkpoint without its teacher state is refused now (next test): the control zeroes the EMA state instead,
+    # which is the teacher restarted from the base weights.
+    no_ema = tmp_path / "no-ema" / "checkpoint-2"
+    shutil.copytree(killed["ema"] / "checkpoint-2", no_ema)
+    state = torch.load(no_ema / "sd_teacher_state.pt", weights_only=True)
+    torch.save({name: torch.zeros_like(value) for name, value in state.items()}, no_ema / "sd_teacher_state.pt")
     jobs = []
     for teacher in ("base", "ema"):  # the resumes first, in a fresh process
         jobs.append([str(tmp_path / f"resumed-{teacher}"), "--teacher", teacher, *COMMON,
