@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py                  # installs into .gpu-check-venv (PyPI), then every check
     python benchmarks/gpu_check.py --no-install     # with this Python's packages
+    python benchmarks/gpu_check.py --install-only   # only create and fill the venv (then run with --venv's python)
     python benchmarks/gpu_check.py --dry-run        # CPU: no install; each check's code at tiny sizes on the CPU,
                                                     # each GPU check reported as skipped with its exact reason
     python benchmarks/gpu_check.py --only tiled_64k_step,liger_loss --json results.json
@@ -142,6 +143,10 @@ def gib(value: int | None) -> str:
     return "n/a (CPU)" if value is None else f"{value / GiB:.2f} GiB"
 
 
+def fmt(value) -> str:
+    return "none" if value is None else f"{value:.4g}"
+
+
 def relative_error(actual, reference) -> float:
     actual, reference = actual.detach().float(), reference.detach().float()
     return ((actual - reference).norm() / reference.norm().clamp_min(1e-12)).item()
@@ -245,7 +250,7 @@ def check_tiled_64k_step(ctx: Context) -> Result:
         numbers["ratio"] = ratio
         ok = ok and 0.5 <= ratio <= 1.3
         note += f", measured/planned {ratio:.2f} in [0.5, 1.3]"
-    return Result("tiled_64k_step", "pass" if ok else "fail", f"peak {gib(peak)}, loss {numbers['loss']}",
+    return Result("tiled_64k_step", "pass" if ok else "fail", f"peak {gib(peak)}, loss {fmt(numbers['loss'])}",
                   f"planned {gib(planned_tensors)} (+{gib(planned.framework_overhead + planned.allocator_margin)} "
                   "context/margin)", note, numbers=numbers)
 
@@ -469,7 +474,7 @@ def check_qlora_4bit(ctx: Context) -> Result:
         numbers["ratio"] = peak / planned_tensors
         ok = ok and 0.5 <= numbers["ratio"] <= 1.3
         note += f", measured/planned {numbers['ratio']:.2f} in [0.5, 1.3]"
-    return Result("qlora_4bit", "pass" if ok else "fail", f"peak {gib(peak)}, loss {losses[-1] if losses else None}, "
+    return Result("qlora_4bit", "pass" if ok else "fail", f"peak {gib(peak)}, loss {fmt(losses[-1] if losses else None)}, "
                   f"adapter changed: {changed}", f"planned {gib(planned_tensors)}", note, numbers=numbers)
 
 
@@ -492,7 +497,7 @@ def vllm_check(ctx: Context, sleep: bool) -> Result:
         trainer = sdft_trainer(ctx, model, out, 24, completion, rows=prompts, **options)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         trainer.train()
-        batch = trainer.get_train_dataloader().collate_fn([trainer.train_dataset[i] for i in range(prompts)])
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(prompts)])
         ids, mask = batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device)
         model.eval()
         trainer.state.global_step += 1  # a new step: the backend pushes the weights after the optimizer step
@@ -639,7 +644,16 @@ def install(venv: Path, log) -> list[Result]:
     rows = []
     python = venv / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        # The stdlib venv needs ensurepip (Debian: python3-venv); otherwise virtualenv from PyPI does the same.
+        made = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], capture_output=True, text=True)
+        if made.returncode != 0:
+            log.write(f"python -m venv failed:\n{made.stderr}\n")
+            subprocess.run([sys.executable, "-m", "pip", "install", "--user", "virtualenv"], capture_output=True)
+            made = subprocess.run([sys.executable, "-m", "virtualenv", "--system-site-packages", str(venv)],
+                                  capture_output=True, text=True)
+        if made.returncode != 0:
+            raise RuntimeError(f"cannot create a virtual environment at {venv}: {made.stderr.strip()[-300:]}; "
+                               "install python3-venv, or run with --no-install in an environment you prepared")
     constraints = venv / "constraints.txt"
     constraints.write_text(TORCH_PIN + "\n")
     for label, arguments in INSTALLS:
@@ -681,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, no install: run every check's code at tiny sizes")
     parser.add_argument("--no-install", action="store_true", help="use this Python's packages")
+    parser.add_argument("--install-only", action="store_true", help="create and fill the venv, print its rows, stop")
     parser.add_argument("--venv", default=str(REPO / ".gpu-check-venv"))
     parser.add_argument("--only", default=None, help="comma-separated check names (default: all)")
     parser.add_argument("--budget", type=float, default=None,
@@ -708,11 +723,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"install: {time.perf_counter() - started:.0f} s (log: {venv}.install.log)", flush=True)
         rows_file = str(venv) + ".install.json"
         Path(rows_file).write_text(json.dumps([asdict(row) for row in rows]))
-        forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+        if args.install_only:
+            print(table(rows, f"gpu_check.py, install into {venv}"))
+            return 1 if any(row.status == "fail" for row in rows) else 0
+        forwarded = list(argv if argv is not None else sys.argv[1:])
         return subprocess.run([str(venv / "bin" / "python"), str(Path(__file__).resolve()), "--no-install",
                                "--install-rows", rows_file, *forwarded]).returncode
-    if args.install_rows:
-        rows = [Result(**row) for row in json.loads(Path(args.install_rows).read_text())]
+    # Inside the venv (after --install-only, or re-run by the install): its install rows head the table.
+    install_rows = args.install_rows or (sys.prefix + ".install.json" if os.path.exists(sys.prefix + ".install.json") else None)
+    if install_rows and not args.dry_run:
+        rows = [Result(**row) for row in json.loads(Path(install_rows).read_text())]
 
     if args.budget is None:
         args.budget = 1800.0 if args.dry_run else 450.0
