@@ -40,7 +40,9 @@ def assert_identical(left: dict, right: dict) -> None:
 
 
 def axolotl_env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false")
+    # As run_axolotl: the venv's bin first on PATH (Axolotl launches `accelerate` from there).
+    return dict(os.environ, HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false",
+                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 def start_axolotl(config_path: Path, log: Path) -> subprocess.Popen:
@@ -49,11 +51,12 @@ def start_axolotl(config_path: Path, log: Path) -> subprocess.Popen:
                                 env=axolotl_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_for_training(process: subprocess.Popen, out: Path, starts: int) -> None:
+def wait_for_training(process: subprocess.Popen, out: Path, starts: int, output: Path) -> None:
     """Until Axolotl has logged its `starts`-th "Starting trainer..." into out/debug.log (appended on resume)."""
     log, deadline = out / "debug.log", time.monotonic() + 600
     while (log.read_text(errors="replace").count("Starting trainer") if log.exists() else 0) < starts:
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before training started"
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the run ended before training started:\n{output.read_text()[-3000:]}")
         time.sleep(0.05)
 
 
@@ -63,7 +66,7 @@ def test_same_seed_same_adapter_and_a_run_killed_at_random_moments_resumes_to_th
     path = tmp_path / "first.yml"
     path.write_text(yaml.safe_dump(config(tmp_path, "first")))
     process = start_axolotl(path, tmp_path / "first.log")
-    wait_for_training(process, tmp_path / "first" / "out", 1)
+    wait_for_training(process, tmp_path / "first" / "out", 1, tmp_path / "first.log")
     started = time.monotonic()
     assert process.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
     training_seconds = time.monotonic() - started
@@ -86,7 +89,7 @@ def test_same_seed_same_adapter_and_a_run_killed_at_random_moments_resumes_to_th
     for attempt in range(1, 4):
         process = start_axolotl(path, tmp_path / f"killed-{attempt}.log")
         try:
-            wait_for_training(process, out, attempt)
+            wait_for_training(process, out, attempt, tmp_path / f"killed-{attempt}.log")
             time.sleep(rng.uniform(0.0, 0.8 * training_seconds))
             kills.append(process.poll() is None)
             os.killpg(process.pid, signal.SIGKILL)

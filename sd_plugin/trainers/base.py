@@ -590,8 +590,10 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
     # ------------------------------------------------------------------ checkpoints (sd_plugin/checkpoints.py)
     def checkpoint_state(self) -> dict:
         """The trainer's state that a resumed run needs beyond the host's files, by name. Each value has
-        `state_dict()` and `load_state_dict()`; every checkpoint holds one `sd_<name>_state.pt` per entry, written
-        before the host marks the checkpoint complete, and a resume requires all of them.
+        `state_dict()` and `load_state_dict()` (`sd_plugin.checkpoints.StateHooks` makes one of two functions; the
+        state holds what `torch.load(weights_only=True)` reads: tensors, numbers, strings, lists, dicts). Every
+        checkpoint holds one `sd_<name>_state.pt` per entry, written before the host marks the checkpoint
+        complete, and a resume requires all of them: a new entry is one line here.
 
         Not here because a resume needs no saved state for them: the rollouts' and on-policy draws' randomness
         (the host's `rng_state*.pth`; SDFT's `lambda_on_policy` draw is seeded by seed, step and micro-batch) and
