@@ -102,3 +102,13 @@ def test_a_state_file_of_another_teacher_is_refused_naming_the_file(tmp_path, to
     with pytest.raises(ValueError, match="sd_teacher_state.pt: cannot resume from it .*no low-rank factors"):
         load_state(folder, {"teacher": Teacher(tiny_lora_model, "ema", 0.1, ema_rank=2)})
     load_state(folder, {"teacher": Teacher(tiny_lora_model, "ema", 0.1)})
+
+
+def test_the_non_finite_step_counters_go_through_a_checkpoint(tmp_path):
+    from sd_plugin.trainers.numerics import NonFiniteStepGuard
+
+    before, after = NonFiniteStepGuard(), NonFiniteStepGuard()
+    before._nonfinite_steps_in_a_row, before._nonfinite_steps_skipped = 2, 5
+    save_state(tmp_path, {"numerics": before.numerics_state()})
+    load_state(tmp_path, {"numerics": after.numerics_state()})
+    assert (after._nonfinite_steps_in_a_row, after.nonfinite_steps_skipped) == (2, 5)
