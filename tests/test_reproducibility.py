@@ -4,6 +4,7 @@ auto_resume_from_checkpoints ends where the uninterrupted run ends (adapter and 
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,6 +88,24 @@ def test_same_seed_same_adapter_and_a_run_killed_at_random_moments_resumes_to_th
     assert_identical(adapter(tmp_path / "first"), adapter(tmp_path / "second"))
     assert_identical(teacher_state(tmp_path / "first"), teacher_state(tmp_path / "second"))
 
+    # Deterministically first: the uninterrupted run's outputs with checkpoint-6 cut as a kill inside its save
+    # leaves it (no trainer_state.json); auto-resume says so, goes on from checkpoint-4 and ends where the run ends.
+    cut = tmp_path / "cut" / "out"
+    shutil.copytree(tmp_path / "first" / "out", cut)
+    (cut / LAST / "trainer_state.json").unlink()
+    (cut / LAST / "adapter_model.safetensors").unlink()
+    (cut / LAST / "sd_teacher_state.pt").unlink()
+    cfg = config(tmp_path, "cut")
+    cfg["auto_resume_from_checkpoints"] = True
+    result = run_axolotl(cfg, tmp_path, name="cut.yml")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert f"checkpoint {cut / LAST} is incomplete: it has no trainer_state.json" in output
+    assert f"resuming from the previous complete checkpoint {cut / 'checkpoint-4'} instead" in output
+    assert_identical(load_file(cut / LAST / "adapter_model.safetensors"),
+                     load_file(tmp_path / "first" / "out" / LAST / "adapter_model.safetensors"))
+    assert_identical(teacher_state(tmp_path / "cut"), teacher_state(tmp_path / "first"))
+
     # SIGKILLed at a random moment of that window, up to three times, each time `axolotl train` again with
     # auto_resume_from_checkpoints, then once more to the end. A kill inside a checkpoint save leaves an incomplete
     # checkpoint, which the next run must pass over for the previous complete one. (A kill after the last
@@ -111,6 +130,7 @@ def test_same_seed_same_adapter_and_a_run_killed_at_random_moments_resumes_to_th
         finally:
             process.wait()
     story = f"seed {seed}, window {window:.1f} s, kills that hit a running process: {kills}"
+    print(story, "; checkpoints after the kills:", {c.name: missing_files(c, NAMES) for c in sorted(out.glob("checkpoint-*"))})
     assert any(kills), story
     if not complete(out / LAST):
         last = checkpoint_folders(str(out))[-1] if checkpoint_folders(str(out)) else None
