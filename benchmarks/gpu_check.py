@@ -565,6 +565,8 @@ def check_vllm_colocate(ctx: Context) -> Result:
 
 
 def check_vllm_colocate_sleep(ctx: Context) -> Result:
+    if ctx.dry_run:  # without vLLM sleep mode changes nothing: vllm_colocate's dry run ran this code already
+        return Result("vllm_colocate_sleep", "pass", "", "", "the code of vllm_colocate's dry run (sleep mode is vLLM's)")
     return vllm_check(ctx, sleep=True)
 
 
