@@ -1,6 +1,7 @@
-"""`axolotl train` with the plugin is reproducible: the same config and seed give the same adapter bit for bit on
-CPU, and a run SIGKILLed at random moments (inside checkpoint saves too) and resumed with
-auto_resume_from_checkpoints ends where the uninterrupted run ends (adapter and EMA teacher, bit for bit)."""
+"""`axolotl train` with the plugin is reproducible on CPU: a run whose last checkpoint is cut as a kill inside its
+save leaves it, and a run SIGKILLed at random moments (inside checkpoint saves too), resumed with
+auto_resume_from_checkpoints, end bit for bit where the uninterrupted run with the same seed ends (adapter and
+EMA teacher)."""
 
 import os
 import random
@@ -32,10 +33,6 @@ NAMES = ("teacher", "numerics")
 
 def complete(checkpoint: Path) -> bool:
     return checkpoint.is_dir() and not missing_files(checkpoint, NAMES)
-
-
-def adapter(run: Path) -> dict:
-    return load_file(run / "out" / "adapter_model.safetensors")
 
 
 def teacher_state(run: Path) -> dict:
@@ -70,7 +67,7 @@ def wait_for_training(process: subprocess.Popen, out: Path, starts: int, output:
 
 
 @pytest.mark.slow
-def test_same_seed_same_adapter_and_a_run_killed_at_random_moments_resumes_to_the_same_end(tmp_path):
+def test_a_run_cut_inside_a_checkpoint_or_killed_at_random_moments_ends_where_the_uninterrupted_run_ends(tmp_path):
     # The first run also measures how long its training takes until its last checkpoint is complete (from
     # Axolotl's "Starting trainer..."): the window in which the kills below land.
     path = tmp_path / "first.yml"
@@ -83,10 +80,7 @@ def test_same_seed_same_adapter_and_a_run_killed_at_random_moments_resumes_to_th
         time.sleep(0.05)
     window = time.monotonic() - started
     assert process.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
-    result = run_axolotl(config(tmp_path, "second"), tmp_path, name="second.yml")
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert_identical(adapter(tmp_path / "first"), adapter(tmp_path / "second"))
-    assert_identical(teacher_state(tmp_path / "first"), teacher_state(tmp_path / "second"))
+    # (The same seed gives the same adapter: every resumed run below must end bit for bit at the first run's.)
 
     # Deterministically first: the uninterrupted run's outputs with checkpoint-6 cut as a kill inside its save
     # leaves it (no trainer_state.json); auto-resume says so, goes on from checkpoint-4 and ends where the run ends.
