@@ -1,7 +1,7 @@
 """Reading and writing the files the commands take and make.
 
 One JSONL reader for every command (errors name file:line), one check that an output is not also an input,
-and one atomic write (temporary file next to the target, fsync, rename) that gives the file the mode a plain
+and one atomic write (temporary file next to the target, fsync, rename; `open_atomic` for streamed writers) that gives the file the mode a plain
 `open(path, "w")` would. The attempts log (OUTPUT.attempts.jsonl) makes `collect-revisions` and `generate`
 resumable: entries are appended and fsync'd per batch, and a rerun reads back the finished ones. Bad input raises `sd_plugin.cli.UsageError`, which the CLI prints as one line and
 exit status 2.
@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,13 +141,21 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     A crash or an error leaves the old file (or none) in place, never a partial one. The file keeps the mode of
     the file it replaces, or gets the umask's mode when new (a bare temporary file would be 0600).
     """
+    with open_atomic(path) as handle:
+        handle.write(data)
+
+
+@contextmanager
+def open_atomic(path: str | os.PathLike):
+    """A binary handle whose content replaces `path` (as `write_bytes_atomic` does) when the block ends without
+    an error: for writers that stream into a file, such as `torch.save`, without holding all of it in memory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o7777 if path.exists() else creation_mode()
     handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", delete=False)
     try:
         with handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(handle.name, mode)

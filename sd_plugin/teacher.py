@@ -266,17 +266,25 @@ class Teacher:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if self.copy is not None and (self.kind == "ema" or self.sync_steps):
-            self.copy.load_state_dict({k[len("copy."):]: v for k, v in state.items() if k.startswith("copy.")})
-        for name, delta in self.deltas.items():
+        """Restore `state_dict()`'s output; a state saved for another teacher (kind, rank, layers) is refused."""
+        for name in self.deltas:
             if f"delta.{name}" not in state:
                 raise ValueError(f"the teacher state has no dense delta for {name}: was it saved with teacher_ema_rank > 0?")
-            delta.copy_(state[f"delta.{name}"])
-        for name, (up, down) in self.factors.items():
+        for name in self.factors:
             if f"up.{name}" not in state:
                 raise ValueError(f"the teacher state has no low-rank factors for {name}: was it saved with teacher_ema_rank 0?")
+        own = self.state_dict()
+        unexpected = sorted(state.keys() - own.keys())
+        if unexpected:
+            raise ValueError(f"the teacher state holds {len(state)} tensors (e.g. {unexpected[0]}) where this {self.kind} "
+                             f"teacher keeps {len(own)}: was it saved with another teacher_model_kind, "
+                             "teacher_sync_steps or set of LoRA layers?")
+        if self.copy is not None and (self.kind == "ema" or self.sync_steps):
+            self.copy.load_state_dict({k[len("copy."):]: v for k, v in state.items()})
+        for name, delta in self.deltas.items():
+            delta.copy_(state[f"delta.{name}"])
+        for name, (up, down) in self.factors.items():
             self.factors[name] = (state[f"up.{name}"].to(up.device, up.dtype), state[f"down.{name}"].to(down.device, down.dtype))
-
 
 def check_adapter_for_teacher(model, kind: str, sync_steps: int) -> None:
     """Refuse the PEFT setups whose teacher would silently differ from what `kind` promises."""

@@ -66,6 +66,26 @@ def test_schema_rejects_contradictions(config, match):
         SelfDistillationArgs.model_validate(config)
 
 
+@pytest.mark.parametrize("settings,auto", [
+    ({"auto_resume_from_checkpoints": True}, True),
+    ({"auto_resume_from_checkpoints": True, "resume_from_checkpoint": "out/checkpoint-8"}, False),
+    ({"resume_from_checkpoint": "out/checkpoint-8"}, False),
+    ({}, False),
+])
+def test_only_axolotls_own_pick_of_the_last_checkpoint_may_fall_back(settings, auto):
+    """post_trainer_create runs before Axolotl fills resume_from_checkpoint from auto_resume_from_checkpoints: a
+    checkpoint the user named is never swapped for an earlier one (sd_plugin/checkpoints.py)."""
+    import types
+
+    from axolotl.utils.dict import DictDefault
+
+    from sd_plugin.axolotl.plugin import SelfDistillationPlugin
+
+    trainer = types.SimpleNamespace()
+    SelfDistillationPlugin().post_trainer_create(DictDefault({"trainer_type": "sdft", **settings}), trainer)
+    assert trainer.auto_resume is auto
+
+
 def test_schema_fills_method_defaults():
     parsed = SelfDistillationArgs.model_validate({"trainer_type": "sdft", "sdft": {"teacher_model_kind": "ema", "teacher_update_rate": 0.02}})
     assert parsed.sdft["teacher_update_rate"] == 0.02 and parsed.sdft["num_loss_tokens_to_skip"] == 3

@@ -73,6 +73,10 @@ class SelfDistillationPlugin(BasePlugin):
     def post_trainer_create(self, cfg, trainer):
         if cfg.get("trainer_type"):
             self.trainer = trainer  # post_train gets the model only; its record (state, arguments) lives here
+            # Axolotl picks the last checkpoint-N after this hook (axolotl.utils.train.determine_last_checkpoint,
+            # only while resume_from_checkpoint is unset), complete or not: the trainer then falls back to the
+            # previous complete one. A checkpoint the user named is never swapped for another (an error instead).
+            trainer.auto_resume = bool(cfg.get("auto_resume_from_checkpoints")) and cfg.get("resume_from_checkpoint") is None
 
     def post_train(self, cfg, model):
         """Write `training_config.json` (this Axolotl config, secrets masked) and `trainer_state.json` (the logged

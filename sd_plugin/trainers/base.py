@@ -24,6 +24,9 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from transformers import Trainer, TrainerCallback
 
+from sd_plugin.checkpoints import load_state as load_checkpoint_state
+from sd_plugin.checkpoints import resolve_resume, state_file
+from sd_plugin.checkpoints import save_state as save_checkpoint_state
 from sd_plugin.completions_log import CompletionsLog
 from sd_plugin.data import end_of_turn_ids
 from sd_plugin.deprecated import accepts_deprecated_names
@@ -45,7 +48,7 @@ from sd_plugin.trainers.step import StepBatch, StepGroup, completion_hidden_stat
 from sd_plugin.verifiers import verify_completion
 
 LOG = logging.getLogger("sd_plugin")
-TEACHER_STATE_FILE = "sd_teacher_state.pt"
+TEACHER_STATE_FILE = state_file("teacher")
 PROMPT_COLUMNS = ("input_ids", "attention_mask", "teacher_input_ids", "demonstration_ids", "sd_record")
 
 
@@ -252,6 +255,9 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
     """Base trainer; subclasses set `options_class` and fill in the step's hooks (module doc) and `prepare_dataset`."""
 
     options_class = SelfDistillationOptions
+    # True where the host picked the checkpoint to resume from itself (Axolotl's auto_resume_from_checkpoints; the
+    # plugin sets it): an incomplete one then falls back to the previous complete one instead of failing.
+    auto_resume = False
 
     def __init__(self, model=None, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
                  data_collator=None, callbacks=None, peft_config=None, **kwargs):
@@ -584,18 +590,34 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
 
         write_training_record(output_dir or self.args.output_dir, self.args.to_dict(), self.state)
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        state = self.teacher.state_dict()
-        if state and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            torch.save(state, os.path.join(folder, TEACHER_STATE_FILE))
+    # ------------------------------------------------------------------ checkpoints (sd_plugin/checkpoints.py)
+    def checkpoint_state(self) -> dict:
+        """The trainer's state that a resumed run needs beyond the host's files, by name. Each value has
+        `state_dict()` and `load_state_dict()` (`sd_plugin.checkpoints.StateHooks` makes one of two functions; the
+        state holds what `torch.load(weights_only=True)` reads: tensors, numbers, strings, lists, dicts). Every
+        checkpoint holds one `sd_<name>_state.pt` per entry, written before the host marks the checkpoint
+        complete, and a resume requires all of them: a new entry is one line here.
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, TEACHER_STATE_FILE)
-        if os.path.exists(path):
-            self.teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        elif self.teacher.state_dict():
-            LOG.warning("checkpoint %s has no %s: the %s teacher restarts from the base weights",
-                        resume_from_checkpoint, TEACHER_STATE_FILE, self.options.teacher_model_kind)
+        Not here because a resume needs no saved state for them: the rollouts' and on-policy draws' randomness
+        (the host's `rng_state*.pth`; SDFT's `lambda_on_policy` draw is seeded by seed, step and micro-batch) and
+        vLLM's weights (pushed again before the first rollout of the resumed run)."""
+        return {"teacher": self.teacher, "numerics": self.numerics_state()}
+
+    def save_checkpoint_state(self, folder: str) -> None:
+        save_checkpoint_state(folder, self.checkpoint_state())
+
+    def _save_checkpoint(self, model, trial):
+        # The trainer's files first: the host writes trainer_state.json last, and that marks the checkpoint complete.
+        if self.args.should_save:
+            self.save_checkpoint_state(os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"))
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """Trainer's `train`; a resume checks first that the checkpoint is complete (`sd_plugin.checkpoints`)
+        and loads the trainer's state from it (also under DeepSpeed, where Trainer skips `_load_from_checkpoint`)."""
+        states = self.checkpoint_state()
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir, states,
+                                                auto=self.auto_resume)
+        if resume_from_checkpoint is not None:
+            load_checkpoint_state(resume_from_checkpoint, states)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from sd_plugin.checkpoints import StateHooks
+
 LOG = logging.getLogger("sd_plugin")
 
 
@@ -75,6 +77,16 @@ class NonFiniteStepGuard:
                 "checkpoint."
             )
         return True
+
+    def numerics_state(self) -> StateHooks:
+        """The guard's counters as checkpoint state: a resumed run stops after as many skips in a row as the
+        uninterrupted one."""
+        def load(state: dict) -> None:
+            self._nonfinite_steps_in_a_row = state["in_a_row"]
+            self._nonfinite_steps_skipped = state["skipped"]
+
+        return StateHooks(lambda: {"in_a_row": self.__dict__.get("_nonfinite_steps_in_a_row", 0),
+                                   "skipped": self.nonfinite_steps_skipped}, load)
 
     @property
     def nonfinite_steps_skipped(self) -> int:

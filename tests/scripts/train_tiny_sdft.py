@@ -1,7 +1,8 @@
 """Train SDFTTrainer (LoRA) on the tiny local Qwen3, as a subprocess of the resume and multi-process tests.
 
     python tests/scripts/train_tiny_sdft.py OUTPUT_DIR [--teacher ema] [--max-steps 5] [--save-steps 2]
-        [--resume CHECKPOINT] [--block-at-step S] [--batch-size 2] [--rows 6] [--top-k N] [--nan-at-step S]
+        [--resume CHECKPOINT|last] [--auto-resume] [--block-at-step S] [--exit-during-save S:plugin|S:host]
+        [--expect-error] [--batch-size 2] [--rows 6] [--top-k N] [--nan-at-step S]
     python tests/scripts/train_tiny_sdft.py --jobs JOBS.json    (a JSON list of argument lists, run in order)
     python tests/scripts/train_tiny_sdft.py OUTPUT_DIR --sdpo-mode hybrid ...   (SDPOTrainer instead: 2 scripted
         rollouts per prompt, `sd_plugin.testing.scripted_grouped_rollouts`, rewarded by `length_parity_verifier`)
@@ -11,6 +12,11 @@ Writes OUTPUT_DIR/result_rank{R}.pt: the final trainable parameters, the teacher
 the completions sampled at every step (token ids per dataset row). `--block-at-step S` writes
 OUTPUT_DIR/blocked-at-S once optimizer step S has ended (the checkpoints of earlier steps are complete on
 disk) and then sleeps, so that the test can SIGKILL the process from outside, like a preempted job.
+`--exit-during-save S:plugin` ends the process (exit status 17) while it saves checkpoint-S, once the trainer's
+state files are written and before any of the host's; `S:host` once the host has written all its files but
+`trainer_state.json`: a deterministic kill inside a checkpoint save. `--auto-resume` resumes as Axolotl's
+auto_resume_from_checkpoints does (an incomplete checkpoint falls back to the previous complete one);
+`--expect-error` writes the ValueError that `train` raises to OUTPUT_DIR/error.txt instead of a result.
 `--nan-at-step S` turns the student's hidden states into NaN during the student forward of optimizer step
 S (counted from 1; on rank `--nan-rank` only): a real non-finite loss for the numerics guard.
 """
@@ -41,7 +47,10 @@ def parse_args(argv=None):
     parser.add_argument("--teacher", default="base", choices=["base", "ema", "live"])
     parser.add_argument("--max-steps", type=int, default=5)
     parser.add_argument("--save-steps", type=int, default=0, help="0: no checkpoints")
-    parser.add_argument("--resume", default=None, help="checkpoint folder to resume from")
+    parser.add_argument("--resume", default=None, help="checkpoint folder to resume from (last: the last one, as True)")
+    parser.add_argument("--auto-resume", action="store_true", help="trainer.auto_resume, as the Axolotl plugin sets it")
+    parser.add_argument("--exit-during-save", default=None, help="S:plugin or S:host (see the module doc)")
+    parser.add_argument("--expect-error", action="store_true")
     parser.add_argument("--block-at-step", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=2, help="per-device batch size")
     parser.add_argument("--grad-accum", type=int, default=1)
@@ -140,7 +149,30 @@ def main(argv=None) -> None:
                     time.sleep(1)
 
     trainer.add_callback(BlockAtStep())
-    trainer.train(resume_from_checkpoint=args.resume)
+    if args.exit_during_save:
+        exit_step, where = args.exit_during_save.split(":")
+        # The last file written before the exit: the trainer's own state, or the host's RNG state (its last file
+        # before trainer_state.json).
+        method = "save_checkpoint_state" if where == "plugin" else "_save_rng_state"
+        real_save = getattr(trainer, method)
+
+        def save_then_exit(folder, *rest):
+            real_save(folder, *rest)
+            if trainer.state.global_step == int(exit_step):
+                os._exit(17)
+
+        setattr(trainer, method, save_then_exit)
+    trainer.auto_resume = args.auto_resume
+    resume = True if args.resume == "last" else args.resume
+    if args.expect_error:
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except ValueError as error:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "error.txt").write_text(str(error))
+            return
+        raise AssertionError("train() did not raise the expected ValueError")
+    trainer.train(resume_from_checkpoint=resume)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     result = {
         "params": {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad},
