@@ -40,6 +40,7 @@ from sd_plugin.data import Columns, completion_text, end_of_turn_ids
 from sd_plugin.files import (
     append_attempts,
     attempts_path,
+    check_model_source,
     read_attempts,
     read_jsonl_rows,
     refuse_output_over_input,
@@ -308,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     refuse_output_over_input({"--output": args.output, "--output's attempts log": attempts_path(args.output)},
-                             [args.prompts], args.force)
+                             [args.prompts], args.force,
+                             input_folders={"--model": args.model, "--adapter": args.adapter, "--prompts": args.prompts})
     if args.dtype != "auto" and not isinstance(getattr(torch, args.dtype, None), torch.dtype):
         raise UsageError(f"--dtype {args.dtype!r}: expected auto, float32, bfloat16 or float16")
     options = GenerateOptions(
@@ -323,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     numbered_rows = read_prompt_file(args.prompts)
     if options.verifier is not None:
         resolve_verifier(options.verifier, options.verifier_kwargs)
+    check_model_source("--model", args.model)
+    check_model_source("--adapter", args.adapter)
     from transformers import AutoTokenizer
 
     tokenizer_source = args.adapter if args.adapter and (Path(args.adapter) / "tokenizer_config.json").exists() else args.model

@@ -38,6 +38,7 @@ from sd_plugin.deprecated import accepts_deprecated_names, resolve_deprecated_fl
 from sd_plugin.files import (
     append_attempts,
     attempts_path,
+    check_model_source,
     read_attempts,
     read_jsonl_rows,
     refuse_output_over_input,
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Everything that can be refused is checked before the model loads (minutes on a large model).
     outputs = {"--output": args.output, "--output's attempts log": attempts_path(args.output)}
-    refuse_output_over_input(outputs, [args.problems], args.force)
+    refuse_output_over_input(outputs, [args.problems], args.force,
+                             input_folders={"--model": args.model, "--problems": args.problems})
     try:
         threshold = resolve_deprecated_flag(args, "--success-threshold", "--success-reward-threshold",
                                             defaults.success_reward_threshold)
@@ -301,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt_record(row, None, columns)
         except RecordError as error:
             raise UsageError(f"{args.problems}:{line}: {error.reason}") from None
+    check_model_source("--model", args.model)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
