@@ -44,6 +44,7 @@ from sd_plugin.files import (
     refuse_output_over_input,
     write_text_atomic,
 )
+from sd_plugin.option_checks import check_option_types, check_reward_threshold
 from sd_plugin.rollout import SamplingOptions, generate_rollouts
 from sd_plugin.rows import PromptRow, left_pad, prepare_prompt_rows
 from sd_plugin.verifiers import load_verifier, verify_completion
@@ -84,9 +85,13 @@ class RevisionOptions(SDZeroSharedOptions):
     seed: int = 0
 
     def check(self) -> None:
+        check_option_types(self)
         if self.verifier is None:
             raise ValueError("verifier is required: a built-in name (multiple_choice, tool_calls, boxed_math, python_tests), "
                              "'package.module:callable' or a callable")
+        check_reward_threshold(self.success_reward_threshold)
+        if not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {self.temperature} and {self.top_p}")
         for key in ("num_revisions", "max_new_tokens", "batch_size", "max_prompt_length"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
