@@ -325,3 +325,26 @@ def test_stats_plot_without_matplotlib_writes_nothing(tmp_path, capsys, monkeypa
     code, _, err = run(["stats", corpus, "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "p.png")], capsys)
     assert code == 2 and "needs matplotlib" in one_error_line(err, "stats")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+
+
+def fake_adapter(tmp_path: Path) -> Path:
+    """An adapter folder as far as the input checks read it (nothing here is merged)."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(TINY),
+                                                             "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    return adapter
+
+
+@pytest.mark.parametrize("where", ["inside the adapter", "under a file"])
+def test_merge_refuses_an_out_it_cannot_or_must_not_create_before_any_work(where, tmp_path, capsys):
+    adapter = fake_adapter(tmp_path)
+    (tmp_path / "plain.txt").write_text("a file")
+    out = adapter / "merged" if where == "inside the adapter" else tmp_path / "plain.txt" / "merged"
+    before = snapshot(tmp_path)
+    code, _, err = run(["merge", "--adapter", str(adapter), "--base", str(TINY), "--out", str(out), "--method", "sdft"],
+                       capsys)
+    line = one_error_line(err, "merge")
+    assert code == 2 and ("inside the input folder --adapter" in line if where == "inside the adapter" else "cannot create" in line)
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "plain.txt"]
