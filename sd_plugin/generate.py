@@ -46,6 +46,7 @@ from sd_plugin.files import (
     refuse_output_over_input,
     write_text_atomic,
 )
+from sd_plugin.option_checks import check_option_types
 from sd_plugin.rollout import SamplingOptions, generate_rollouts
 from sd_plugin.rows import PromptRow, left_pad, prepare_prompt_rows
 from sd_plugin.verifiers import load_verifier, safe_verify
@@ -72,6 +73,10 @@ class GenerateOptions:
     max_prompt_length: int = 4096
 
     def check(self) -> None:
+        try:
+            check_option_types(self)  # GenerateOptions(num_samples="4") names the key, not a TypeError
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         for key in ("num_samples", "max_new_tokens", "batch_size", "max_prompt_length"):
             if getattr(self, key) < 1:
                 raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")

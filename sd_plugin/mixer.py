@@ -37,6 +37,7 @@ from sd_plugin.files import (
     write_files_atomic,
     write_text_atomic,  # noqa: F401  (one atomic writer for every command: tests check it)
 )
+from sd_plugin.option_checks import check_option_types
 from sd_plugin.stats import (
     CORPUS_TABLE_ROWS,
     DEFAULT_GROUP_FIELD,
@@ -229,6 +230,7 @@ def mix_corpora(sources: list[CorpusSource], config: MixConfig) -> MixResult:
     """
     if not sources:
         raise ValueError("no input corpora")
+    check_option_types(config)  # e.g. round2_mixer: {mix_in_ratio: "0.5"} names the key, not a TypeError
     if not 0.0 <= config.mix_in_ratio <= 1.0:
         raise ValueError(f"mix_in_ratio must be in [0, 1], got {config.mix_in_ratio}")
     if config.group_cap is not None and config.group_cap < 1:

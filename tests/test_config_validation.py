@@ -164,3 +164,15 @@ def test_revision_options_refuse_a_threshold_outside_the_rewards():
             RevisionOptions(verifier="multiple_choice", success_reward_threshold=threshold).check()
     with pytest.raises(ValueError, match="num_revisions must be an integer"):
         RevisionOptions(verifier="multiple_choice", num_revisions="2").check()
+
+
+def test_generate_and_mix_configs_name_the_key_of_a_wrong_type():
+    from sd_plugin.generate import GenerateOptions
+    from sd_plugin.mixer import CorpusSource, MixConfig, mix_corpora
+
+    with pytest.raises(ValueError, match="num_samples must be an integer, got '4'"):
+        GenerateOptions(num_samples="4").check()
+    with pytest.raises(ValueError, match="temperature must be a finite number, got nan"):
+        GenerateOptions(temperature=float("nan")).check()
+    with pytest.raises(ValueError, match="mix_in_ratio must be a number, got '0.5'"):
+        mix_corpora([CorpusSource("unused.jsonl", 1)], MixConfig(mix_in_ratio="0.5"))
