@@ -2,13 +2,15 @@
 
 Python does not enforce a dataclass's annotations: `SDPOConfig(temperature="0.7")`, `num_generations=True` or
 `epsilon=float("inf")` would otherwise be accepted and fail (or silently misbehave) steps later. `check_option_types`
-runs first in each options class's `check()` and raises a ValueError naming the key.
+runs first in each options class's `check()` and raises a ValueError naming the key. A `str` field also takes a
+`Path`; verifier fields (a name or a callable) are left to `load_verifier`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from typing import Any
@@ -37,8 +39,8 @@ def type_problem(value: Any, hint: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return "a number"
         return None if math.isfinite(value) else "a finite number"
-    if hint is str:
-        return None if isinstance(value, str) else "a string"
+    if hint is str:  # a file setting may be a Path
+        return None if isinstance(value, (str, os.PathLike)) else "a string"
     if hint is dict or origin is dict:
         return None if isinstance(value, dict) else "a mapping"
     if hint is list or origin is list:
@@ -52,6 +54,8 @@ def check_option_types(options: Any, options_class: type | None = None) -> None:
     options_class = options_class or type(options)
     hints = typing.get_type_hints(options_class)
     for field in dataclasses.fields(options_class):
+        if field.name.endswith("verifier"):
+            continue  # a name or, in Python, a callable: `load_verifier` checks it and names what is wrong
         value = getattr(options, field.name)
         problem = type_problem(value, hints.get(field.name, Any))
         if problem is not None:
