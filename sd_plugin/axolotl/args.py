@@ -12,6 +12,7 @@ Each block is generated from the method's options dataclass, so the YAML and the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import typing
 from typing import Any, Literal, Optional
@@ -66,6 +67,18 @@ def _validated_block(method: str, block: dict | None) -> BaseModel:
     if options.teacher_model_kind != "ema" and "teacher_update_rate" in model.model_fields_set:
         raise ValueError(f"{method}.teacher_update_rate is set but {method}.teacher_model_kind is {options.teacher_model_kind!r}: set teacher_model_kind: ema")
     return model
+
+
+@functools.lru_cache(maxsize=1)
+def host_config_keys() -> frozenset:
+    """The keys of Axolotl's own config class. Axolotl validates the config with a class that mixes in this
+    schema, so `cls.model_fields` has them already; this also covers a host that validates the plugin's keys
+    on their own."""
+    try:
+        from axolotl.utils.schemas.config import AxolotlInputConfig
+    except ImportError:
+        return frozenset()
+    return frozenset(AxolotlInputConfig.model_fields)
 
 
 def refuse_misplaced_keys(data: dict, method: str, known: set[str]) -> None:
@@ -123,7 +136,7 @@ class SelfDistillationArgs(BaseModel):
             raise ValueError(f"trainer_type must be one of {', '.join(METHODS)} (a single name), got {method!r}")
         if method not in METHODS:
             return data  # the Literal reports it with the allowed values
-        refuse_misplaced_keys(data, method, set(cls.model_fields))
+        refuse_misplaced_keys(data, method, set(cls.model_fields) | host_config_keys())
         if data.get("rl"):
             raise ValueError(f"rl: {data['rl']} and trainer_type: {method} cannot be combined: remove rl (the plugin runs its own trainer)")
         for other in blocks:
