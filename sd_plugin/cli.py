@@ -45,12 +45,17 @@ def argument_parser(command: str, description: str) -> argparse.ArgumentParser:
 
 def json_object(text: str) -> dict:
     """argparse type of --verifier-kwargs: a JSON object."""
+    from sd_plugin.files import loads_json
+
+    shown = text if len(text) <= 200 else text[:200] + "..."
     try:
-        value = json.loads(text)
+        value = loads_json(text)
     except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not JSON ({error.msg} at column {error.colno}): {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not JSON ({error.msg} at column {error.colno}): {shown!r}") from None
+    except ValueError as error:  # nested too deeply
+        raise argparse.ArgumentTypeError(f"{error}: {shown!r}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}: {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}: {shown!r}")
     return value
 
 

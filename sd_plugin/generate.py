@@ -40,11 +40,13 @@ from sd_plugin.data import Columns, completion_text, end_of_turn_ids
 from sd_plugin.files import (
     append_attempts,
     attempts_path,
+    check_model_source,
     read_attempts,
     read_jsonl_rows,
     refuse_output_over_input,
     write_text_atomic,
 )
+from sd_plugin.option_checks import check_option_types
 from sd_plugin.rollout import SamplingOptions, generate_rollouts
 from sd_plugin.rows import PromptRow, left_pad, prepare_prompt_rows
 from sd_plugin.verifiers import load_verifier, safe_verify
@@ -71,6 +73,10 @@ class GenerateOptions:
     max_prompt_length: int = 4096
 
     def check(self) -> None:
+        try:
+            check_option_types(self)  # GenerateOptions(num_samples="4") names the key, not a TypeError
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         for key in ("num_samples", "max_new_tokens", "batch_size", "max_prompt_length"):
             if getattr(self, key) < 1:
                 raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
@@ -308,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     refuse_output_over_input({"--output": args.output, "--output's attempts log": attempts_path(args.output)},
-                             [args.prompts], args.force)
+                             [args.prompts], args.force,
+                             input_folders={"--model": args.model, "--adapter": args.adapter, "--prompts": args.prompts})
     if args.dtype != "auto" and not isinstance(getattr(torch, args.dtype, None), torch.dtype):
         raise UsageError(f"--dtype {args.dtype!r}: expected auto, float32, bfloat16 or float16")
     options = GenerateOptions(
@@ -323,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     numbered_rows = read_prompt_file(args.prompts)
     if options.verifier is not None:
         resolve_verifier(options.verifier, options.verifier_kwargs)
+    check_model_source("--model", args.model)
+    check_model_source("--adapter", args.adapter)
     from transformers import AutoTokenizer
 
     tokenizer_source = args.adapter if args.adapter and (Path(args.adapter) / "tokenizer_config.json").exists() else args.model

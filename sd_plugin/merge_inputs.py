@@ -8,15 +8,29 @@ place (`staging_dir`, `move_into_place`), so `--overwrite` replaces the old outp
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from sd_plugin.files import (
+    TEMPORARY_MARK,
+    existing_ancestors,
+    file_identity,
+    glob_escape,
+    process_alive,
+    remove_stale_temporaries,
+    temporary_prefix,
+)
 from sd_plugin.hub import PublishError
 from sd_plugin.model_card import (
     METHODS,
@@ -36,6 +50,7 @@ TOKENIZER_FILES = (
     "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
 )
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+LOG = logging.getLogger("sd_plugin")
 FOUR_BIT_DEFAULTS = {"quant_type": "nf4", "double_quant": True, "blocksize": 64}
 
 
@@ -245,45 +260,106 @@ def resolve_inputs(request: MergeRequest, *, need_method: bool, check_out: bool 
 
 
 def check_out_dir(out_dir: Path, overwrite: bool, inputs: dict) -> None:
-    """Refuse an output folder that holds or is held by an input (resolved, so symlinks count), or that is
-    not empty without `overwrite`. `inputs` maps an option name to a path, or to something that is not one."""
+    """Refuse an output folder that holds or is held by an input, or that is not empty without `overwrite`, or
+    whose folder cannot be created. `inputs` maps an option name to a path, or to something that is not one.
+
+    Compared by (device, inode) of every existing folder above the path as well as by resolved path, so
+    symlinks, hard links and bind mounts cannot hide an input."""
+    local = {option: value for option, value in inputs.items()
+             if isinstance(value, (str, os.PathLike)) and os.path.exists(value)}
+    out_identities = {file_identity(folder) for folder in [*existing_ancestors(out_dir), *existing_ancestors(out_dir.resolve())]}
     resolved_out = out_dir.resolve()
-    for option, value in inputs.items():
-        if not isinstance(value, (str, os.PathLike)) or not os.path.exists(value):
-            continue
+    for option, value in local.items():
         resolved = Path(value).resolve()
-        if resolved == resolved_out or resolved_out in resolved.parents:
+        if resolved == resolved_out or resolved_out in resolved.parents or (
+                out_dir.exists() and file_identity(out_dir) in {file_identity(f) for f in existing_ancestors(value)}):
             raise PublishError(f"{option} {value} is inside --out {out_dir}: the output folder is replaced as a whole, "
                                "so it must not hold an input; choose another --out")
+        if os.path.isdir(value) and file_identity(value) in out_identities:
+            raise PublishError(f"--out {out_dir} is inside the input folder {option} {value}: writing there could "
+                               "replace its files; choose an --out outside it")
     if out_dir.exists() and not out_dir.is_dir():
         raise PublishError(f"--out {out_dir} exists and is not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise PublishError(f"--out {out_dir} exists and is not empty (pass --overwrite to replace it)")
+    nearest = next(iter(existing_ancestors(resolved_out.parent)), None)
+    if nearest is None or not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        raise PublishError(f"--out {out_dir}: cannot create it ({nearest} is not a writable folder)")
 
 
 def staging_dir(out_dir: Path) -> Path:
     """A new empty folder next to `out_dir` (next to its target when `out_dir` is a symlink) to build the output in,
-    so that `out_dir` is only replaced once the new output is complete (see `move_into_place`)."""
+    so that `out_dir` is only replaced once the new output is complete (see `move_into_place`).
+
+    First the leftovers of killed runs next to it are dealt with (`recover_interrupted_output`)."""
     target = out_dir.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    recover_interrupted_output(target)
+    staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(target) + "partial-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the output gets the mode a plain mkdir would give it
     return staging
 
 
+def recover_interrupted_output(target: Path) -> None:
+    """Undo what a killed `move_into_place` left: without the atomic exchange a kill between its two renames leaves
+    the old output in `.NAME.sd-tmp-PID-old-*` and no `target`: put it back. Then remove the temporary folders of
+    writers that are gone (a half-built output, an old output already replaced)."""
+    if not target.exists() and not target.is_symlink():
+        for aside in sorted(target.parent.glob(f".{glob_escape(target.name)}{TEMPORARY_MARK}*-old-*")):
+            pid = aside.name[len(f".{target.name}{TEMPORARY_MARK}"):].split("-", 1)[0]
+            if pid.isdigit() and not process_alive(int(pid)):
+                os.rename(aside, target)
+                LOG.warning("%s: restored the previous output, which an interrupted run had moved aside", target)
+                break
+    remove_stale_temporaries(target)
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE, macOS renamex_np RENAME_SWAP);
+    False where the system or the file system cannot (the caller falls back to two renames)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+            at_fdcwd, rename_exchange = -100, 2
+            function, arguments = libc.renameat2, (at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second),
+                                                    rename_exchange)
+        elif sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+            rename_swap = 2
+            function, arguments = libc.renamex_np, (os.fsencode(first), os.fsencode(second), rename_swap)
+        else:
+            return False
+    except OSError:
+        return False
+    if function(*arguments) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False  # this file system cannot exchange: fall back
+    raise OSError(error, f"cannot exchange {first} and {second}: {os.strerror(error)}")
+
+
 def move_into_place(staging: Path, out_dir: Path) -> None:
-    """Replace `out_dir` (or, for a symlink, the folder it points to) by `staging`: the old output is renamed aside
-    and deleted only after the new one is in place."""
+    """Replace `out_dir` (or, for a symlink, the folder it points to) by the complete output in `staging`, so that
+    `out_dir` always holds a complete output, the old or the new one.
+
+    An existing output is swapped with `staging` in one atomic step (`exchange_paths`), then deleted. Where the
+    file system cannot swap, the old output is renamed aside and the new one renamed in: a kill between these two
+    renames leaves no `out_dir` for a moment, and the next run puts the old output back
+    (`recover_interrupted_output`)."""
     target = out_dir.resolve()
-    previous = None
-    if target.exists():
-        previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, previous / target.name)
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    if exchange_paths(staging, target):
+        shutil.rmtree(staging)  # now the old output
+        return
+    previous = Path(tempfile.mkdtemp(prefix=temporary_prefix(target) + "old-", dir=target.parent))
+    previous.rmdir()
+    os.rename(target, previous)
     os.replace(staging, target)
-    if previous is not None:
-        shutil.rmtree(previous)
+    shutil.rmtree(previous)
 
 
 def check_base_mergeable(inputs: ResolvedInputs, dequantize_4bit: bool) -> None:

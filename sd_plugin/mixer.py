@@ -14,6 +14,7 @@ Everything is seeded; each output row is its source row plus a `_provenance` fie
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import math
@@ -33,8 +34,10 @@ from sd_plugin.files import (
     refuse_missing_field,
     refuse_output_over_input,
     row_error_lines,
-    write_text_atomic,
+    write_files_atomic,
+    write_text_atomic,  # noqa: F401  (one atomic writer for every command: tests check it)
 )
+from sd_plugin.option_checks import check_option_types
 from sd_plugin.stats import (
     CORPUS_TABLE_ROWS,
     DEFAULT_GROUP_FIELD,
@@ -227,6 +230,7 @@ def mix_corpora(sources: list[CorpusSource], config: MixConfig) -> MixResult:
     """
     if not sources:
         raise ValueError("no input corpora")
+    check_option_types(config)  # e.g. round2_mixer: {mix_in_ratio: "0.5"} names the key, not a TypeError
     if not 0.0 <= config.mix_in_ratio <= 1.0:
         raise ValueError(f"mix_in_ratio must be in [0, 1], got {config.mix_in_ratio}")
     if config.group_cap is not None and config.group_cap < 1:
@@ -342,12 +346,21 @@ def jsonl_text(rows: list[dict]) -> str:
 
 def write_mix_outputs(result: MixResult, output_path: str | Path, rejects_path: str | Path | None = None,
                       summary_path: str | Path | None = None) -> None:
-    """Write the mixed corpus, and optionally the rejected rows (JSONL) and the summary (JSON), atomically."""
-    write_text_atomic(output_path, jsonl_text(result.rows))
+    """Write the mixed corpus, and optionally the rejected rows (JSONL) and the summary (JSON), as one set.
+
+    `write_files_atomic`: all three are complete on disk before any is renamed into place, and the old rejects and
+    summary are removed before the new corpus replaces the old one, so an interrupted run never leaves a new corpus
+    beside the summary of an earlier mix. The summary names the corpus it describes (`output`: path, rows, sha256).
+    """
+    corpus = jsonl_text(result.rows).encode("utf-8")
+    files = [(output_path, corpus)]
     if rejects_path:
-        write_text_atomic(rejects_path, jsonl_text([asdict(error) for error in result.rejects]))
+        files.append((rejects_path, jsonl_text([asdict(error) for error in result.rejects]).encode("utf-8")))
     if summary_path:
-        write_text_atomic(summary_path, json.dumps(result.summary, indent=2, ensure_ascii=False) + "\n")
+        summary = {**result.summary, "output": {"path": str(output_path), "rows": len(result.rows),
+                                                "sha256": hashlib.sha256(corpus).hexdigest()}}
+        files.append((summary_path, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
+    write_files_atomic(files)
 
 
 def format_summary(result: MixResult) -> str:

@@ -38,11 +38,13 @@ from sd_plugin.deprecated import accepts_deprecated_names, resolve_deprecated_fl
 from sd_plugin.files import (
     append_attempts,
     attempts_path,
+    check_model_source,
     read_attempts,
     read_jsonl_rows,
     refuse_output_over_input,
     write_text_atomic,
 )
+from sd_plugin.option_checks import check_option_types, check_reward_threshold
 from sd_plugin.rollout import SamplingOptions, generate_rollouts
 from sd_plugin.rows import PromptRow, left_pad, prepare_prompt_rows
 from sd_plugin.verifiers import load_verifier, verify_completion
@@ -83,9 +85,13 @@ class RevisionOptions(SDZeroSharedOptions):
     seed: int = 0
 
     def check(self) -> None:
+        check_option_types(self)
         if self.verifier is None:
             raise ValueError("verifier is required: a built-in name (multiple_choice, tool_calls, boxed_math, python_tests), "
                              "'package.module:callable' or a callable")
+        check_reward_threshold(self.success_reward_threshold)
+        if not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {self.temperature} and {self.top_p}")
         for key in ("num_revisions", "max_new_tokens", "batch_size", "max_prompt_length"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -275,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Everything that can be refused is checked before the model loads (minutes on a large model).
     outputs = {"--output": args.output, "--output's attempts log": attempts_path(args.output)}
-    refuse_output_over_input(outputs, [args.problems], args.force)
+    refuse_output_over_input(outputs, [args.problems], args.force,
+                             input_folders={"--model": args.model, "--problems": args.problems})
     try:
         threshold = resolve_deprecated_flag(args, "--success-threshold", "--success-reward-threshold",
                                             defaults.success_reward_threshold)
@@ -301,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt_record(row, None, columns)
         except RecordError as error:
             raise UsageError(f"{args.problems}:{line}: {error.reason}") from None
+    check_model_source("--model", args.model)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

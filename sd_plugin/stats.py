@@ -184,6 +184,19 @@ def format_table(columns: list[tuple[str, dict]], metric_rows: list[tuple[str, s
     return "\n".join(["  ".join(lines[0]), rule] + ["  ".join(line) for line in lines[1:]])
 
 
+def check_plot_output(out_path: str | Path) -> None:
+    """Raise `UsageError` unless matplotlib is installed and can write `out_path`'s format: checked before
+    anything is computed or written (--json included)."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise UsageError(f"--plot {out_path} needs matplotlib: pip install matplotlib") from None
+    image_format = Path(out_path).suffix.lstrip(".").lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if image_format not in formats:
+        raise UsageError(f"--plot {out_path}: matplotlib cannot write .{image_format} (use one of {', '.join(sorted(formats))})")
+
+
 def plot_group_distributions(all_stats: list[dict], out_path: str | Path) -> None:
     """Rank/frequency plot of the group distribution, one panel per corpus side by side (log y axis)."""
     from matplotlib.figure import Figure  # lazy: only the plot needs matplotlib; Figure renders with Agg
@@ -229,6 +242,8 @@ def stats_main(argv: list[str] | None = None) -> int:
     if not 0.0 < args.dedup_threshold <= 1.0:
         parser.error(f"--dedup-threshold must be in (0, 1], got {args.dedup_threshold}")
     refuse_output_over_input({"--json": args.json_out, "--plot": args.plot}, args.corpora, args.force)
+    if args.plot:
+        check_plot_output(args.plot)
 
     all_stats = []
     for path in args.corpora:

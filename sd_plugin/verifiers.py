@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import functools
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -526,10 +527,38 @@ def load_verifier(spec: Any, kwargs: Mapping[str, Any] | None = None) -> Verifie
     elif not callable(obj):
         raise TypeError(f"Verifier {spec!r} is not callable (got {type(obj).__name__})")
     elif kwargs:
+        check_keyword_arguments(obj, spec, kwargs)
         obj = functools.partial(obj, **kwargs)
     if not callable(obj):
         raise TypeError(f"Verifier {spec!r} produced a non-callable {type(obj).__name__}")
     return obj
+
+
+def check_keyword_arguments(function: Any, spec: Any, kwargs: Mapping[str, Any]) -> None:
+    """TypeError naming `spec` when `function` (called as function(prompt, completion, record, **kwargs)) takes no
+    keyword of that name: a misspelt `verifier_kwargs` key is found when the verifier is loaded, not at its first call."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: cannot be checked ahead
+    try:
+        signature.bind_partial(None, None, None, **kwargs)
+    except TypeError as exc:
+        accepted = [name for name, parameter in list(signature.parameters.items())[3:]
+                    if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)]
+        raise TypeError(f"verifier {spec!r} does not take these verifier_kwargs {sorted(kwargs)} ({exc}); it takes "
+                        f"{', '.join(accepted) or 'no keyword arguments'}") from None
+
+
+def check_verifier(spec: Any, kwargs: Mapping[str, Any] | None = None, key: str = "verifier") -> None:
+    """Resolve and construct the verifier as training will (`load_verifier`): ValueError naming `key` when the name,
+    the module or a keyword argument is wrong. Run at config validation, before data preparation and model loading."""
+    if spec is None:
+        return
+    try:
+        load_verifier(spec, kwargs)
+    except (ValueError, ImportError, TypeError) as error:
+        raise ValueError(f"{key}: {error}") from None
 
 
 def safe_verify(

@@ -11,6 +11,7 @@ import yaml
 from test_axolotl_plugin import PLUGIN_RAN, QUICKSTART, REPO, quickstart, run_axolotl
 
 BASE = REPO / "example_configs" / "assets" / "tiny-qwen3"
+HUB_TOKEN = "hf_abcdefghijklmnopqrstuvwxyz0123"
 
 
 def quickstart_cfg(**overrides):
@@ -55,12 +56,14 @@ def test_post_train_writes_the_config_and_metrics_the_card_reads(tmp_path):
 
 @pytest.mark.slow
 def test_card_after_axolotl_train_and_sd_plugin_merge_has_the_metrics(tmp_path):
-    config = quickstart(tmp_path, max_steps=2)
+    config = quickstart(tmp_path, max_steps=2, hub_token=HUB_TOKEN)  # Axolotl pastes the YAML file into its card
     trained = run_axolotl(config, tmp_path)
     output = trained.stdout + trained.stderr
     assert trained.returncode == 0, output[-3000:]
     assert PLUGIN_RAN + "sdft" in output
     adapter = tmp_path / "out"
+    axolotl_card = (adapter / "README.md").read_text()
+    assert "See axolotl config" in axolotl_card and HUB_TOKEN not in axolotl_card and "hub_token: '***'" in axolotl_card
     state = json.loads((adapter / "trainer_state.json").read_text())
     logged = [entry for entry in state["log_history"] if "completions/mean_length" in entry]
     assert [entry["step"] for entry in logged] == [1, 2]

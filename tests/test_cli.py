@@ -33,8 +33,8 @@ def scored_rows():
 
 
 def collect_argv(problems, output, verifier="multiple_choice", *extra):
-    # --model is never loaded in these tests: every refusal happens before the model loads
-    return ["collect-revisions", "--model", "/nonexistent/model", "--problems", str(problems), "--output", str(output),
+    # --model is never loaded in these tests: every refusal happens before the model loads (it must exist)
+    return ["collect-revisions", "--model", str(REPO / "example_configs/assets/tiny-qwen3"), "--problems", str(problems), "--output", str(output),
             "--verifier", verifier, *extra]
 
 

@@ -86,12 +86,17 @@ def teacher_texts(trainer, inputs):
         ({"dont_reprompt_on_self_success": False}, [(1, True), (1, False), (1, False), None, None, None]),
         ({"include_environment_feedback": False}, [(1, False), None, (1, False), None, None, None]),
         ({"environment_feedback_only_without_solution": True}, [(1, False), None, (1, False), None, None, None]),
-        ({"success_reward_threshold": 2.0}, [(None, True), None, None, None, None, None]),
+        ({"success_reward_threshold": 1.0, "no_reward_reaches_it": True}, [(None, True), None, None, None, None, None]),
     ],
 )
 def test_teacher_context_has_sibling_solution_and_feedback_exactly_when_it_should(
         tmp_path, tokenizer, quickstart_rows, monkeypatch, overrides, expected):
+    overrides = dict(overrides)
+    no_success = overrides.pop("no_reward_reaches_it", False)
     trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, **overrides)
+    if no_success:  # every reward below the threshold (a threshold above 1 is refused by the config)
+        trainer.verifier = lambda prompt, completion, record: (0.9 * scripted_verifier(prompt, completion, record)[0],
+                                                               scripted_verifier(prompt, completion, record)[1])
     inputs = first_batch(trainer)
     texts, batch = teacher_texts(trainer, inputs)
     records = [json.loads(r) for r in inputs["sd_record"]]
@@ -376,10 +381,9 @@ def test_bad_options_fail_in_the_config(tmp_path, overrides, match):
         make_args(tmp_path, **overrides)
 
 
-def test_unknown_verifier_fails_when_the_trainer_is_built(tmp_path, tokenizer, quickstart_rows):
-    with pytest.raises(ImportError, match="no_such_module"):
-        SDPOTrainer(model=build_model("qwen3", tokenizer), args=make_args(tmp_path, verifier="no_such_module:check"),
-                    train_dataset=rows(quickstart_rows), processing_class=tokenizer)
+def test_unknown_verifier_fails_when_the_config_is_built(tmp_path, tokenizer, quickstart_rows):
+    with pytest.raises(ValueError, match="verifier: .*no_such_module"):  # before any model or data is touched
+        make_args(tmp_path, verifier="no_such_module:check")
 
 
 def test_missing_prompt_column_names_the_row(tmp_path, tokenizer):

@@ -12,13 +12,15 @@ Each block is generated from the method's options dataclass, so the YAML and the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import typing
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from sd_plugin.deprecated import translate_deprecated
+from sd_plugin.deprecated import RENAMED_KEYS, translate_deprecated
+from sd_plugin.option_checks import check_learning_rate, type_problem
 
 # trainer_type -> (options dataclass, module); sdpo / sdzero resolve only when their trainers exist.
 METHODS = {
@@ -48,8 +50,15 @@ def block_model(method: str) -> type[BaseModel]:
 
 
 def _validated_block(method: str, block: dict | None) -> BaseModel:
-    block = translate_deprecated(block or {}, prefix=f"{method}.") if isinstance(block, dict) else block
-    model = block_model(method).model_validate(block or {})
+    if block is not None and not isinstance(block, dict):
+        raise ValueError(f"{method}: must be a mapping of {method} options, got {type(block).__name__}")
+    block = translate_deprecated(block or {}, prefix=f"{method}.")
+    hints = typing.get_type_hints(options_class(method))
+    for key, value in block.items():
+        # pydantic turns `true` into 1 for an int: a bool where no bool belongs is a mistake, not a number
+        if isinstance(value, bool) and key in hints and type_problem(value, hints[key]) is not None:
+            raise ValueError(f"{method}.{key} must be {type_problem(value, hints[key])}, got {value}")
+    model = block_model(method).model_validate(block)
     options = options_class(method)(**model.model_dump())
     try:
         options.check()
@@ -58,6 +67,45 @@ def _validated_block(method: str, block: dict | None) -> BaseModel:
     if options.teacher_model_kind != "ema" and "teacher_update_rate" in model.model_fields_set:
         raise ValueError(f"{method}.teacher_update_rate is set but {method}.teacher_model_kind is {options.teacher_model_kind!r}: set teacher_model_kind: ema")
     return model
+
+
+@functools.lru_cache(maxsize=1)
+def host_config_keys() -> frozenset:
+    """The keys of Axolotl's own config class. Axolotl validates the config with a class that mixes in this
+    schema, so `cls.model_fields` has them already; this also covers a host that validates the plugin's keys
+    on their own."""
+    try:
+        from axolotl.utils.schemas.config import AxolotlInputConfig
+    except ImportError:
+        return frozenset()
+    return frozenset(AxolotlInputConfig.model_fields)
+
+
+def refuse_misplaced_keys(data: dict, method: str, known: set[str]) -> None:
+    """A key of a plugin block written at the top level (`sdpo_mode: policy` beside `sdpo:`) is not a key of the
+    host's config, which would drop it silently: refuse it, naming the block it belongs in. `known`: the keys the
+    host's config (with every plugin's) declares; those are the host's, never misplaced."""
+    from sd_plugin.mixer import MixConfig
+
+    owners: dict[str, list[str]] = {}
+    for name in METHODS:
+        try:
+            names = [f.name for f in dataclasses.fields(options_class(name))]
+        except ValueError:
+            continue
+        for key in names:
+            owners.setdefault(key, []).append(name)
+    for f in dataclasses.fields(MixConfig):
+        owners.setdefault(f.name, []).append("round2_mixer")
+    for old, (new, _) in RENAMED_KEYS.items():  # a deprecated name belongs where its new name does
+        if new in owners:
+            owners.setdefault(old, owners[new])
+    for key in data:
+        if key in known or key not in owners:
+            continue
+        block = method if method in owners[key] else owners[key][0]
+        raise ValueError(f"{key} is a key of the {block}: block, not of the top level, where it would be ignored: "
+                         f"move it into {block}:")
 
 
 class SelfDistillationArgs(BaseModel):
@@ -84,8 +132,11 @@ class SelfDistillationArgs(BaseModel):
             if blocks:
                 raise ValueError(f"the {blocks[0]}: block is set but trainer_type is not: add trainer_type: {blocks[0]}")
             return data
+        if not isinstance(method, str):
+            raise ValueError(f"trainer_type must be one of {', '.join(METHODS)} (a single name), got {method!r}")
         if method not in METHODS:
             return data  # the Literal reports it with the allowed values
+        refuse_misplaced_keys(data, method, set(cls.model_fields) | host_config_keys())
         if data.get("rl"):
             raise ValueError(f"rl: {data['rl']} and trainer_type: {method} cannot be combined: remove rl (the plugin runs its own trainer)")
         for other in blocks:
@@ -104,13 +155,22 @@ class SelfDistillationArgs(BaseModel):
             )
         block = _validated_block(method, data.get(method))
         sequence_len = data.get("sequence_len")
+        if sequence_len is not None and (isinstance(sequence_len, bool) or not isinstance(sequence_len, int)):
+            raise ValueError(f"sequence_len must be an integer (tokens), got {sequence_len!r} ({type(sequence_len).__name__})")
+        learning_rate = data.get("learning_rate")
+        if isinstance(learning_rate, str):  # YAML reads `2e-5` as a string; Axolotl converts it, so do we
+            try:
+                learning_rate = float(learning_rate)
+            except ValueError:
+                pass
+        if learning_rate is not None:
+            check_learning_rate(learning_rate)
         needed = block.max_prompt_length + block.max_completion_length
         if sequence_len is not None and sequence_len < needed:
             raise ValueError(
                 f"sequence_len ({sequence_len}) is below {method}.max_prompt_length + {method}.max_completion_length ({needed})"
             )
-        data[method] = block.model_dump()
-        return data
+        return {**data, method: block.model_dump()}  # a new dict: the caller's config is not changed
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ prompt never gets an lm_head projection and no [tokens, vocab] tensor exists for
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sd_plugin.checkpoints import load_state as load_checkpoint_state
 from sd_plugin.checkpoints import resolve_resume, state_file
@@ -38,6 +39,7 @@ from sd_plugin.losses import (
     loss_token_mask,
     loss_units,
 )
+from sd_plugin.option_checks import check_learning_rate, check_option_types
 from sd_plugin.redact import redact_secrets
 from sd_plugin.rollout import Rollouts, SamplingOptions, check_chunked_prefill, generate_rollouts
 from sd_plugin.rows import SelfDistillationCollator, invalid_rows_path, left_pad
@@ -123,8 +125,15 @@ class SelfDistillationOptions:
         """The loss's `DivergenceOptions`: the `distillation_*` options under the same names (validated)."""
         return DivergenceOptions(**{f.name: getattr(self, f.name) for f in fields(DivergenceOptions)})
 
+    def options_type(self) -> type:
+        """The options dataclass of this object: itself, or for a `*Config` its options base (SDPOOptions, ...)."""
+        return next(cls for cls in type(self).__mro__ if dataclasses.is_dataclass(cls) and not issubclass(cls, TrainingArguments))
+
     def check(self) -> None:
         """Reject contradictory options before any training step (messages name the key)."""
+        check_option_types(self, self.options_type())  # a string, bool or NaN where a number belongs names its key
+        if isinstance(self, TrainingArguments):
+            check_learning_rate(self.learning_rate)
         self.divergence_options()
         for key in ("temperature", "distillation_temperature", "distillation_is_clip"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):

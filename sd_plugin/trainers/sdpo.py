@@ -17,10 +17,11 @@ from transformers import TrainingArguments
 from sd_plugin.contexts import render_ids, sdpo_teacher_messages
 from sd_plugin.deprecated import accepts_deprecated_names
 from sd_plugin.grpo import chunked_token_logprobs, group_advantages, grpo_loss
+from sd_plugin.option_checks import check_reward_threshold
 from sd_plugin.rows import tokenize_prompt_rows
 from sd_plugin.teacher import output_head
 from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch
-from sd_plugin.verifiers import load_verifier
+from sd_plugin.verifiers import check_verifier, load_verifier
 
 SDPO_MODES = ("distill", "policy", "hybrid")
 
@@ -76,6 +77,10 @@ class SDPOOptions(SelfDistillationOptions):
             raise ValueError("sdpo_mode=policy trains without a teacher: set teacher_model_kind: live (no teacher state is kept)")
         if not self.epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if not self.distillation_weight >= 0:
+            raise ValueError(f"distillation_weight must be >= 0, got {self.distillation_weight}")
+        check_reward_threshold(self.success_reward_threshold)
+        check_verifier(self.verifier, self.verifier_kwargs)
         if self.environment_feedback_only_without_solution and not self.include_environment_feedback:
             raise ValueError("environment_feedback_only_without_solution needs include_environment_feedback: true")
 

@@ -26,11 +26,12 @@ from transformers import TrainingArguments
 from sd_plugin.contexts import control_phrases, sdzero_delimiter_ids, sdzero_teacher_ids
 from sd_plugin.data import Columns
 from sd_plugin.deprecated import accepts_deprecated_names
+from sd_plugin.option_checks import check_reward_threshold
 from sd_plugin.revisions import SDZeroSharedOptions
 from sd_plugin.rollout import Rollouts
 from sd_plugin.rows import right_pad, srt_rows, tokenize_prompt_rows, tokenize_rows
 from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch
-from sd_plugin.verifiers import load_verifier
+from sd_plugin.verifiers import check_verifier, load_verifier
 
 PHASES = ("srt", "distill")
 SRT_OBJECTIVES = ("joint", "revision", "generation")
@@ -97,6 +98,9 @@ class SDZeroOptions(SDZeroSharedOptions, SelfDistillationOptions):
         if self.phase == "distill" and self.verifier is None:
             raise ValueError("phase: distill needs a verifier: a built-in name (multiple_choice, tool_calls, boxed_math, "
                              "python_tests) or 'package.module:callable'")
+        if self.phase == "distill":
+            check_reward_threshold(self.success_reward_threshold)
+            check_verifier(self.verifier, self.verifier_kwargs)
 
 
 @accepts_deprecated_names
