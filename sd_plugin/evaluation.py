@@ -11,17 +11,22 @@ Each set is answered greedily (the model's own chat template, `eval_max_new_toke
 `format_score(prompt, completion, record)` method) and `eval_{set}_completion_length` (tokens), through the
 trainer's reporters (W&B, TensorBoard, the console), and printed at the end as a before/after table.
 Answers are model output: the verifier is called through `safe_verify`, so a verifier that raises scores 0.
+
+Decoding is the rollouts': one explicit GenerationConfig (`sd_plugin.rollout.generation_config`), so nothing of
+the checkpoint's generation_config.json (repetition_penalty, no_repeat_ngram_size, ...) changes "greedy". The
+verifier reads the text training's verifiers read (`sd_plugin.data.completion_text`: end-of-turn ids dropped,
+every other token kept, special ones such as <tool_call> included), so a task scores the same text in both.
 """
 
 from __future__ import annotations
 
 import logging
 
-import torch
 from transformers import TrainerCallback
 
-from sd_plugin.data import Columns, RecordError, prompt_record
+from sd_plugin.data import Columns, RecordError, completion_text, prompt_record
 from sd_plugin.files import read_jsonl_rows
+from sd_plugin.rollout import SamplingOptions, generate_rollouts
 from sd_plugin.rows import left_pad, tokenize_prompt
 from sd_plugin.verifiers import load_verifier, safe_verify
 
@@ -42,27 +47,34 @@ def read_prompt_set(path: str, prompt_column: str = "prompt") -> list[dict]:
     return records
 
 
-@torch.no_grad()
+def answers(model, prompts: list[list[int]], options: SamplingOptions, eos_token_ids: list[int], pad_token_id: int,
+            batch_size: int = 16) -> list[list[int]]:
+    """`options.num_generations` completion ids per prompt (prompt-major; through the first eos, included), in
+    left-padded batches of `batch_size` prompts.
+
+    The call is the rollouts' (`generate_rollouts`, one explicit GenerationConfig): greedy with
+    `do_sample=False`, and nothing of the checkpoint's generation_config.json (repetition_penalty, ...) applies.
+    """
+    device = next(model.parameters()).device
+    found = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[start:start + batch_size], pad_token_id)
+        rollouts = generate_rollouts(model, ids.to(device), mask.to(device), options, eos_token_ids, pad_token_id)
+        for row, length in zip(rollouts.completion_ids.tolist(), rollouts.completion_mask.sum(-1).tolist()):
+            found.append(row[:length])
+    return found
+
+
+def answer_tokens(ids: list[int], eos_token_ids: list[int]) -> list[int]:
+    """An answer's tokens without its end-of-turn token (what `completion_length` counts)."""
+    return ids[:-1] if ids and ids[-1] in eos_token_ids else ids
+
+
 def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: list[int],
                    batch_size: int = 16) -> list[list[int]]:
-    """Greedy completion ids (through the first eos, excluded) for each prompt, in batches, left-padded."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    answers = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            ids, mask = left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id)
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos_token_ids,
-                                 pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                                 temperature=None, top_p=None, top_k=None)
-            for row in out[:, ids.shape[1]:].tolist():
-                ends = [i for i, token in enumerate(row) if token in eos_token_ids]
-                answers.append(row[: ends[0]] if ends else row)
-    finally:
-        model.train(was_training)
-    return answers
+    """Greedy completion ids (through the first eos, included) for each prompt."""
+    options = SamplingOptions(max_new_tokens=max_new_tokens, do_sample=False)
+    return answers(model, prompts, options, eos_token_ids, tokenizer.pad_token_id, batch_size)
 
 
 class PromptSet:
@@ -81,8 +93,10 @@ class PromptSet:
 
     def score(self, model, tokenizer, max_new_tokens: int, eos_token_ids: list[int]) -> tuple[dict[str, float], list[str]]:
         """Mean metrics of greedy answers (see the module doc) and the answers' text."""
-        answers = greedy_answers(model, tokenizer, self.prompts, max_new_tokens, eos_token_ids)
-        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
+        found = greedy_answers(model, tokenizer, self.prompts, max_new_tokens, eos_token_ids)
+        # The verifiers' one decoding rule (training's too): only end-of-turn ids are dropped, so a tool-call
+        # task scores the same text here as in SDPO / SD-Zero training (special tokens such as <tool_call> stay).
+        texts = [completion_text(tokenizer, ids, eos_token_ids) for ids in found]
         rewards, formats = [], []
         for row, (record, text) in enumerate(zip(self.records, texts)):
             task_fields = {k: v for k, v in record.items() if k not in ("messages", "tools")}
@@ -95,7 +109,7 @@ class PromptSet:
         metrics = {
             "reward": sum(rewards) / len(rewards),
             "pass_rate": sum(r >= 1.0 for r in rewards) / len(rewards),
-            "completion_length": sum(len(ids) for ids in answers) / len(answers),
+            "completion_length": sum(len(answer_tokens(ids, eos_token_ids)) for ids in found) / len(found),
         }
         if formats:
             metrics["format_rate"] = sum(formats) / len(formats)

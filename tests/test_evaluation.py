@@ -136,3 +136,52 @@ def test_quickstart_config_trains_the_demo_model_with_held_out_and_prior_evaluat
         os.chdir(cwd)
     assert block.eval_verifier == "sd_plugin.demo_task:ContactCardVerifier"
     assert block.prior_prompts.endswith("capitals_test.jsonl")
+
+
+def test_greedy_evaluation_ignores_the_checkpoint_generation_config(tmp_path, tokenizer):
+    """A checkpoint's generation_config.json (repetition_penalty, ...) must not turn "greedy" into something else."""
+    import copy
+
+    import torch
+
+    task, _ = prompt_sets(tmp_path)
+    prompt_set = PromptSet("task", task, "sd_plugin.demo_task:ContactCardVerifier", tokenizer, "prompt", 512)
+    model = build_model("qwen3", tokenizer)
+    polluted = copy.deepcopy(model)
+    polluted.generation_config.repetition_penalty = 5.0
+    polluted.generation_config.no_repeat_ngram_size = 1
+    polluted.generation_config.suppress_tokens = list(range(10, 600))
+    eos = [tokenizer.eos_token_id]
+    _, clean_texts = prompt_set.score(model, tokenizer, 12, eos)
+    _, polluted_texts = prompt_set.score(polluted, tokenizer, 12, eos)
+    assert polluted_texts == clean_texts
+    # and "greedy" is the argmax of the model's own scores, token by token
+    ids = torch.tensor([prompt_set.prompts[0]])
+    expected = []
+    with torch.no_grad():
+        for _ in range(12):
+            token = int(model(input_ids=ids).logits[0, -1].argmax())
+            if token in eos:
+                break
+            expected.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    assert clean_texts[0] == tokenizer.decode(expected, skip_special_tokens=False)
+
+
+def test_evaluation_scores_the_text_training_verifies(tmp_path, tokenizer, monkeypatch):
+    """One decoding rule: a tool call in <tool_call> tags (special tokens of the Qwen3 tokenizer) scores 1 in the
+    held-out evaluation as it does in SDPO / SD-Zero training (verify_completion), not 0 with the tags dropped."""
+    from sd_plugin.verifiers import ToolCallVerifier, verify_completion
+
+    answer = [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
+    path = write_jsonl(tmp_path / "tools.jsonl", [{"prompt": "Weather in Oslo?", "answer": answer}])
+    prompt_set = PromptSet("task", path, "tool_calls", tokenizer, "prompt", 512)
+    reply = tokenizer.encode('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>',
+                             add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert tokenizer.convert_tokens_to_ids("<tool_call>") in reply
+    monkeypatch.setattr("sd_plugin.evaluation.greedy_answers", lambda *a, **k: [reply])
+    metrics, texts = prompt_set.score(None, tokenizer, 32, [tokenizer.eos_token_id])
+    verdict = verify_completion(ToolCallVerifier(), tokenizer, reply, prompt_set.records[0],
+                                end_of_turn_ids=[tokenizer.eos_token_id], success_reward_threshold=1.0)
+    assert texts == [verdict.text] and verdict.reward == 1.0
+    assert metrics["reward"] == 1.0 and metrics["pass_rate"] == 1.0
