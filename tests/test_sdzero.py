@@ -815,7 +815,7 @@ def test_axolotl_strategy_rows_equal_the_python_api_rows(tokenizer):
     from sd_plugin.axolotl.strategies import sdzero as strategy
 
     rows = read_jsonl(DATA / "sdzero_revisions.jsonl")[:3]
-    cfg = {"trainer_type": "sdzero", "sdzero": {"phase": "srt"}}
+    cfg = {"plugins": ["sd_plugin.SelfDistillationPlugin"], "trainer_type": "sdzero", "sdzero": {"phase": "srt"}}
     produced = strategy.load(tokenizer, cfg, {"path": "revisions.jsonl"}).tokenize_prompt({k: [r[k] for r in rows] for k in rows[0]})
     expected = [r for row in rows for r in srt_rows(tokenizer, row, None, Columns(), SDZeroOptions(phase="srt"))]
     assert produced["input_ids"] == [r["input_ids"] for r in expected]
@@ -823,7 +823,7 @@ def test_axolotl_strategy_rows_equal_the_python_api_rows(tokenizer):
     assert produced["srt_objective"] == [r["srt_objective"] for r in expected]
     assert all(set(labels) == {-100} for labels in produced["labels"])
     with pytest.raises(ValueError, match="sdzero.phase: srt"):
-        strategy.load(tokenizer, {"trainer_type": "sdzero", "sdzero": {"phase": "distill", "verifier": "multiple_choice"}}, {})
+        strategy.load(tokenizer, {**cfg, "sdzero": {"phase": "distill", "verifier": "multiple_choice"}}, {})
 
 
 @pytest.mark.parametrize("name", ["sdzero-srt-qwen3-4b.yml", "sdzero-distill-qwen3-4b.yml", "sdzero-srt-tiny.yml", "sdzero-distill-tiny.yml"])
