@@ -43,6 +43,7 @@ from sd_plugin.teacher import Teacher, output_head
 from sd_plugin.trainers.numerics import NonFiniteStepGuard
 from sd_plugin.trainers.step import StepBatch, StepGroup, completion_hidden_states
 from sd_plugin.verifiers import verify_completion
+from sd_plugin.watch import CollapseWatch, SignalWatch
 
 LOG = logging.getLogger("sd_plugin")
 TEACHER_STATE_FILE = "sd_teacher_state.pt"
@@ -81,6 +82,8 @@ class SelfDistillationOptions:
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (reported, written to invalid_rows_file) instead of failing."})
     invalid_rows_file: str | None = field(default=None, metadata={"help": "Where skipped rows go (default: output_dir/invalid_rows_train.jsonl, _eval for the eval split)."})
     max_consecutive_nonfinite_steps: int = field(default=3, metadata={"help": "Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error."})
+    max_steps_without_signal: int | None = field(default=10, metadata={"help": "Optimizer steps in a row without a learning signal (no row of the step gets a loss, e.g. SDPO with no teacher prompt; or a loss and gradient of exactly 0) before the run stops with an error; each such step warns with the reason (0 or None: never stop)."})
+    stop_on_collapse: bool = field(default=False, metadata={"help": "Stop training (final evaluation and save still run) when the collapse watch finds the training reward, completion length, token entropy or a held-out evaluation outside its healthy range; without it, a warning with the numbers."})
     debug_numerics: bool = field(default=False, metadata={"help": "Check every training step that each per-token divergence is >= 0 (tolerance 1e-4); stop at the first that is not."})
     # Rollouts with vLLM through TRL's VLLMGeneration (names and defaults: TRL's GRPOConfig).
     use_vllm: bool = field(default=False, metadata={"help": "Sample rollouts with vLLM instead of transformers' generate (needs the vllm extra and a CUDA GPU)."})
@@ -167,6 +170,8 @@ class SelfDistillationOptions:
         if self.prefill_chunk_size is not None and self.use_vllm:
             raise ValueError("prefill_chunk_size chunks transformers' generate; with use_vllm, vLLM schedules its own "
                              "prefill chunks: unset prefill_chunk_size")
+        if self.max_steps_without_signal is not None and self.max_steps_without_signal < 0:
+            raise ValueError(f"max_steps_without_signal must be >= 0 (0 or None: never stop), got {self.max_steps_without_signal}")
         if self.max_consecutive_nonfinite_steps < 1:
             raise ValueError(f"max_consecutive_nonfinite_steps must be >= 1, got {self.max_consecutive_nonfinite_steps}")
         self.check_vllm()
@@ -287,6 +292,10 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         self.teacher = Teacher(self.model, self.options.teacher_model_kind, self.options.teacher_update_rate,
                                self.options.teacher_sync_steps, self.options.teacher_ema_rank)
         self.add_callback(_TeacherUpdate(self))
+        # Loud failures (sd_plugin/watch.py): steps without a learning signal, and the collapse watch on the logs.
+        self.signal_watch = SignalWatch(self.options.max_steps_without_signal)
+        self.collapse_watch = CollapseWatch(self.options.stop_on_collapse)
+        self.add_callback(self.collapse_watch)
         if self.options.eval_prompts or self.options.prior_prompts:
             from sd_plugin.evaluation import GenerationEvaluation
 
@@ -328,6 +337,16 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
     def teacher_prompts(self, inputs, batch: StepBatch) -> list[list[int] | None]:
         """Step 3: each row's teacher prompt ids (None: no teacher signal for that row)."""
         raise NotImplementedError
+
+    def signal_rows(self, batch: StepBatch, loss_mask: torch.Tensor) -> int:
+        """How many rows of a prepared micro-batch can teach: rows with a token in the loss (`loss_mask`, after
+        `num_loss_tokens_to_skip`); SDPO adds the rows its GRPO term learns from."""
+        return int((loss_mask.sum(-1) > 0).sum())
+
+    def no_signal_advice(self) -> str:
+        """What to change when no row of a step gets a loss (the warning of `SignalWatch`)."""
+        return (f"every completion is at most num_loss_tokens_to_skip={self.options.num_loss_tokens_to_skip} tokens "
+                "long; lower num_loss_tokens_to_skip or look at the samples (log_completions)")
 
     def total_loss(self, model, batch: StepBatch, student_hidden: torch.Tensor, out) -> torch.Tensor:
         """Step 5: the loss to optimize from the distillation output (SDPO adds its GRPO term here)."""
@@ -416,16 +435,23 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         The Trainer divides each micro-batch's loss by the number of micro-batches and data parallelism
         averages over processes: the normalizer is the step's global count of loss units divided by both.
         """
-        steps, units = [], 0
+        steps, units, signal_rows, rows, truncated = [], 0, 0, 0, 0
         for inputs in group.batches:
             own = {k: v for k, v in inputs.items() if k not in ("sd_step_group", "sd_micro_batch")}
             step = self.prepare_step(model, self._prepare_inputs(own))
             mask = loss_token_mask(step.loss_mask(), num_loss_tokens_to_skip=self.options.num_loss_tokens_to_skip, unskipped_rows=step.ce_rows)
             units += loss_units(mask, self.options.loss_reduction)
+            signal_rows += self.signal_rows(step, mask)
+            on_policy = ~step.ce_rows
+            rows += int(on_policy.sum())
+            truncated += int((step.rollouts.truncated & on_policy).sum())
             steps.append(step)
-        total = torch.tensor(float(units), device=self.accelerator.device)
+        # One reduction for the normalizer and the signal counts (SignalWatch judges the whole step, all processes).
+        totals = torch.tensor([float(units), float(signal_rows), float(rows), float(truncated)], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
-            total = self.accelerator.reduce(total, reduction="sum")
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        total = totals[0]
+        group.signal = {"signal_rows": int(totals[1]), "rows": int(totals[2]), "truncated": int(totals[3])}
         normalizer = max(total.item(), 1.0) / (len(steps) * self.accelerator.num_processes)
         for step in steps:
             step.loss_normalizer = normalizer
@@ -488,6 +514,31 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         self.record_step_metrics(mode, batch, out, loss_mask, ce_mask)
         return (loss, None) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's micro-batch step (with the non-finite guard); after the step's last micro-batch, SignalWatch."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        group = inputs.get("sd_step_group")
+        if group is not None:
+            group.loss_sum += abs(float(loss.detach()))
+            if self.accelerator.sync_gradients and group.signal is not None:
+                self.check_learning_signal(group)
+        return loss
+
+    def check_learning_signal(self, group: StepGroup) -> None:
+        """Warn about (and, after max_steps_without_signal in a row, stop on) a step that cannot teach."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+        # Squared norm and |loss| summed over processes (FSDP / ZeRO-2 shard gradients); None: no gradient to
+        # read here (a skipped step, or DeepSpeed, which keeps its own).
+        squared = torch.nn.utils.get_total_norm(grads).float() ** 2 if grads else torch.tensor(-1.0)
+        values = torch.stack([squared.to(self.accelerator.device), torch.tensor(group.loss_sum, device=self.accelerator.device)])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        grad_norm = None if not grads else float(values[0]) ** 0.5
+        self.signal_watch.end_step(self.state.global_step + 1, loss=float(values[1]), grad_norm=grad_norm,
+                                   no_signal_advice=self.no_signal_advice(),
+                                   max_completion_length=self.options.max_completion_length, **group.signal)
+
     def use_liger_loss(self, student_hidden: torch.Tensor, batch: StepBatch) -> bool:
         """Liger's fused loss covers full-vocabulary distillation without cross-entropy rows or importance weights."""
         o = self.options
@@ -524,6 +575,10 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         if (~ce_tokens).any():
             if split:
                 metrics["kl"].append(per_token[~ce_tokens].mean().item())
+            if out.student_token_logprobs is not None:
+                # -log p(y) of the sampled tokens: a one-sample estimate of the student's token entropy (exact in
+                # expectation when rollouts are drawn at distillation_temperature without top-p / top-k)
+                metrics["sampled_token_entropy"].append(-out.student_token_logprobs[~ce_tokens].mean().item())
             if out.teacher_token_logprobs is not None:
                 gap = (out.teacher_token_logprobs - out.student_token_logprobs)[~ce_tokens]
                 metrics["teacher_student_logprob_gap"].append(gap.mean().item())
