@@ -104,6 +104,8 @@ class SelfDistillationOptions:
     prior_prompts: str | None = field(default=None, metadata={"help": "JSONL of prompts the base model already answers (prior-capability probe), scored the same way: forgetting as a number."})
     prior_verifier: str | None = field(default=None, metadata={"help": "Verifier of prior_prompts (default: eval_verifier)."})
     eval_generation_steps: int = field(default=0, metadata={"help": "Evaluate the prompt sets every N steps (0: at step 0 and at the end only)."})
+    eval_num_generations: int = field(default=2, metadata={"help": "Also sample this many answers per held-out prompt at the rollout temperature (top_p / top_k of the rollouts) and score them: pass@1 estimated from n samples, what sampling users see (0: greedy only)."})
+    eval_temperature: float | None = field(default=None, metadata={"help": "Also score eval_num_generations answers per prompt sampled at this inference temperature (None: not scored)."})
     eval_max_new_tokens: int | None = field(default=None, metadata={"help": "Greedy answer cap in the evaluation (default: max_completion_length)."})
     log_completions: bool = field(default=False, metadata={"help": "On each logging step, print prompts, rollouts, teacher contexts and rewards of the latest step (a rich table when rich is installed) and log them to W&B as a table when W&B is a reporter (TRL's name)."})
     num_completions_to_print: int | None = field(default=4, metadata={"help": "Rows of log_completions printed, drawn at random (None: all); W&B gets every row (TRL's name)."})
@@ -227,6 +229,13 @@ class SelfDistillationOptions:
                 load_verifier(verifier)
             except (ValueError, ImportError, TypeError) as error:
                 raise ValueError(f"{verifier_key}: {error}") from None
+        if self.eval_num_generations < 0:
+            raise ValueError(f"eval_num_generations must be >= 0 (0: greedy only), got {self.eval_num_generations}")
+        if self.eval_temperature is not None:
+            if not (math.isfinite(self.eval_temperature) and self.eval_temperature > 0):
+                raise ValueError(f"eval_temperature must be a finite number > 0 (None: off), got {self.eval_temperature}")
+            if not self.eval_num_generations:
+                raise ValueError("eval_temperature is set but eval_num_generations is 0: set eval_num_generations >= 1")
         if self.eval_generation_steps < 0 or (self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1):
             raise ValueError("eval_generation_steps must be >= 0 and eval_max_new_tokens >= 1")
 
