@@ -72,7 +72,8 @@ def generation_config(options: SamplingOptions, eos_token_ids: list[int], pad_to
     from transformers import GenerationConfig
 
     return GenerationConfig(
-        do_sample=options.do_sample, num_beams=1, temperature=1.0, top_k=0, top_p=1.0,  # top_k 0: no default top-50
+        # top_k 0: no default top-50 (greedy: None, which transformers would otherwise flag as an unused flag)
+        do_sample=options.do_sample, num_beams=1, temperature=1.0, top_k=0 if options.do_sample else None, top_p=1.0,
         max_new_tokens=options.max_new_tokens, eos_token_id=list(eos_token_ids), pad_token_id=pad_token_id,
         bos_token_id=None, use_cache=True, disable_compile=True, prefill_chunk_size=options.prefill_chunk_size,
     )

@@ -628,14 +628,15 @@ TRACE_TOOLS = [{"type": "function", "function": {"name": "molar_mass", "descript
 INVALID_FILE = "<tmp>/bad_rows.jsonl"
 # The shared step's numeric guards (skip a non-finite step, check divergences) act the same for every method
 # and are tested with the base trainer.
-BASE_GUARDS = {"max_consecutive_nonfinite_steps", "debug_numerics"}
+# The run's guards and watches (tests/test_numerics.py, tests/test_watch.py): the step is the same.
+BASE_GUARDS = {"max_consecutive_nonfinite_steps", "debug_numerics", "max_steps_without_signal", "stop_on_collapse"}
 # The vLLM backend needs a CUDA GPU; its options are tested in tests/test_vllm_rollout.py.
 VLLM_OPTIONS = {"use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_tensor_parallel_size",
                 "vllm_max_model_length", "vllm_model_impl", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
                 "vllm_server_timeout", "vllm_group_port"}
 # Evaluation during training works the same in both phases; tested in tests/test_evaluation.py.
 EVALUATION_OPTIONS = {"eval_prompts", "eval_verifier", "prior_prompts", "prior_verifier", "eval_generation_steps",
-                      "eval_max_new_tokens"}
+                      "eval_max_new_tokens", "eval_num_generations", "eval_temperature"}
 # Logging only (the training step is the same), tested in tests/test_completions_log.py.
 LOGGING_OPTIONS = {"log_completions", "num_completions_to_print"}
 # Sequence tiling gives the untiled step by design (tests/test_tiling.py checks it through the shared step), a
