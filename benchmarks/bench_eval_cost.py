@@ -1,6 +1,6 @@
 """Wall time of one held-out evaluation (step 0 or the end) of the quickstart's prompt sets, greedy only (what the
-evaluation did before sampled pass@1 existed: eval_num_generations 0) against the defaults (greedy + 2 samples per
-prompt at the rollout temperature), on the demo model (example_configs/quickstart.yml) and on the tiny Qwen3 of
+evaluation did before sampled pass@1 existed: eval_num_generations 0) against greedy + n samples per prompt at the
+rollout temperature (--settings, default 0,1,2; the default is 1), on the demo model (example_configs/quickstart.yml) and on the tiny Qwen3 of
 quickstart-tiny.yml.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_eval_cost.py [--demo-model outputs/SmolLM2-135M-Instruct]
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo-model", default=str(REPO / "outputs" / "SmolLM2-135M-Instruct"))
-    parser.add_argument("--settings", default="0,2", help="eval_num_generations values to time")
+    parser.add_argument("--settings", default="0,1,2", help="eval_num_generations values to time")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

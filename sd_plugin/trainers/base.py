@@ -104,7 +104,7 @@ class SelfDistillationOptions:
     prior_prompts: str | None = field(default=None, metadata={"help": "JSONL of prompts the base model already answers (prior-capability probe), scored the same way: forgetting as a number."})
     prior_verifier: str | None = field(default=None, metadata={"help": "Verifier of prior_prompts (default: eval_verifier)."})
     eval_generation_steps: int = field(default=0, metadata={"help": "Evaluate the prompt sets every N steps (0: at step 0 and at the end only)."})
-    eval_num_generations: int = field(default=2, metadata={"help": "Also sample this many answers per held-out prompt at the rollout temperature (top_p / top_k of the rollouts) and score them: pass@1 estimated from n samples, what sampling users see (0: greedy only)."})
+    eval_num_generations: int = field(default=1, metadata={"help": "Also sample this many answers per held-out prompt at the rollout temperature (top_p / top_k of the rollouts) and score them: pass@1 estimated from n samples, what sampling users see (0: greedy only)."})
     eval_temperature: float | None = field(default=None, metadata={"help": "Also score eval_num_generations answers per prompt sampled at this inference temperature (None: not scored)."})
     eval_max_new_tokens: int | None = field(default=None, metadata={"help": "Greedy answer cap in the evaluation (default: max_completion_length)."})
     log_completions: bool = field(default=False, metadata={"help": "On each logging step, print prompts, rollouts, teacher contexts and rewards of the latest step (a rich table when rich is installed) and log them to W&B as a table when W&B is a reporter (TRL's name)."})
