@@ -49,9 +49,13 @@ class SignalWatch:
         self.truncated_in_a_row = 0
         self.steps_without_signal = 0  # over the run (a resumed run counts on)
 
-    def end_step(self, step: int, *, signal_rows: int, rows: int, truncated: int, loss: float,
+    def end_step(self, step: int, *, signal_rows: int, rows: int, sampled: int, truncated: int, loss: float,
                  grad_norm: float | None, no_signal_advice: str, max_completion_length: int) -> None:
-        """Judge optimizer step `step` (1-based): warn, and raise when `max_steps_without_signal` is reached."""
+        """Judge optimizer step `step` (1-based): warn, and raise when `max_steps_without_signal` is reached.
+
+        rows: the step's rows (all processes); sampled: those with a rollout (not cross-entropy rows), truncated:
+        the rollouts that hit max_completion_length; signal_rows: rows that can teach (`signal_rows` of the trainer).
+        """
         reason = None
         if rows and signal_rows == 0:
             reason = f"no row of the step gets a loss ({rows} rows): {no_signal_advice}"
@@ -59,13 +63,13 @@ class SignalWatch:
             reason = ("the loss and its gradient are exactly 0: the teacher scores the rollouts exactly as the student "
                       "does, so there is nothing to learn (is the teacher the student? with a full fine-tune, "
                       "teacher_model_kind: base is the student itself; use ema or initial)")
-        if rows and truncated == rows:
+        if sampled and truncated == sampled:
             self.truncated_in_a_row += 1
             if self.truncated_in_a_row % TRUNCATION_WARN_EVERY == 1:
                 LOG.warning(
                     "step %d: every rollout (%d) hit max_completion_length=%d without an end-of-turn token (%d step(s) "
                     "in a row): the model is trained on cut answers; raise max_completion_length, or check that the "
-                    "chat template ends the turn with the tokenizer's eos", step, rows, max_completion_length,
+                    "chat template ends the turn with the tokenizer's eos", step, sampled, max_completion_length,
                     self.truncated_in_a_row)
         else:
             self.truncated_in_a_row = 0

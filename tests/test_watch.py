@@ -83,7 +83,7 @@ def test_every_rollout_truncated_warns_with_the_cap(tmp_path, tokenizer, quickst
 
 def test_zero_loss_and_gradient_is_no_signal(caplog):
     watch = SignalWatch(2)
-    common = dict(signal_rows=4, rows=4, truncated=0, no_signal_advice="-", max_completion_length=8)
+    common = dict(signal_rows=4, rows=4, sampled=4, truncated=0, no_signal_advice="-", max_completion_length=8)
     watch.end_step(1, loss=0.0, grad_norm=0.0, **common)
     watch.end_step(2, loss=0.3, grad_norm=0.1, **common)  # a step with a signal resets the count
     watch.end_step(3, loss=0.0, grad_norm=0.0, **common)

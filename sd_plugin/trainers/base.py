@@ -444,7 +444,7 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         The Trainer divides each micro-batch's loss by the number of micro-batches and data parallelism
         averages over processes: the normalizer is the step's global count of loss units divided by both.
         """
-        steps, units, signal_rows, rows, truncated = [], 0, 0, 0, 0
+        steps, units, signal_rows, rows, sampled, truncated = [], 0, 0, 0, 0, 0
         for inputs in group.batches:
             own = {k: v for k, v in inputs.items() if k not in ("sd_step_group", "sd_micro_batch")}
             step = self.prepare_step(model, self._prepare_inputs(own))
@@ -452,15 +452,18 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
             units += loss_units(mask, self.options.loss_reduction)
             signal_rows += self.signal_rows(step, mask)
             on_policy = ~step.ce_rows
-            rows += int(on_policy.sum())
+            rows += len(on_policy)
+            sampled += int(on_policy.sum())
             truncated += int((step.rollouts.truncated & on_policy).sum())
             steps.append(step)
         # One reduction for the normalizer and the signal counts (SignalWatch judges the whole step, all processes).
-        totals = torch.tensor([float(units), float(signal_rows), float(rows), float(truncated)], device=self.accelerator.device)
+        totals = torch.tensor([float(units), float(signal_rows), float(rows), float(sampled), float(truncated)],
+                              device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         total = totals[0]
-        group.signal = {"signal_rows": int(totals[1]), "rows": int(totals[2]), "truncated": int(totals[3])}
+        group.signal = {"signal_rows": int(totals[1]), "rows": int(totals[2]), "sampled": int(totals[3]),
+                        "truncated": int(totals[4])}
         normalizer = max(total.item(), 1.0) / (len(steps) * self.accelerator.num_processes)
         for step in steps:
             step.loss_normalizer = normalizer
