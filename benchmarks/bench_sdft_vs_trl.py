@@ -192,7 +192,7 @@ def make_trainer(spec: dict, tokenizer, *, hidden_size: int, num_layers: int, pr
     import sd_plugin.rollout as rollout_module
     from sd_plugin.trainers.sdft import SDFTConfig, SDFTTrainer
 
-    plain = getattr(rollout_module.sampling_generation_config, "__wrapped__", rollout_module.sampling_generation_config)
+    plain = getattr(rollout_module.generation_config, "__wrapped__", rollout_module.generation_config)
 
     def exact_length_config(options, eos_token_ids, pad_token_id):
         config = plain(options, eos_token_ids, pad_token_id)
@@ -200,7 +200,7 @@ def make_trainer(spec: dict, tokenizer, *, hidden_size: int, num_layers: int, pr
         return config
 
     exact_length_config.__wrapped__ = plain
-    rollout_module.sampling_generation_config = exact_length_config
+    rollout_module.generation_config = exact_length_config
     args = SDFTConfig(**common, max_prompt_length=prompt_tokens,
                       max_teacher_prompt_length=max(len(r["teacher_input_ids"]) for r in our_rows),
                       temperature=1.0, top_p=1.0, distillation_mode=spec["mode"] + "_logits",

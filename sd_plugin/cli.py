@@ -5,6 +5,7 @@
     sd-plugin mix ROUND1.jsonl ROUND2.jsonl   diversity-preserving round-2 mixer (sd_plugin.mixer)
     sd-plugin merge --base B --adapter A ...  merge a LoRA adapter to bf16, optional Hub push (sd_plugin.merge)
     sd-plugin plan CONFIG.yml [...]           peak-memory planner (sd_plugin.planner)
+    sd-plugin evaluate CONFIG.yml [--adapter DIR]  held-out before/after table of a saved model (sd_plugin.evaluation)
     sd-plugin collect-revisions ...           SD-Zero revision data collection (sd_plugin.revisions)
     sd-plugin generate --model M --prompts P  sample a (scored) corpus, resumable (sd_plugin.generate)
     sd-plugin demo-model [--out DIR]          SmolLM2-135M-Instruct as a local checkpoint (sd_plugin.demo_model)
@@ -66,6 +67,7 @@ COMMANDS = {
     "mix": ("sd_plugin.mixer", "main"),
     "merge": ("sd_plugin.merge", "main"),
     "plan": ("sd_plugin.planner", "main"),
+    "evaluate": ("sd_plugin.evaluation", "main"),
     "collect-revisions": ("sd_plugin.revisions", "main"),
     "generate": ("sd_plugin.generate", "main"),
     "demo-model": ("sd_plugin.demo_model", "main"),

@@ -233,6 +233,74 @@ def read_log_history(metrics) -> list[dict]:
     return [dict(metrics)]
 
 
+def find_eval_results(adapter_dir: str | os.PathLike) -> str | None:
+    """`eval_results.json` (the training's held-out evaluation, sd_plugin.evaluation) in the adapter directory."""
+    path = Path(adapter_dir) / "eval_results.json"
+    return str(path) if path.is_file() else None
+
+
+def read_eval_results(eval_results) -> dict | None:
+    """The training's `eval_results.json` from a path or its parsed dict; checks it has `sets` and `after`."""
+    if eval_results is None:
+        return None
+    if isinstance(eval_results, (str, os.PathLike)):
+        eval_results = json.loads(Path(eval_results).read_text(encoding="utf-8"))
+    if not isinstance(eval_results, dict) or not isinstance(eval_results.get("sets"), dict) or "after" not in eval_results:
+        raise ValueError("eval results must be the eval_results.json written by the held-out evaluation ('sets' and 'after')")
+    return eval_results
+
+
+# Held-out metrics as the card's model-index names them (the key in eval_results.json -> a readable name).
+EVAL_RESULT_NAMES = {"reward": "mean reward (greedy)", "pass_rate": "pass rate (greedy)",
+                     "format_rate": "format rate (greedy)", "sampled_reward": "mean reward (sampled)",
+                     "sampled_pass_rate": "pass@1 (sampled)", "sampled_format_rate": "format rate (sampled)",
+                     "inference_reward": "mean reward (inference temperature)",
+                     "inference_pass_rate": "pass@1 (inference temperature)",
+                     "inference_format_rate": "format rate (inference temperature)"}
+
+
+def model_index(eval_results: dict, name: str) -> list[dict]:
+    """The Hub's `model-index` metadata: one result per prompt set, the after-training values of its metrics."""
+    settings = eval_results.get("settings") or {}
+    results = []
+    for set_name, info in eval_results["sets"].items():
+        after = (eval_results["after"].get("metrics") or {}).get(set_name) or {}
+        metrics = []
+        for key, label in EVAL_RESULT_NAMES.items():
+            if isinstance(after.get(key), (int, float)):
+                metric = {"type": key, "value": round(float(after[key]), 4), "name": label}
+                if key.startswith(("sampled_", "inference_")):
+                    temperature = settings.get("temperature" if key.startswith("sampled_") else "inference_temperature")
+                    metric["args"] = {"temperature": temperature, "num_generations": settings.get("num_generations")}
+                metrics.append(metric)
+        if metrics:
+            results.append({"task": {"type": "text-generation", "name": f"held-out {set_name} prompts"},
+                            "dataset": {"name": info.get("path") or set_name, "type": set_name},
+                            "metrics": metrics})
+    return [{"name": name, "results": results}] if results else []
+
+
+def eval_results_section(eval_results: dict) -> str:
+    """Before / after table of the training's held-out evaluation, with sample sizes."""
+    before, after = eval_results.get("before") or {}, eval_results["after"]
+    rows = []
+    for set_name, info in eval_results["sets"].items():
+        sizes = info.get("sample_sizes") or {}
+        first = (before.get("metrics") or {}).get(set_name) or {}
+        last = (after.get("metrics") or {}).get(set_name) or {}
+        for key, label in EVAL_RESULT_NAMES.items():
+            if key not in last:
+                continue
+            n = sizes.get(key.split("_", 1)[0] if key.startswith(("sampled_", "inference_")) else "greedy", "-")
+            rows.append([set_name, label, str(n), format_metric(first.get(key)), format_metric(last[key])])
+    header = ["Set", "Metric", "n", str(before.get("label", "before")), str(after.get("label", "after"))]
+    text = markdown_table(header, rows)
+    decoding = (eval_results.get("settings") or {}).get("decoding")
+    sets = "; ".join(f"{name}: {info.get('path')} ({info.get('prompts')} prompts, verifier {info.get('verifier')})"
+                     for name, info in eval_results["sets"].items())
+    return text + f"\n\nDecoding: {decoding}. n: answers scored (prompts x samples). Prompt sets: {sets}."
+
+
 def read_eval_stats(eval_stats) -> dict | None:
     """The `sd-plugin eval-stats --json` output from a path or its parsed dict; checks it has `stages`."""
     if eval_stats is None:
@@ -376,6 +444,7 @@ def render_model_card(
     merge_details: list[str] | None = None,
     repo_id: str | None = None,
     title: str | None = None,
+    eval_results=None,
 ) -> str:
     """The model card as a string (see `write_model_card` for the arguments)."""
     if method not in METHODS:
@@ -388,6 +457,7 @@ def render_model_card(
     datasets = [display_name(name) for name in (list(datasets or []) or datasets_from_config(config))]
     log_history = read_log_history(metrics)
     eval_stats = read_eval_stats(eval_stats)
+    eval_results = read_eval_results(eval_results)
     trained_4bit = bool(config.get("load_in_4bit") or config.get("adapter") == "qlora")
 
     front_matter = {}
@@ -406,8 +476,11 @@ def render_model_card(
     base_model = base_model if is_hub_id(base_model) else display_name(base_model)
     artifact = "LoRA adapter" if adapter_only else "merged model (LoRA folded into the weights)"
     model_ref = repo_id or "path/to/this/model"
+    heading = title or (repo_id.split('/')[-1] if repo_id else f'{base_name} {method.upper()}')
+    if eval_results and model_index(eval_results, heading):
+        front_matter["model-index"] = model_index(eval_results, heading)
     lines = ["---", yaml.safe_dump(front_matter, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
-    lines += [f"# {title or (repo_id.split('/')[-1] if repo_id else f'{base_name} {method.upper()}')}", ""]
+    lines += [f"# {heading}", ""]
     lines += [f"A {artifact} of {base_name}, trained with {info['name']} using "
               "sd-plugin (on-policy self-distillation for Axolotl and transformers).", ""]
     lines += ["## Method", "", info["summary"], "", f"Paper: {info['paper']} ({info['url']})", ""]
@@ -446,6 +519,8 @@ def render_model_card(
 
     if log_history:
         lines += ["## Training metrics", "", metrics_section(log_history), ""]
+    if eval_results:
+        lines += ["## Held-out evaluation", "", eval_results_section(eval_results), ""]
     if eval_stats:
         lines += ["## Evaluation", "", eval_section(eval_stats), ""]
 
@@ -468,6 +543,7 @@ def write_model_card(
     merge_details: list[str] | None = None,
     repo_id: str | None = None,
     title: str | None = None,
+    eval_results=None,
 ) -> Path:
     """Write `out_dir/README.md` and return its path.
 
@@ -483,13 +559,18 @@ def write_model_card(
         adapter_config: adapter_config.json (path or dict) for the LoRA table; default `out_dir/adapter_config.json`.
         merge_details: extra lines for "Model details" (how the merge was done and checked).
         repo_id: the Hub repository, used in the title and the loading code.
+        eval_results: the training's eval_results.json (path or dict): the card's `model-index` metadata and a
+            held-out before/after table; default `out_dir/eval_results.json` when present.
     """
     out_dir = Path(out_dir)
     if adapter_config is None and (out_dir / "adapter_config.json").is_file():
         adapter_config = out_dir / "adapter_config.json"
+    if eval_results is None:
+        eval_results = find_eval_results(out_dir)
     text = render_model_card(method=method, base_model=base_model, training_config=training_config, metrics=metrics,
                              eval_stats=eval_stats, datasets=datasets, adapter_only=adapter_only,
-                             adapter_config=adapter_config, merge_details=merge_details, repo_id=repo_id, title=title)
+                             adapter_config=adapter_config, merge_details=merge_details, repo_id=repo_id, title=title,
+                             eval_results=eval_results)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "README.md"
     path.write_text(text, encoding="utf-8")

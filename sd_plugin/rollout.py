@@ -6,7 +6,10 @@ only has to return the same `Rollouts`; `rollouts_from_token_lists` builds them 
 
 Samples come from the student's own distribution, shaped only by the options (temperature, top-p, top-k):
 nothing of the checkpoint's `generation_config.json` (repetition_penalty, no_repeat_ngram_size, min_p,
-suppress_tokens, forced tokens, ...) takes part, since nothing downstream corrects for it.
+suppress_tokens, forced tokens, ...) takes part, since nothing downstream corrects for it. The same builder
+(`generation_config`) and the same call (`generate_rollouts`) serve the trainers' rollouts, `generate`,
+`collect-revisions` and the held-out evaluation (greedy with `do_sample=False`), so an evaluation's "greedy"
+is argmax decoding of the model itself, whatever its checkpoint ships.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class SamplingOptions:
     record_logprobs: bool = False
     # Run the prompt's prefill through the cache in chunks of this many tokens (None: one forward over the prompt).
     prefill_chunk_size: int | None = None
+    # False: greedy (argmax) decoding; temperature, top-p and top-k are then not used (the evaluation's greedy).
+    do_sample: bool = True
 
 
 @dataclass
@@ -55,8 +60,9 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_ids: list[i
     return (~seen_before).long(), ~is_eos.any(-1)
 
 
-def sampling_generation_config(options: SamplingOptions, eos_token_ids: list[int], pad_token_id: int):
-    """The complete `GenerationConfig` of a rollout: plain sampling, no other logits processor.
+def generation_config(options: SamplingOptions, eos_token_ids: list[int], pad_token_id: int):
+    """The complete `GenerationConfig` of every generate() call of the project: sampling or greedy, no other
+    logits processor.
 
     Temperature, top-k and top-p are not in it: `sampling_logits_processors` applies them, so that the
     log-prob recorder can read the very scores that are sampled from (generate runs user processors before
@@ -66,7 +72,8 @@ def sampling_generation_config(options: SamplingOptions, eos_token_ids: list[int
     from transformers import GenerationConfig
 
     return GenerationConfig(
-        do_sample=True, num_beams=1, temperature=1.0, top_k=0, top_p=1.0,  # top_k 0: no default top-50
+        # top_k 0: no default top-50 (greedy: None, which transformers would otherwise flag as an unused flag)
+        do_sample=options.do_sample, num_beams=1, temperature=1.0, top_k=0 if options.do_sample else None, top_p=1.0,
         max_new_tokens=options.max_new_tokens, eos_token_id=list(eos_token_ids), pad_token_id=pad_token_id,
         bos_token_id=None, use_cache=True, disable_compile=True, prefill_chunk_size=options.prefill_chunk_size,
     )
@@ -77,6 +84,8 @@ def sampling_logits_processors(options: SamplingOptions):
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     processors = LogitsProcessorList()
+    if not options.do_sample:  # greedy: the argmax of the model's own scores
+        return processors
     if options.temperature != 1.0:
         processors.append(TemperatureLogitsWarper(options.temperature))
     if options.top_k:
@@ -136,13 +145,13 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
                       eos_token_ids: list[int], pad_token_id: int) -> Rollouts:
     """Sample `num_generations` completions per left-padded prompt with transformers' generate.
 
-    The same function samples for the trainers and for `collect-revisions`. With `options.prefill_chunk_size`
+    The same function samples for the trainers, `generate`, `collect-revisions` and the held-out evaluation. With `options.prefill_chunk_size`
     transformers' chunked prefill fills the KV cache (and Gated DeltaNet's convolution and recurrent states) a
     chunk at a time, so the prefill's activations scale with the chunk, not the prompt; decoding is unchanged.
     """
     if options.prefill_chunk_size is not None:
         check_chunked_prefill(model, options.prefill_chunk_size)
-    generation_config = sampling_generation_config(options, eos_token_ids, pad_token_id)
+    config = generation_config(options, eos_token_ids, pad_token_id)
     processors = sampling_logits_processors(options)
     recorder = SampledTokenLogprobs() if options.record_logprobs else None
     if recorder is not None:
@@ -152,9 +161,9 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     try:
         prompt_ids = prompt_ids.repeat_interleave(options.num_generations, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(options.num_generations, dim=0)
-        with generation_config_of(model, generation_config):
+        with generation_config_of(model, config):
             sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                       generation_config=generation_config, logits_processor=processors)
+                                       generation_config=config, logits_processor=processors)
     finally:
         model.train(was_training)
     completion_ids = sequences[:, prompt_ids.shape[1]:]

@@ -86,6 +86,40 @@ def test_only_axolotls_own_pick_of_the_last_checkpoint_may_fall_back(settings, a
     assert trainer.auto_resume is auto
 
 
+@pytest.mark.parametrize("strategy", ["sdft", "trace", "prompts", "sdzero"])
+@pytest.mark.parametrize("cfg,match", [
+    ({"trainer_type": "sdft"}, "plugins: is not set; add\n  plugins:\n    - sd_plugin.SelfDistillationPlugin"),
+    ({"plugins": ["axolotl.integrations.liger.LigerPlugin"], "trainer_type": "sdft"}, "add\n  plugins:"),
+    ({"plugins": ["sd_plugin.SelfDistillationPlugin"]}, "trainer_type is not set"),
+])
+def test_dataset_strategies_refuse_a_config_without_the_plugin(tokenizer, strategy, cfg, match, monkeypatch):
+    """Without the plugin (or trainer_type) Axolotl would train plain SFT on rows whose labels are all -100."""
+    import collections
+    import importlib
+
+    from axolotl.integrations.base import PluginManager
+
+    monkeypatch.setattr(PluginManager.get_instance(), "plugins", collections.OrderedDict())  # none loaded
+    module = importlib.import_module(f"sd_plugin.axolotl.strategies.{strategy}")
+    with pytest.raises(ValueError, match=match) as error:
+        module.load(tokenizer, cfg, {"path": "data.jsonl", "type": module.__name__})
+    assert f"datasets: type sd_plugin.axolotl.strategies.{strategy} " in str(error.value)
+
+
+def test_dataset_strategies_accept_the_plugin_loaded_from_its_entry_point(tokenizer, monkeypatch):
+    """Axolotl 0.21 loads entry-point plugins for configs that do not list them: that registration counts."""
+    import collections
+
+    from axolotl.integrations.base import PluginManager
+
+    from sd_plugin.axolotl.plugin import SelfDistillationPlugin
+    from sd_plugin.axolotl.strategies.sdft import load
+
+    loaded = collections.OrderedDict({"sd_plugin.SelfDistillationPlugin": SelfDistillationPlugin()})
+    monkeypatch.setattr(PluginManager.get_instance(), "plugins", loaded)
+    assert load(tokenizer, {"trainer_type": "sdft"}, {"path": "data.jsonl"}).method == "sdft"
+
+
 def test_schema_fills_method_defaults():
     parsed = SelfDistillationArgs.model_validate({"trainer_type": "sdft", "sdft": {"teacher_model_kind": "ema", "teacher_update_rate": 0.02}})
     assert parsed.sdft["teacher_update_rate"] == 0.02 and parsed.sdft["num_loss_tokens_to_skip"] == 3
@@ -149,6 +183,8 @@ def test_without_trainer_type_axolotl_trains_plain_sft(tmp_path):
         ({"datasets": [{"path": "./example_configs/assets/data/quickstart_sdft.jsonl", "ds_type": "json",
                         "type": "sd_plugin.axolotl.strategies.sdft", "field_human": "question"}]},
          "missing column 'question'"),
+        # Without `plugins:` Axolotl used to train its own SFT on these rows to the end: loss 0, exit 0, an adapter.
+        ({"plugins": None}, "add\n  plugins:\n    - sd_plugin.SelfDistillationPlugin"),
     ],
 )
 def test_bad_configs_exit_nonzero_before_training(tmp_path, overrides, message):
@@ -156,7 +192,8 @@ def test_bad_configs_exit_nonzero_before_training(tmp_path, overrides, message):
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert message in output
-    assert "'completions/mean_length'" not in output
+    assert "'completions/mean_length'" not in output and "'loss'" not in output
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow

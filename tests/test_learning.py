@@ -40,6 +40,7 @@ def train_on_contact_cards(demo_model_dir, tmp_path, prior: bool = False, **sett
         lr_scheduler_type="constant_with_warmup", warmup_steps=2, seed=0, logging_steps=1, save_strategy="no",
         report_to="none", use_cpu=True, max_completion_length=32, max_prompt_length=256, max_teacher_prompt_length=512,
         eval_prompts=str(held_out), eval_verifier="sd_plugin.demo_task:ContactCardVerifier", eval_max_new_tokens=32,
+        eval_num_generations=0,  # the assertions read the greedy scores: no sampled answers (suite time)
         **probe, **settings,
     )
     trainer = SDFTTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer,

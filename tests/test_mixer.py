@@ -220,7 +220,7 @@ def test_the_notebooks_round2_mixer_yaml_trains_sdft_on_the_mixed_rows(rounds, t
     dataset = config["datasets"][0]
     assert dataset["type"] == "sd_plugin.axolotl.strategies.sdft"
     result = mix_corpora(sources(rounds), MixConfig(size=40))
-    strategy = load(tokenizer, {"trainer_type": "sdft"}, dataset)
+    strategy = load(tokenizer, {"plugins": ["sd_plugin.SelfDistillationPlugin"], "trainer_type": "sdft"}, dataset)
     batch = {key: [row.get(key) for row in result.rows] for key in result.rows[0]}
     tokenized = strategy.tokenize_prompt(batch)
     assert len(tokenized["input_ids"]) == len(result.rows) == 40

@@ -628,14 +628,15 @@ TRACE_TOOLS = [{"type": "function", "function": {"name": "molar_mass", "descript
 INVALID_FILE = "<tmp>/bad_rows.jsonl"
 # The shared step's numeric guards (skip a non-finite step, check divergences) act the same for every method
 # and are tested with the base trainer.
-BASE_GUARDS = {"max_consecutive_nonfinite_steps", "debug_numerics"}
+# The run's guards and watches (tests/test_numerics.py, tests/test_watch.py): the step is the same.
+BASE_GUARDS = {"max_consecutive_nonfinite_steps", "debug_numerics", "max_steps_without_signal", "stop_on_collapse"}
 # The vLLM backend needs a CUDA GPU; its options are tested in tests/test_vllm_rollout.py.
 VLLM_OPTIONS = {"use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_tensor_parallel_size",
                 "vllm_max_model_length", "vllm_model_impl", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
                 "vllm_server_timeout", "vllm_group_port"}
 # Evaluation during training works the same in both phases; tested in tests/test_evaluation.py.
 EVALUATION_OPTIONS = {"eval_prompts", "eval_verifier", "prior_prompts", "prior_verifier", "eval_generation_steps",
-                      "eval_max_new_tokens"}
+                      "eval_max_new_tokens", "eval_num_generations", "eval_temperature"}
 # Logging only (the training step is the same), tested in tests/test_completions_log.py.
 LOGGING_OPTIONS = {"log_completions", "num_completions_to_print"}
 # Sequence tiling gives the untiled step by design (tests/test_tiling.py checks it through the shared step), a
@@ -815,7 +816,7 @@ def test_axolotl_strategy_rows_equal_the_python_api_rows(tokenizer):
     from sd_plugin.axolotl.strategies import sdzero as strategy
 
     rows = read_jsonl(DATA / "sdzero_revisions.jsonl")[:3]
-    cfg = {"trainer_type": "sdzero", "sdzero": {"phase": "srt"}}
+    cfg = {"plugins": ["sd_plugin.SelfDistillationPlugin"], "trainer_type": "sdzero", "sdzero": {"phase": "srt"}}
     produced = strategy.load(tokenizer, cfg, {"path": "revisions.jsonl"}).tokenize_prompt({k: [r[k] for r in rows] for k in rows[0]})
     expected = [r for row in rows for r in srt_rows(tokenizer, row, None, Columns(), SDZeroOptions(phase="srt"))]
     assert produced["input_ids"] == [r["input_ids"] for r in expected]
@@ -823,7 +824,7 @@ def test_axolotl_strategy_rows_equal_the_python_api_rows(tokenizer):
     assert produced["srt_objective"] == [r["srt_objective"] for r in expected]
     assert all(set(labels) == {-100} for labels in produced["labels"])
     with pytest.raises(ValueError, match="sdzero.phase: srt"):
-        strategy.load(tokenizer, {"trainer_type": "sdzero", "sdzero": {"phase": "distill", "verifier": "multiple_choice"}}, {})
+        strategy.load(tokenizer, {**cfg, "sdzero": {"phase": "distill", "verifier": "multiple_choice"}}, {})
 
 
 @pytest.mark.parametrize("name", ["sdzero-srt-qwen3-4b.yml", "sdzero-distill-qwen3-4b.yml", "sdzero-srt-tiny.yml", "sdzero-distill-tiny.yml"])

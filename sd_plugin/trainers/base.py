@@ -48,6 +48,7 @@ from sd_plugin.teacher import Teacher, output_head
 from sd_plugin.trainers.numerics import NonFiniteStepGuard
 from sd_plugin.trainers.step import StepBatch, StepGroup, completion_hidden_states
 from sd_plugin.verifiers import verify_completion
+from sd_plugin.watch import CollapseWatch, SignalWatch
 
 LOG = logging.getLogger("sd_plugin")
 TEACHER_STATE_FILE = state_file("teacher")
@@ -86,6 +87,8 @@ class SelfDistillationOptions:
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (reported, written to invalid_rows_file) instead of failing."})
     invalid_rows_file: str | None = field(default=None, metadata={"help": "Where skipped rows go (default: output_dir/invalid_rows_train.jsonl, _eval for the eval split)."})
     max_consecutive_nonfinite_steps: int = field(default=3, metadata={"help": "Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error."})
+    max_steps_without_signal: int | None = field(default=10, metadata={"help": "Optimizer steps in a row without a learning signal (no row of the step gets a loss, e.g. SDPO with no teacher prompt; or a loss and gradient of exactly 0) before the run stops with an error; each such step warns with the reason (0 or None: never stop)."})
+    stop_on_collapse: bool = field(default=False, metadata={"help": "Stop training (final evaluation and save still run) when the collapse watch finds the training reward, completion length, token entropy or a held-out evaluation outside its healthy range; without it, a warning with the numbers."})
     debug_numerics: bool = field(default=False, metadata={"help": "Check every training step that each per-token divergence is >= 0 (tolerance 1e-4); stop at the first that is not."})
     # Rollouts with vLLM through TRL's VLLMGeneration (names and defaults: TRL's GRPOConfig).
     use_vllm: bool = field(default=False, metadata={"help": "Sample rollouts with vLLM instead of transformers' generate (needs the vllm extra and a CUDA GPU)."})
@@ -106,6 +109,8 @@ class SelfDistillationOptions:
     prior_prompts: str | None = field(default=None, metadata={"help": "JSONL of prompts the base model already answers (prior-capability probe), scored the same way: forgetting as a number."})
     prior_verifier: str | None = field(default=None, metadata={"help": "Verifier of prior_prompts (default: eval_verifier)."})
     eval_generation_steps: int = field(default=0, metadata={"help": "Evaluate the prompt sets every N steps (0: at step 0 and at the end only)."})
+    eval_num_generations: int = field(default=1, metadata={"help": "Also sample this many answers per held-out prompt at the rollout temperature (top_p / top_k of the rollouts) and score them: pass@1 estimated from n samples, what sampling users see (0: greedy only)."})
+    eval_temperature: float | None = field(default=None, metadata={"help": "Also score eval_num_generations answers per prompt sampled at this inference temperature (None: not scored)."})
     eval_max_new_tokens: int | None = field(default=None, metadata={"help": "Greedy answer cap in the evaluation (default: max_completion_length)."})
     log_completions: bool = field(default=False, metadata={"help": "On each logging step, print prompts, rollouts, teacher contexts and rewards of the latest step (a rich table when rich is installed) and log them to W&B as a table when W&B is a reporter (TRL's name)."})
     num_completions_to_print: int | None = field(default=4, metadata={"help": "Rows of log_completions printed, drawn at random (None: all); W&B gets every row (TRL's name)."})
@@ -179,6 +184,8 @@ class SelfDistillationOptions:
         if self.prefill_chunk_size is not None and self.use_vllm:
             raise ValueError("prefill_chunk_size chunks transformers' generate; with use_vllm, vLLM schedules its own "
                              "prefill chunks: unset prefill_chunk_size")
+        if self.max_steps_without_signal is not None and self.max_steps_without_signal < 0:
+            raise ValueError(f"max_steps_without_signal must be >= 0 (0 or None: never stop), got {self.max_steps_without_signal}")
         if self.max_consecutive_nonfinite_steps < 1:
             raise ValueError(f"max_consecutive_nonfinite_steps must be >= 1, got {self.max_consecutive_nonfinite_steps}")
         self.check_vllm()
@@ -234,6 +241,13 @@ class SelfDistillationOptions:
                 load_verifier(verifier)
             except (ValueError, ImportError, TypeError) as error:
                 raise ValueError(f"{verifier_key}: {error}") from None
+        if self.eval_num_generations < 0:
+            raise ValueError(f"eval_num_generations must be >= 0 (0: greedy only), got {self.eval_num_generations}")
+        if self.eval_temperature is not None:
+            if not (math.isfinite(self.eval_temperature) and self.eval_temperature > 0):
+                raise ValueError(f"eval_temperature must be a finite number > 0 (None: off), got {self.eval_temperature}")
+            if not self.eval_num_generations:
+                raise ValueError("eval_temperature is set but eval_num_generations is 0: set eval_num_generations >= 1")
         if self.eval_generation_steps < 0 or (self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1):
             raise ValueError("eval_generation_steps must be >= 0 and eval_max_new_tokens >= 1")
 
@@ -302,6 +316,10 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         self.teacher = Teacher(self.model, self.options.teacher_model_kind, self.options.teacher_update_rate,
                                self.options.teacher_sync_steps, self.options.teacher_ema_rank)
         self.add_callback(_TeacherUpdate(self))
+        # Loud failures (sd_plugin/watch.py): steps without a learning signal, and the collapse watch on the logs.
+        self.signal_watch = SignalWatch(self.options.max_steps_without_signal)
+        self.collapse_watch = CollapseWatch(self.options.stop_on_collapse)
+        self.add_callback(self.collapse_watch)
         if self.options.eval_prompts or self.options.prior_prompts:
             from sd_plugin.evaluation import GenerationEvaluation
 
@@ -343,6 +361,16 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
     def teacher_prompts(self, inputs, batch: StepBatch) -> list[list[int] | None]:
         """Step 3: each row's teacher prompt ids (None: no teacher signal for that row)."""
         raise NotImplementedError
+
+    def signal_rows(self, batch: StepBatch, loss_mask: torch.Tensor) -> int:
+        """How many rows of a prepared micro-batch can teach: rows with a token in the loss (`loss_mask`, after
+        `num_loss_tokens_to_skip`); SDPO adds the rows its GRPO term learns from."""
+        return int((loss_mask.sum(-1) > 0).sum())
+
+    def no_signal_advice(self) -> str:
+        """What to change when no row of a step gets a loss (the warning of `SignalWatch`)."""
+        return (f"every completion is at most num_loss_tokens_to_skip={self.options.num_loss_tokens_to_skip} tokens "
+                "long; lower num_loss_tokens_to_skip or look at the samples (log_completions)")
 
     def total_loss(self, model, batch: StepBatch, student_hidden: torch.Tensor, out) -> torch.Tensor:
         """Step 5: the loss to optimize from the distillation output (SDPO adds its GRPO term here)."""
@@ -432,19 +460,29 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         averages over processes: a normalizer is the step's global count of loss units divided by both. Two
         counts: the distillation loss's units, and every completion's (SDPO's GRPO term trains all rollouts).
         """
-        steps, units, policy_units = [], 0, 0
+        steps, units, policy_units, signal_rows, rows, sampled, truncated = [], 0, 0, 0, 0, 0, 0
         for inputs in group.batches:
             own = {k: v for k, v in inputs.items() if k not in ("sd_step_group", "sd_micro_batch")}
             step = self.prepare_step(model, self._prepare_inputs(own))
             mask = loss_token_mask(step.loss_mask(), num_loss_tokens_to_skip=self.options.num_loss_tokens_to_skip, unskipped_rows=step.ce_rows)
             units += loss_units(mask, self.options.loss_reduction)
             policy_units += loss_units(step.rollouts.completion_mask, self.options.loss_reduction)
+            signal_rows += self.signal_rows(step, mask)
+            on_policy = ~step.ce_rows
+            rows += len(on_policy)
+            sampled += int(on_policy.sum())
+            truncated += int((step.rollouts.truncated & on_policy).sum())
             steps.append(step)
-        totals = torch.tensor([float(units), float(policy_units)], device=self.accelerator.device)
+        # One reduction for both normalizers and the signal counts (SignalWatch judges the whole step, all processes).
+        totals = torch.tensor([float(units), float(policy_units), float(signal_rows), float(rows), float(sampled),
+                               float(truncated)], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
+        units, policy_units, signal_rows, rows, sampled, truncated = totals.tolist()
+        group.signal = {"signal_rows": int(signal_rows), "rows": int(rows), "sampled": int(sampled),
+                        "truncated": int(truncated)}
         share = len(steps) * self.accelerator.num_processes
-        normalizer, policy_normalizer = (max(total, 1.0) / share for total in totals.tolist())
+        normalizer, policy_normalizer = max(units, 1.0) / share, max(policy_units, 1.0) / share
         for step in steps:
             step.loss_normalizer, step.policy_loss_normalizer = normalizer, policy_normalizer
         group.steps = steps
@@ -506,6 +544,31 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         self.record_step_metrics(mode, batch, out, loss_mask, ce_mask)
         return (loss, None) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's micro-batch step (with the non-finite guard); after the step's last micro-batch, SignalWatch."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        group = inputs.get("sd_step_group")
+        if group is not None:
+            group.loss_sum += abs(float(loss.detach()))
+            if self.accelerator.sync_gradients and group.signal is not None:
+                self.check_learning_signal(group)
+        return loss
+
+    def check_learning_signal(self, group: StepGroup) -> None:
+        """Warn about (and, after max_steps_without_signal in a row, stop on) a step that cannot teach."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+        # Squared norm and |loss| summed over processes (FSDP / ZeRO-2 shard gradients); None: no gradient to
+        # read here (a skipped step, or DeepSpeed, which keeps its own).
+        squared = torch.nn.utils.get_total_norm(grads).float() ** 2 if grads else torch.tensor(-1.0)
+        values = torch.stack([squared.to(self.accelerator.device), torch.tensor(group.loss_sum, device=self.accelerator.device)])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        grad_norm = None if not grads else float(values[0]) ** 0.5
+        self.signal_watch.end_step(self.state.global_step + 1, loss=float(values[1]), grad_norm=grad_norm,
+                                   no_signal_advice=self.no_signal_advice(),
+                                   max_completion_length=self.options.max_completion_length, **group.signal)
+
     def use_liger_loss(self, student_hidden: torch.Tensor, batch: StepBatch) -> bool:
         """Liger's fused loss covers full-vocabulary distillation without cross-entropy rows or importance weights."""
         o = self.options
@@ -542,6 +605,10 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         if (~ce_tokens).any():
             if split:
                 metrics["kl"].append(per_token[~ce_tokens].mean().item())
+            if out.student_token_logprobs is not None:
+                # -log p(y) of the sampled tokens: a one-sample estimate of the student's token entropy (exact in
+                # expectation when rollouts are drawn at distillation_temperature without top-p / top-k)
+                metrics["sampled_token_entropy"].append(-out.student_token_logprobs[~ce_tokens].mean().item())
             if out.teacher_token_logprobs is not None:
                 gap = (out.teacher_token_logprobs - out.student_token_logprobs)[~ce_tokens]
                 metrics["teacher_student_logprob_gap"].append(gap.mean().item())
@@ -610,7 +677,8 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         Not here because a resume needs no saved state for them: the rollouts' and on-policy draws' randomness
         (the host's `rng_state*.pth`; SDFT's `lambda_on_policy` draw is seeded by seed, step and micro-batch) and
         vLLM's weights (pushed again before the first rollout of the resumed run)."""
-        return {"teacher": self.teacher, "numerics": self.numerics_state()}
+        return {"teacher": self.teacher, "numerics": self.numerics_state(), "signal_watch": self.signal_watch,
+                "collapse_watch": self.collapse_watch}
 
     def save_checkpoint_state(self, folder: str) -> None:
         save_checkpoint_state(folder, self.checkpoint_state())

@@ -175,6 +175,26 @@ class SDPOTrainer(SelfDistillationTrainer):
                         overflow, o.max_teacher_prompt_length)
         return prompts
 
+    # ------------------------------------------------------------------ learning signal (sd_plugin/watch.py)
+    def signal_rows(self, batch: StepBatch, loss_mask: torch.Tensor) -> int:
+        """Rows with a teacher signal, plus (policy / hybrid) the rows whose reward differs from their group's
+        mean: a group whose rollouts all scored the same has no GRPO advantage."""
+        rows = super().signal_rows(batch, loss_mask)
+        if self.options.sdpo_mode == "distill":
+            return rows
+        rewards = torch.tensor(batch.rewards, dtype=torch.float32).reshape(-1, self.options.num_generations)
+        moving = (rewards != rewards.mean(-1, keepdim=True)).reshape(-1)
+        return int(((loss_mask.sum(-1) > 0).cpu() | moving).sum())
+
+    def no_signal_advice(self) -> str:
+        o = self.options
+        grpo = "" if o.sdpo_mode == "distill" else " and every group's rollouts got the same reward (no GRPO advantage)"
+        return (f"no rollout got a teacher prompt (no_teacher_signal_fraction 1: no sibling reached "
+                f"success_reward_threshold={o.success_reward_threshold} and the verifier gave no feedback){grpo}; raise "
+                "num_generations, lower success_reward_threshold, use a verifier that returns feedback "
+                "(include_environment_feedback: true), make the prompts easier, or raise max_teacher_prompt_length "
+                "when teacher_prompt_overflow is logged")
+
     # ------------------------------------------------------------------ step 5: the loss
     def total_loss(self, model, batch: StepBatch, student_hidden: torch.Tensor, out) -> torch.Tensor:
         o = self.options

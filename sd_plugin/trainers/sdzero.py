@@ -206,6 +206,12 @@ class SDZeroTrainer(SelfDistillationTrainer):
         batch.teacher_contexts = [self.control_phrase_texts[verdict.correct] for verdict in batch.verdicts]
         self._metrics[self.mode]["correct_fraction"].append(sum(v.correct for v in batch.verdicts) / len(batch.verdicts))
 
+    def no_signal_advice(self) -> str:
+        if self.options.phase == "srt":
+            return super().no_signal_advice()
+        return (f"no teacher input fits max_teacher_prompt_length={self.options.max_teacher_prompt_length} even with the "
+                "rollout cut to one token (no_teacher_signal_fraction 1); raise max_teacher_prompt_length or shorten the prompts")
+
     # ------------------------------------------------------------------ step 3: the teacher inputs
     def teacher_prompts(self, inputs, batch: StepBatch) -> list[list[int] | None]:
         """distill: chat(x) + y + delimiter (the control phrase of the rollout's outcome) for each rollout.

@@ -56,6 +56,10 @@ class StepGroup:
 
     batches: list[dict]
     steps: list[StepBatch] | None = None
+    # Set by prepare_step_group / training_step for SignalWatch: the step's row counts (all processes) and the
+    # sum of its micro-batches' |loss|.
+    signal: dict[str, int] | None = None
+    loss_sum: float = 0.0
 
 
 

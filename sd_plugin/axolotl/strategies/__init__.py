@@ -26,6 +26,41 @@ from sd_plugin.rows import invalid_rows_path, prompt_row, sdft_row, write_invali
 LOG = logging.getLogger("sd_plugin")
 
 
+PLUGIN = "sd_plugin.SelfDistillationPlugin"
+
+
+def plugin_loaded() -> bool:
+    """Whether Axolotl's plugin manager holds the plugin (Axolotl 0.21 also loads it from its entry point
+    for configs that do not list it)."""
+    try:
+        from axolotl.integrations.base import PluginManager
+    except ImportError:
+        return False
+    return any(type(plugin).__name__ == "SelfDistillationPlugin" for plugin in PluginManager.get_instance().plugins.values())
+
+
+def check_plugin_registered(cfg, dataset_type: str) -> None:
+    """Stop before training when the config uses these rows without the plugin's trainer.
+
+    The strategies are plain import paths, so Axolotl loads them whether or not `plugins:` names the plugin;
+    without it (or without `trainer_type`) Axolotl trains its own SFT on rows whose labels are all -100: loss 0,
+    gradient 0, exit 0, an adapter saved and nothing learned.
+    """
+    plugins = [str(name) for name in (cfg.get("plugins") or [])]
+    if not (any(name.rsplit(".", 1)[-1] == "SelfDistillationPlugin" for name in plugins) or plugin_loaded()):
+        raise ValueError(
+            f"datasets: type {dataset_type} needs the sd-plugin Axolotl plugin, but this config's plugins: "
+            f"{plugins or 'is not set'}; add\n  plugins:\n    - {PLUGIN}\nand trainer_type: sdft | sdpo | sdzero "
+            "(without the plugin Axolotl would train its own SFT on these rows: loss 0, nothing learned)"
+        )
+    if not cfg.get("trainer_type"):
+        raise ValueError(
+            f"datasets: type {dataset_type} holds self-distillation rows but trainer_type is not set: add "
+            "trainer_type: sdft | sdpo | sdzero (without it Axolotl would train its own SFT on these rows: loss 0, "
+            "nothing learned)"
+        )
+
+
 def _options(cfg):
     from sd_plugin.axolotl.args import options_class
 
@@ -43,6 +78,7 @@ class RowStrategy:
     output_columns: tuple[str, ...] = ()
 
     def __init__(self, tokenizer, cfg, ds_cfg):
+        check_plugin_registered(cfg, (ds_cfg or {}).get("type") or f"{__name__}.{type(self).__name__}")
         self.tokenizer = tokenizer
         self.method = cfg.get("trainer_type") or "sdft"
         self.options = _options(cfg)
