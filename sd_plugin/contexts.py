@@ -41,7 +41,7 @@ def resolve_template(template: str) -> str:
     text = TEMPLATES.get(template, template)
     if "{demonstration}" not in text:
         raise ValueError(
-            f"teacher template {template!r} is neither a known name ({', '.join(TEMPLATES)}) "
+            f"teacher_template {template!r} is neither a known name ({', '.join(TEMPLATES)}) "
             "nor a string containing {demonstration}"
         )
     return text
