@@ -437,8 +437,10 @@ def plan(request: MergeRequest) -> PublishPlan:
     Reads only small files and safetensors headers; no model is loaded, no folder created, no network used.
     """
     dtype = parse_dtype(request.dtype)
-    if request.push_to_hub is not None and not is_hub_id(request.push_to_hub):
-        raise PublishError(f"--push-to-hub needs a repository id like 'your-name/model-name', got {request.push_to_hub!r}")
+    if request.push_to_hub is not None:
+        # Everything the real push checks before merging (repository id, token, offline mode): a dry run that
+        # passes is a run that will push.
+        require_push_ready(request.push_to_hub, request.token, request.api)
     inputs = resolve_inputs(request, need_method=request.push_to_hub is not None)
     _, token_source = resolve_hub_token(request.token)
     result = PublishPlan(repo_id=request.push_to_hub, private=request.private, output_dir=str(inputs.out_dir),

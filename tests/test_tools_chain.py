@@ -1,0 +1,87 @@
+"""The tools chain: `sd-plugin generate` output goes into `sd-plugin eval-stats` without a script."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd_plugin.cli import main as cli_main
+from sd_plugin.generate import GenerateOptions, generate_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "example_configs" / "assets" / "tiny-qwen3"
+
+
+def length_reward(prompt, completion, record):
+    return len(completion) / 100.0, None
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, tokenizer):
+    """generate's real output: 4 prompts (2 labelled good, 2 bad) x 3 samples, scored, round r1."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    rows = [{"id": f"p{i}", "template_id": f"t{i % 2}", "prompt": f"Say something about {i}.", "quality": ["good", "bad"][i % 2]}
+            for i in range(4)]
+    path = tmp_path_factory.mktemp("chain") / "r1.jsonl"
+    options = GenerateOptions(num_samples=3, max_new_tokens=8, batch_size=2, verifier="test_tools_chain:length_reward",
+                              round_label="r1")
+    generate_corpus(model, tokenizer, rows, path, options, model_name="tiny", progress=False)
+    return path
+
+
+def test_eval_stats_reads_generate_output_as_it_is(generated, capsys):
+    assert cli_main(["eval-stats", str(generated), "--bootstrap", "0", "--json", str(generated.with_suffix(".stats.json"))]) == 0
+    printed = capsys.readouterr().out
+    assert "r1" in printed and "no row has a label" in printed  # the stage is generate's round
+    result = json.loads(generated.with_suffix(".stats.json").read_text())["stages"]["r1"]
+    rewards = [row["reward"] for row in map(json.loads, generated.read_text().splitlines())]
+    assert result["n_generations"] == 12 and result["mean_R"] == pytest.approx(sum(rewards) / 12)
+    assert result["auc"] is None and result["n_good"] == 0
+
+
+def test_eval_stats_maps_generate_fields_to_scenarios_and_labels(generated, capsys):
+    out = generated.with_suffix(".mapped.json")
+    code = cli_main(["eval-stats", str(generated), "--label-field", "quality", "--scenario-field", "provenance.group_id",
+                     "--stage-field", "provenance.model", "--bootstrap", "20", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())["stages"]["tiny"]
+    assert (result["n_good"], result["n_bad"]) == (1, 1)  # groups t0 (good prompts) and t1 (bad)
+    assert result["auc"] is not None
+
+
+def test_eval_stats_names_the_field_it_cannot_find(generated, capsys):
+    assert cli_main(["eval-stats", str(generated), "--label-field", "grade", "--bootstrap", "0"]) == 2
+    assert "grade None is not good/bad/1/0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ metric names
+def test_cpu_runs_log_no_gpu_memory_metrics_and_no_perplexity(monkeypatch):
+    import types
+
+    from transformers import Trainer
+
+    from sd_plugin.axolotl.trainers import WithoutPerplexity
+
+    seen = []
+    monkeypatch.setattr(Trainer, "log", lambda self, logs, start_time=None: seen.append(dict(logs)))
+    probe = WithoutPerplexity.__new__(WithoutPerplexity)
+    for device, kept in (("cpu", {"loss": 1.0}), ("cuda", {"loss": 1.0, "memory/max_allocated (GiB)": 3.5})):
+        probe.args = types.SimpleNamespace(device=torch.device(device))
+        WithoutPerplexity.log(probe, {"loss": 1.0, "ppl": 2.7, "memory/max_allocated (GiB)": 3.5 if device == "cuda" else 0.0})
+        assert seen[-1] == kept
+
+
+def test_renamed_metrics_are_logged_under_both_names_for_one_release():
+    from sd_plugin.deprecated import RENAMED_METRICS, with_deprecated_metrics
+
+    logs = {"self_distillation/reprompt_sample_fraction": 0.75, "eval_self_distillation/success_fraction": 0.5, "loss": 1.0}
+    out = with_deprecated_metrics(logs, {"no_teacher_signal_fraction", "success_fraction", "clip_fraction"})
+    assert out["no_teacher_signal_fraction"] == 0.25 and out["eval_success_fraction"] == 0.5
+    assert "clip_fraction" not in out  # only what was logged under the new name
+    # one scheme: method metrics under self_distillation/ or TRL's GRPO clip_ratio/
+    assert all(new.startswith(("self_distillation/", "clip_ratio/")) for new, _ in RENAMED_METRICS.values())
