@@ -48,7 +48,8 @@ def block_model(method: str) -> type[BaseModel]:
 
 
 def _validated_block(method: str, block: dict | None) -> BaseModel:
-    block = translate_deprecated(block or {}, prefix=f"{method}.") if isinstance(block, dict) else block
+    names = {f.name for f in dataclasses.fields(options_class(method))}
+    block = translate_deprecated(block or {}, prefix=f"{method}.", fields=names) if isinstance(block, dict) else block
     model = block_model(method).model_validate(block or {})
     options = options_class(method)(**model.model_dump())
     try:
@@ -58,6 +59,23 @@ def _validated_block(method: str, block: dict | None) -> BaseModel:
     if options.teacher_model_kind != "ema" and "teacher_update_rate" in model.model_fields_set:
         raise ValueError(f"{method}.teacher_update_rate is set but {method}.teacher_model_kind is {options.teacher_model_kind!r}: set teacher_model_kind: ema")
     return model
+
+
+def check_dataset_types(method: str, block: BaseModel, data: dict) -> None:
+    """Refuse, before the model loads, `datasets:` entries that use Axolotl's own strategies (chat_template,
+    alpaca, ...): their rows reach the trainer without the teacher's prompt, and every row would be invalid."""
+    from sd_plugin.axolotl.strategies import is_host_strategy, strategy_advice
+
+    for key in ("datasets", "test_datasets"):
+        for index, entry in enumerate(data.get(key) or []):
+            if not isinstance(entry, dict) or not is_host_strategy(entry.get("type")):
+                continue
+            kind = entry.get("type")
+            shown = "no type (Axolotl's default format)" if kind is None else f"type: {kind}"
+            raise ValueError(
+                f"{key}[{index}] ({entry.get('path', '?')}) has {shown}, one of Axolotl's own strategies: trainer_type: "
+                f"{method} needs rows prepared by sd-plugin's strategies; {strategy_advice(method, getattr(block, 'phase', None), entry)}. "
+                "See README \"Use your own data\"")
 
 
 class SelfDistillationArgs(BaseModel):
@@ -103,6 +121,14 @@ class SelfDistillationArgs(BaseModel):
                 "generate() calls, and do not gather the hidden states the loss reads; use one GPU per sequence"
             )
         block = _validated_block(method, data.get(method))
+        check_dataset_types(method, block, data)
+        for key in ("micro_batch_size", "eval_batch_size"):
+            size = data.get(key)
+            if size is not None and int(size) % block.num_generations:
+                raise ValueError(
+                    f"{key} ({size}) counts completions (TRL's meaning) and must be a multiple of {method}.num_generations "
+                    f"({block.num_generations}): each micro-batch holds whole groups. Before this release it counted "
+                    f"prompts: {key}: {int(size) * block.num_generations} gives the batch it gave then")
         sequence_len = data.get("sequence_len")
         needed = block.max_prompt_length + block.max_completion_length
         if sequence_len is not None and sequence_len < needed:
