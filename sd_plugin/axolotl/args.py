@@ -61,11 +61,46 @@ def _validated_block(method: str, block: dict | None) -> BaseModel:
     return model
 
 
+# Axolotl's own row formats that are not modules of axolotl.prompt_strategies.
+HOST_TYPES = ("alpaca", "sharegpt", "completion", "pretrain", "explainchoice", "concisechoice", "summarizetldr",
+              "gpteacher", "reflection", "jeopardy", "oasst", "input_output")
+
+
+def is_host_strategy(kind) -> bool:
+    """Whether a `datasets:` entry's `type` is one of Axolotl's own strategies (rows the plugin's trainers cannot
+    read: they lack the teacher's prompt or the verifier's record). A user's module path is not refused."""
+    if kind is None or isinstance(kind, dict):
+        return True  # Axolotl's default / user_defined formats
+    head = str(kind).split(":")[0].split(".")[0]
+    if str(kind).startswith("sd_plugin."):
+        return False
+    if head in HOST_TYPES:
+        return True
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(f"axolotl.prompt_strategies.{head}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def strategy_advice(method: str, phase: str | None, entry: dict) -> str:
+    """Which of our strategies reads the rows of a host-typed `datasets:` entry, by method."""
+    field = entry.get("field_messages")
+    messages = f", field_messages: {field}" if field and field != "messages" else ""
+    if method == "sdft":
+        return ("for chat rows ({'messages': [...]}) use type: sd_plugin.axolotl.strategies.trace" + messages +
+                " (one SDFT row per assistant turn: the turn is the demonstration); for prompt + demonstration columns "
+                "use type: sd_plugin.axolotl.strategies.sdft")
+    if method == "sdzero" and phase == "srt":
+        return "phase: srt trains on collected revisions: use type: sd_plugin.axolotl.strategies.sdzero"
+    return ("use type: sd_plugin.axolotl.strategies.prompts with rows {'prompt': str | messages, <the fields the "
+            "verifier reads>}; a chat column works as the prompt with field_human: <column> if it ends with the user's turn")
+
+
 def check_dataset_types(method: str, block: BaseModel, data: dict) -> None:
     """Refuse, before the model loads, `datasets:` entries that use Axolotl's own strategies (chat_template,
     alpaca, ...): their rows reach the trainer without the teacher's prompt, and every row would be invalid."""
-    from sd_plugin.axolotl.strategies import is_host_strategy, strategy_advice
-
     for key in ("datasets", "test_datasets"):
         for index, entry in enumerate(data.get(key) or []):
             if not isinstance(entry, dict) or not is_host_strategy(entry.get("type")):
