@@ -40,6 +40,7 @@ from sd_plugin.adapter_weights import (
     read_adapter,
     round_trip_4bit,
 )
+from sd_plugin.cli import argument_parser
 from sd_plugin.hub import (  # noqa: F401  (push_folder, resolve_hub_token: public names of sd_plugin.merge)
     PublishError,
     PushError,
@@ -502,9 +503,8 @@ def plan_publish(base: str | None, adapter, out, dtype="bfloat16", **options) ->
 
 # ------------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sd-plugin merge",
-        description="Merge a LoRA adapter into its base (bf16 safetensors), check it, write the model card, push.")
+    parser = argument_parser(
+        "merge", "Merge a LoRA adapter into its base (bf16 safetensors), check it, write the model card, push.")
     parser.add_argument("--base", default=None, help="16/32-bit base checkpoint, path or Hub id "
                         "(default: adapter_config.json's base_model_name_or_path); for QLoRA the original 16-bit one")
     parser.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder")

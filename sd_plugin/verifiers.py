@@ -383,7 +383,8 @@ def load_verifier(spec: Any, kwargs: Mapping[str, Any] | None = None) -> Verifie
     elif isinstance(spec, str):
         module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
         if not module_name or not attr:
-            expected = f"one of {sorted(BUILTIN_VERIFIERS)} or 'package.module:callable'"
+            names = sorted(set(BUILTIN_VERIFIERS) - {"tool_call"})  # tool_call: the old alias of tool_calls
+            expected = f"one of {names} or 'package.module:callable'"
             raise ValueError(f"Unknown verifier {spec!r}: expected {expected}")
         try:
             obj = importlib.import_module(module_name)

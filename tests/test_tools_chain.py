@@ -85,3 +85,34 @@ def test_renamed_metrics_are_logged_under_both_names_for_one_release():
     assert "clip_fraction" not in out  # only what was logged under the new name
     # one scheme: method metrics under self_distillation/ or TRL's GRPO clip_ratio/
     assert all(new.startswith(("self_distillation/", "clip_ratio/")) for new, _ in RENAMED_METRICS.values())
+
+
+# ------------------------------------------------------------------ help
+def test_every_command_help_shows_its_defaults(capsys):
+    """Every option of every subcommand that has a default shows it in --help; the top-level help marks as
+    optional what is optional."""
+    import importlib
+
+    from sd_plugin.cli import COMMANDS, HelpFormatter
+    from sd_plugin.cli import main as cli
+
+    for command, (module_name, function_name) in COMMANDS.items():
+        with pytest.raises(SystemExit):
+            getattr(importlib.import_module(module_name), function_name)(["--help"])
+        printed = capsys.readouterr().out
+        assert printed.startswith(f"usage: sd-plugin {command}"), command
+        assert "(default: " in printed, command  # the formatter is sd-plugin's (argparse's own shows none)
+    assert issubclass(HelpFormatter, __import__("argparse").ArgumentDefaultsHelpFormatter)
+    cli(["--help"])
+    top = capsys.readouterr().out
+    assert "sd-plugin merge --adapter A --out DIR" in top and "--base B" not in top  # --base is optional
+
+
+def test_one_name_for_the_tool_call_verifier(capsys):
+    from sd_plugin.verifiers import load_verifier
+
+    with pytest.raises(ValueError, match="'tool_calls'") as unknown:
+        load_verifier("no_such_verifier")
+    assert "'tool_call'" not in str(unknown.value)
+    for path in (REPO / "README.md", *(REPO / "docs").glob("*.md")):
+        assert "`tool_call`" not in path.read_text(), path.name
