@@ -131,6 +131,10 @@ def build_demo_model(out: str | os.PathLike, *, force: bool = False, log=print) 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    # SmolLM2's license, where `sd-plugin merge` reads a local base's license for the model card.
+    (out / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n\n"
+                                   f"HuggingFaceTB/SmolLM2-135M-Instruct, converted from {GGUF_PACKAGE}'s {GGUF_FILE} by "
+                                   "`sd-plugin demo-model`.\n", encoding="utf-8")
 
     saved_tokenizer = AutoTokenizer.from_pretrained(out)
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

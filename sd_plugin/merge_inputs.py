@@ -21,6 +21,7 @@ from sd_plugin.hub import PublishError
 from sd_plugin.model_card import (
     METHODS,
     as_plain_dict,
+    base_model_license,
     datasets_from_config,
     find_trainer_state,
     find_training_config,
@@ -239,7 +240,8 @@ def resolve_inputs(request: MergeRequest, *, need_method: bool, check_out: bool 
         tokenizer_source = str(base_dir or base)
     datasets = list(request.datasets) if request.datasets else datasets_from_config(config)
     card = dict(method=method, base_model=base_model_id, training_config=config, metrics=metrics, eval_stats=eval_stats,
-                datasets=datasets, adapter_only=request.adapter_only, adapter_config=adapter_config)
+                datasets=datasets, adapter_only=request.adapter_only, adapter_config=adapter_config,
+                base_license=base_model_license(base_dir))
     return ResolvedInputs(adapter_dir, adapter_config, base, base_dir, base_quant, out_dir, trained_4bit, evidence,
                           four_bit_settings(adapter_dir, config, base_quant), tokenizer_source, card)
 

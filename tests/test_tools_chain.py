@@ -116,3 +116,36 @@ def test_one_name_for_the_tool_call_verifier(capsys):
     assert "'tool_call'" not in str(unknown.value)
     for path in (REPO / "README.md", *(REPO / "docs").glob("*.md")):
         assert "`tool_call`" not in path.read_text(), path.name
+
+
+# ------------------------------------------------------------------ the model card
+def test_model_card_has_the_evaluation_model_index_license_template_and_a_task_example(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from sd_plugin.model_card import base_model_license, write_model_card
+
+    base = tmp_path / "SmolLM2-135M-Instruct"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\nThe base.\n")
+    data = REPO / "example_configs" / "assets" / "data"
+    config = {"base_model": str(base), "trainer_type": "sdft", "micro_batch_size": 4, "learning_rate": 1e-3,
+              "datasets": [{"path": str(data / "contact_train.jsonl"), "type": "sd_plugin.axolotl.strategies.sdft"}],
+              "sdft": {"teacher_template": "{question}\n\nAnswer with one line of JSON exactly like this:\n{demonstration}",
+                       "eval_prompts": str(data / "contact_test.jsonl"), "eval_verifier": "sd_plugin.demo_task:ContactCardVerifier",
+                       "prior_prompts": str(data / "capitals_test.jsonl")}}
+    history = [{"step": 0, "eval_task_reward": 0.0, "eval_prior_reward": 0.75},
+               {"step": 1, "loss": 0.4, "completions/mean_length": 27.5},
+               {"step": 16, "eval_task_reward": 0.583, "eval_prior_reward": 0.875},
+               {"step": 16, "train_loss": 0.3, "train_runtime": 189.0}]
+    text = write_model_card(tmp_path / "card", method="sdft", base_model=str(base), training_config=config,
+                            metrics=history, base_license=base_model_license(base)).read_text()
+    card = ModelCard(text)
+    assert card.data.license == "apache-2.0" and "License: apache-2.0 (the base model's)" in text
+    results = card.data.to_dict()["model-index"][0]["results"]
+    assert {r["dataset"]["name"]: r["metrics"][0]["value"] for r in results} == {"contact_test.jsonl": 0.583, "capitals_test.jsonl": 0.875}
+    evaluation = text.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
+    assert "| `task_reward` | 0.000 | 0.583 | +0.583 |" in evaluation and "Greedy answers" in evaluation
+    assert "eval_task_reward" not in text.split("## Training metrics", 1)[1].split("\n## ", 1)[0]  # once, in Evaluation
+    assert "{question}\\n\\nAnswer with one line of JSON exactly like this:\\n{demonstration}" in text  # newlines shown
+    assert "Make a contact card from this message" in text.split("## How to use", 1)[1]  # an example of the task
+    assert str(tmp_path) not in text  # paths as names only
