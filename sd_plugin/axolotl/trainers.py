@@ -16,7 +16,7 @@ class WithoutPerplexity(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs.pop("ppl", None)
         logs.pop("eval_ppl", None)
-        if self.args.device.type == "cpu":
+        if getattr(getattr(self.args, "device", None), "type", "cpu") == "cpu":
             # Axolotl logs its GPU memory metrics as 0 when there is no GPU: a 0 that reads like a measurement.
             for key in [key for key in logs if key.startswith("memory/")]:
                 logs.pop(key)
