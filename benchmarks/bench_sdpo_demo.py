@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     config = SDPOConfig(
-        output_dir=str(REPO / "outputs" / "bench_sdpo_demo"), max_steps=args.steps, per_device_train_batch_size=args.batch,
+        output_dir=str(REPO / "outputs" / "bench_sdpo_demo"), max_steps=args.steps, per_device_train_batch_size=args.batch * args.num_generations,  # completions (TRL)
         num_generations=args.num_generations, learning_rate=args.lr, lr_scheduler_type="constant_with_warmup",
         warmup_steps=2, seed=0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
         max_completion_length=args.max_completion_length, max_prompt_length=128, temperature=args.temperature,

@@ -174,12 +174,24 @@ def merged_tensor(name: str, base: torch.Tensor, change: Change | None) -> torch
     return tensor
 
 
+def model_class_for(model_dir_or_id: str):
+    """The transformers class named in the checkpoint's config (keeps e.g. a vision tower), else AutoModelForCausalLM.
+
+    Here, not in merge_check (which loads models with it), so that the two modules do not import each other."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir_or_id)
+    for name in getattr(config, "architectures", None) or []:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModelForCausalLM
+
+
 def linear_weight_names(model_dir_or_id: str, skip_modules=()) -> set[str]:
     """Weights of the `nn.Linear` modules bitsandbytes would quantize (all but the output head and `skip_modules`),
     read from the model built on the meta device: nothing is loaded."""
     from transformers import AutoConfig
-
-    from sd_plugin.merge_check import model_class_for
 
     config = AutoConfig.from_pretrained(model_dir_or_id)
     with torch.device("meta"):

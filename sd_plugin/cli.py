@@ -3,7 +3,7 @@
     sd-plugin stats CORPUS.jsonl [...]        corpus statistics (sd_plugin.stats)
     sd-plugin eval-stats SCORED.jsonl [...]   evaluation metrics per model stage (sd_plugin.stats)
     sd-plugin mix ROUND1.jsonl ROUND2.jsonl   diversity-preserving round-2 mixer (sd_plugin.mixer)
-    sd-plugin merge --base B --adapter A ...  merge a LoRA adapter to bf16, optional Hub push (sd_plugin.merge)
+    sd-plugin merge --adapter A --out DIR     merge a LoRA adapter to bf16, optional Hub push (sd_plugin.merge)
     sd-plugin plan CONFIG.yml [...]           peak-memory planner (sd_plugin.planner)
     sd-plugin evaluate CONFIG.yml [--adapter DIR]  held-out before/after table of a saved model (sd_plugin.evaluation)
     sd-plugin collect-revisions ...           SD-Zero revision data collection (sd_plugin.revisions)

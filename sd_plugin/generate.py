@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="each batch is seeded from it and its first row")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="prompts per generate call")
     parser.add_argument("--verifier", default=None,
-                        help="score samples: multiple_choice | tool_call | boxed_math | python_tests | package.module:callable")
+                        help="score samples: multiple_choice | tool_calls | boxed_math | python_tests | package.module:callable")
     parser.add_argument("--verifier-kwargs", type=json_object, default=None, help="JSON object of verifier keyword arguments")
     parser.add_argument("--round", dest="round_label", default=None, help="round label written on every row (r1, r2, ...)")
     parser.add_argument("--prompt-column", default=defaults.prompt_column, help="column with the prompt (string or messages)")

@@ -40,6 +40,7 @@ from sd_plugin.adapter_weights import (
     read_adapter,
     round_trip_4bit,
 )
+from sd_plugin.cli import argument_parser
 from sd_plugin.hub import (  # noqa: F401  (push_folder, resolve_hub_token: public names of sd_plugin.merge)
     PublishError,
     PushError,
@@ -437,8 +438,10 @@ def plan(request: MergeRequest) -> PublishPlan:
     Reads only small files and safetensors headers; no model is loaded, no folder created, no network used.
     """
     dtype = parse_dtype(request.dtype)
-    if request.push_to_hub is not None and not is_hub_id(request.push_to_hub):
-        raise PublishError(f"--push-to-hub needs a repository id like 'your-name/model-name', got {request.push_to_hub!r}")
+    if request.push_to_hub is not None:
+        # Everything the real push checks before merging (repository id, token, offline mode): a dry run that
+        # passes is a run that will push.
+        require_push_ready(request.push_to_hub, request.token, request.api)
     inputs = resolve_inputs(request, need_method=request.push_to_hub is not None)
     _, token_source = resolve_hub_token(request.token)
     result = PublishPlan(repo_id=request.push_to_hub, private=request.private, output_dir=str(inputs.out_dir),
@@ -500,9 +503,8 @@ def plan_publish(base: str | None, adapter, out, dtype="bfloat16", **options) ->
 
 # ------------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sd-plugin merge",
-        description="Merge a LoRA adapter into its base (bf16 safetensors), check it, write the model card, push.")
+    parser = argument_parser(
+        "merge", "Merge a LoRA adapter into its base (bf16 safetensors), check it, write the model card, push.")
     parser.add_argument("--base", default=None, help="16/32-bit base checkpoint, path or Hub id "
                         "(default: adapter_config.json's base_model_name_or_path); for QLoRA the original 16-bit one")
     parser.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder")

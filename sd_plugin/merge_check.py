@@ -26,7 +26,13 @@ from pathlib import Path
 
 import torch
 
-from sd_plugin.adapter_weights import TensorChanges, changes_by_tensor, load_adapter_tensors, merged_tensor
+from sd_plugin.adapter_weights import (
+    TensorChanges,
+    changes_by_tensor,
+    load_adapter_tensors,
+    merged_tensor,
+    model_class_for,
+)
 from sd_plugin.hub import PublishError, list_folder_files
 
 SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -126,18 +132,6 @@ def cast_saved_weights(folder: str | os.PathLike, dtype: torch.dtype) -> int:
 
 
 # ------------------------------------------------------------------------------------ models and logits
-def model_class_for(model_dir_or_id: str):
-    """The transformers class named in the checkpoint's config (keeps e.g. a vision tower), else AutoModelForCausalLM."""
-    import transformers
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir_or_id)
-    for name in getattr(config, "architectures", None) or []:
-        if hasattr(transformers, name):
-            return getattr(transformers, name)
-    return transformers.AutoModelForCausalLM
-
-
 
 def truncate_layers_(config, layers: int) -> None:
     """Keep the first `layers` decoder layers in `config` (and its per-layer lists), in place."""

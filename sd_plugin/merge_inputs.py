@@ -35,6 +35,7 @@ from sd_plugin.hub import PublishError
 from sd_plugin.model_card import (
     METHODS,
     as_plain_dict,
+    base_model_license,
     datasets_from_config,
     find_eval_results,
     find_trainer_state,
@@ -256,7 +257,7 @@ def resolve_inputs(request: MergeRequest, *, need_method: bool, check_out: bool 
     datasets = list(request.datasets) if request.datasets else datasets_from_config(config)
     card = dict(method=method, base_model=base_model_id, training_config=config, metrics=metrics, eval_stats=eval_stats,
                 datasets=datasets, adapter_only=request.adapter_only, adapter_config=adapter_config,
-                eval_results=find_eval_results(adapter_dir))
+                eval_results=find_eval_results(adapter_dir), base_license=base_model_license(base_dir))
     return ResolvedInputs(adapter_dir, adapter_config, base, base_dir, base_quant, out_dir, trained_4bit, evidence,
                           four_bit_settings(adapter_dir, config, base_quant), tokenizer_source, card)
 

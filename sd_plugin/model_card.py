@@ -321,6 +321,8 @@ def format_setting(value) -> str:
         return ", ".join(format_setting(item) for item in (sorted(value) if isinstance(value, set) else value))
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True)
+    if isinstance(value, str) and "\n" in value:
+        return json.dumps(value)[1:-1]  # a template: its newlines shown as \n, not folded into spaces
     if isinstance(value, str):
         return display_name(value)  # a file setting shows the file's name, not the user's directories
     return str(value)
@@ -349,7 +351,8 @@ def metrics_section(log_history: list[dict]) -> str:
     summary = next((entry for entry in reversed(log_history) if "train_runtime" in entry or "train_loss" in entry), {})
     logged = [entry for entry in log_history if entry is not summary]
     keys = [key for key in METRIC_KEYS if any(key in entry for entry in logged)]
-    keys += sorted({key for entry in logged for key in entry if key.startswith("eval_") and key not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")})
+    keys += sorted({key for entry in logged for key in entry if key.startswith("eval_") and not key.startswith(GENERATION_EVAL_PREFIXES)
+                    and key not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")})
     rows = []
     for key in keys:
         entries = [entry for entry in logged if key in entry]
@@ -369,6 +372,89 @@ def metrics_section(log_history: list[dict]) -> str:
     if facts:
         parts.append("; ".join(facts) + ".")
     return "\n\n".join(parts)
+
+
+# The held-out evaluation during training (sd_plugin.evaluation): greedy answers scored by a verifier.
+GENERATION_EVAL_PREFIXES = ("eval_task_", "eval_prior_")
+
+
+def generation_evaluation(log_history: list[dict]) -> list[tuple[str, float, int, float, int]]:
+    """(metric, first value, its step, last value, its step) of the held-out greedy evaluation, in logged order."""
+    keys = list(dict.fromkeys(key for entry in log_history for key in entry if key.startswith(GENERATION_EVAL_PREFIXES)))
+    rows = []
+    for key in keys:
+        entries = [entry for entry in log_history if isinstance(entry.get(key), (int, float))]
+        if entries:
+            rows.append((key, float(entries[0][key]), entries[0].get("step", 0), float(entries[-1][key]), entries[-1].get("step", 0)))
+    return rows
+
+
+def generation_eval_section(rows, config: dict) -> str:
+    """The before/after table of the held-out evaluation, with the prompt sets by name."""
+    table = markdown_table(["Metric", "Before (step {})".format(rows[0][2]), "After (step {})".format(rows[0][4]), "Change"],
+                           [[f"`{key[len('eval_'):]}`", f"{first:.3f}", f"{last:.3f}", f"{last - first:+.3f}"]
+                            for key, first, _, last, _ in rows])
+    block = next((value for value in config.values() if isinstance(value, dict) and "eval_prompts" in value), config)
+    sets = [f"`{name}`: {display_name(block[key])}" for name, key in (("task", "eval_prompts"), ("prior", "prior_prompts"))
+            if block.get(key)]
+    verifiers = [f"{display_name(block[key])}" for key in ("eval_verifier", "prior_verifier") if block.get(key)]
+    text = ("Greedy answers to held-out prompts, scored by a verifier before and after training (`task`: the "
+            "trained task; `prior`: a capability the base model had, to measure forgetting).")
+    if sets:
+        text += " Prompt sets: " + "; ".join(sets) + "."
+    if verifiers:
+        text += " Verifiers: " + ", ".join(dict.fromkeys(verifiers)) + "."
+    return text + "\n\n" + table
+
+
+def logged_model_index(name: str, rows, config: dict) -> list[dict]:
+    """The card's `model-index` (Hugging Face's machine-readable results) from the held-out evaluation's logged
+    metrics: for a run without eval_results.json (`model_index` reads that file where it exists)."""
+    block = next((value for value in config.values() if isinstance(value, dict) and "eval_prompts" in value), config)
+    results = []
+    for prefix, key in (("eval_task_", "eval_prompts"), ("eval_prior_", "prior_prompts")):
+        metrics = [{"type": metric[len(prefix):], "name": f"{metric[len('eval_'):]} (greedy)", "value": round(last, 4)}
+                   for metric, _, _, last, _ in rows if metric.startswith(prefix)]
+        if metrics:
+            dataset = display_name(block.get(key) or prefix.strip("_"))
+            results.append({"task": {"type": "text-generation"}, "dataset": {"name": dataset, "type": dataset},
+                            "metrics": metrics})
+    return [{"name": name, "results": results}] if results else []
+
+
+def base_model_license(base_dir: str | os.PathLike | None) -> str | None:
+    """The `license:` of a local base model's README front matter (never downloaded), else None."""
+    readme = Path(base_dir) / "README.md" if base_dir else None
+    if readme is None or not readme.is_file():
+        return None
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    try:
+        front = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return None
+    value = front.get("license") if isinstance(front, dict) else None
+    return str(value) if value else None
+
+
+def task_example(config: dict) -> str | None:
+    """The first held-out prompt (or training prompt) of the run, as the usage example's user message."""
+    block = next((value for value in config.values() if isinstance(value, dict) and "eval_prompts" in value), config)
+    for path in (block.get("eval_prompts"), *[d.get("path") for d in config.get("datasets") or [] if isinstance(d, dict)]):
+        if not path or not Path(str(path)).is_file():
+            continue
+        try:
+            with open(path, encoding="utf-8") as handle:
+                row = json.loads(handle.readline())
+        except (OSError, ValueError):
+            continue
+        prompt = row.get(block.get("prompt_column", "prompt")) if isinstance(row, dict) else None
+        if isinstance(prompt, list):
+            prompt = next((m.get("content") for m in reversed(prompt) if isinstance(m, dict) and m.get("role") == "user"), None)
+        if isinstance(prompt, str) and prompt.strip():
+            return prompt
+    return None
 
 
 def eval_section(eval_stats: dict) -> str:
@@ -398,7 +484,9 @@ def eval_section(eval_stats: dict) -> str:
     return text
 
 
-def usage_code(model_ref: str, base_model: str, adapter_only: bool) -> str:
+def usage_code(model_ref: str, base_model: str, adapter_only: bool, prompt: str | None = None) -> str:
+    """Loading and one generation; `prompt`: a prompt of the trained task (default: a generic question)."""
+    message = json.dumps([{"role": "user", "content": prompt or "Explain self-distillation in two sentences."}], ensure_ascii=False)
     if adapter_only:
         return (
             "```python\n"
@@ -409,7 +497,7 @@ def usage_code(model_ref: str, base_model: str, adapter_only: bool) -> str:
             f'model = PeftModel.from_pretrained(base, "{model_ref}")\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{model_ref}")\n'
             "# model = model.merge_and_unload()  # optional: fold the adapter into the weights\n\n"
-            'messages = [{"role": "user", "content": "Explain self-distillation in two sentences."}]\n'
+            f"messages = {message}\n"
             "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True).to(model.device)\n"
             "output = model.generate(**inputs, max_new_tokens=256)\n"
             'print(tokenizer.decode(output[0][inputs["input_ids"].shape[-1]:], skip_special_tokens=True))\n'
@@ -422,7 +510,7 @@ def usage_code(model_ref: str, base_model: str, adapter_only: bool) -> str:
         f'model_id = "{model_ref}"\n'
         "tokenizer = AutoTokenizer.from_pretrained(model_id)\n"
         'model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.bfloat16, device_map="auto")\n\n'
-        'messages = [{"role": "user", "content": "Explain self-distillation in two sentences."}]\n'
+        f"messages = {message}\n"
         "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True).to(model.device)\n"
         "output = model.generate(**inputs, max_new_tokens=256)\n"
         'print(tokenizer.decode(output[0][inputs["input_ids"].shape[-1]:], skip_special_tokens=True))\n'
@@ -445,6 +533,7 @@ def render_model_card(
     repo_id: str | None = None,
     title: str | None = None,
     eval_results=None,
+    base_license: str | None = None,
 ) -> str:
     """The model card as a string (see `write_model_card` for the arguments)."""
     if method not in METHODS:
@@ -461,6 +550,8 @@ def render_model_card(
     trained_4bit = bool(config.get("load_in_4bit") or config.get("adapter") == "qlora")
 
     front_matter = {}
+    if base_license:
+        front_matter["license"] = base_license  # the base model's: the weights derive from it
     if is_hub_id(base_model):
         front_matter["base_model"] = base_model
     front_matter["library_name"] = "peft" if adapter_only else "transformers"
@@ -472,6 +563,11 @@ def render_model_card(
     if hub_datasets:
         front_matter["datasets"] = hub_datasets
 
+    generation_rows = generation_evaluation(log_history)
+    name = title or (repo_id.split('/')[-1] if repo_id else None)
+    index = logged_model_index(name or f"{display_name(base_model)}-{method}", generation_rows, config)
+    if index:
+        front_matter["model-index"] = index
     base_name = base_model if is_hub_id(base_model) else f"{Path(base_model).name} (local checkpoint)"
     base_model = base_model if is_hub_id(base_model) else display_name(base_model)
     artifact = "LoRA adapter" if adapter_only else "merged model (LoRA folded into the weights)"
@@ -486,7 +582,8 @@ def render_model_card(
     lines += ["## Method", "", info["summary"], "", f"Paper: {info['paper']} ({info['url']})", ""]
 
     lines += ["## Model details", ""]
-    lines += [f"- Base model: {base_model}", f"- Artifact: {artifact}"]
+    lines += [f"- Base model: {base_model}", f"- Artifact: {artifact}",
+              f"- License: {base_license} (the base model's)" if base_license else "- License: the base model's"]
     if trained_4bit:
         lines.append("- Training: QLoRA (LoRA on a 4-bit quantized base)")
     lines += [f"- {detail}" for detail in (merge_details or [])]
@@ -517,14 +614,18 @@ def render_model_card(
     if lora:
         lines += ["### LoRA", "", settings_table(lora), ""]
 
+    if eval_results or generation_rows or eval_stats:
+        lines += ["## Evaluation", ""]
+        if eval_results:  # the table with sample sizes and sampled answers; the logged metrics otherwise
+            lines += ["### Held-out evaluation", "", eval_results_section(eval_results), ""]
+        elif generation_rows:
+            lines += [generation_eval_section(generation_rows, config), ""]
+        if eval_stats:
+            lines += [eval_section(eval_stats), ""]
     if log_history:
         lines += ["## Training metrics", "", metrics_section(log_history), ""]
-    if eval_results:
-        lines += ["## Held-out evaluation", "", eval_results_section(eval_results), ""]
-    if eval_stats:
-        lines += ["## Evaluation", "", eval_section(eval_stats), ""]
 
-    lines += ["## How to use", "", usage_code(model_ref, base_model, adapter_only), ""]
+    lines += ["## How to use", "", usage_code(model_ref, base_model, adapter_only, task_example(config)), ""]
     lines += ["## Citation", "", f"If you use this model, cite the {method.upper()} paper:", "", "```bibtex", info["bibtex"], "```", ""]
     return "\n".join(lines)
 
@@ -544,6 +645,7 @@ def write_model_card(
     repo_id: str | None = None,
     title: str | None = None,
     eval_results=None,
+    base_license: str | None = None,
 ) -> Path:
     """Write `out_dir/README.md` and return its path.
 
@@ -561,6 +663,8 @@ def write_model_card(
         repo_id: the Hub repository, used in the title and the loading code.
         eval_results: the training's eval_results.json (path or dict): the card's `model-index` metadata and a
             held-out before/after table; default `out_dir/eval_results.json` when present.
+        base_license: the base model's license (front matter and details); `sd-plugin merge` reads it from a
+            local base's README.md.
     """
     out_dir = Path(out_dir)
     if adapter_config is None and (out_dir / "adapter_config.json").is_file():
@@ -570,7 +674,7 @@ def write_model_card(
     text = render_model_card(method=method, base_model=base_model, training_config=training_config, metrics=metrics,
                              eval_stats=eval_stats, datasets=datasets, adapter_only=adapter_only,
                              adapter_config=adapter_config, merge_details=merge_details, repo_id=repo_id, title=title,
-                             eval_results=eval_results)
+                             eval_results=eval_results, base_license=base_license)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "README.md"
     path.write_text(text, encoding="utf-8")

@@ -205,7 +205,7 @@ def plan(setup: TrainingSetup, gpu_memory: int = 80 * GiB, *, suggest: bool = Tr
     # AdamW's foreach step keeps about one parameter-sized temporary.
     optimizer_temp = trainable * 4
 
-    if setup.teacher == "live" or (setup.adapter and setup.teacher == "base" and not setup.teacher_sync):
+    if setup.teacher == "live" or (setup.adapter and setup.teacher == "base"):
         teacher_state = 0
     elif setup.adapter and setup.teacher_ema_rank:
         # Factors [out, k] and [k, in] per adapted layer, plus the [out, k + r] / [k + r, in] sum during an update.
@@ -335,7 +335,7 @@ def suggestions(setup: TrainingSetup, gpu_memory: int) -> list[str]:
         candidates.append(("adapter: qlora + load_in_4bit: true", replace(setup, adapter="qlora", weight_format="nf4")))
     if setup.optimizer_state_bytes > 2:
         candidates.append(("optimizer: adamw_bnb_8bit", replace(setup, optimizer_state_bytes=2.0)))
-    if setup.adapter and (setup.teacher == "ema" or setup.teacher_sync) and not setup.teacher_ema_rank:
+    if setup.adapter and setup.teacher == "ema" and not setup.teacher_ema_rank:
         candidates.append((f"teacher_ema_rank: {4 * setup.lora_r}", replace(setup, teacher_ema_rank=4 * setup.lora_r)))
     if not (setup.liger_rms_norm and setup.liger_glu):
         candidates.append(("Axolotl's Liger plugin with liger_rms_norm + liger_glu_activation",

@@ -51,6 +51,11 @@ def tokenize_rows(dataset, tokenize_one, *, skip_invalid: bool, invalid_rows_fil
             rows.append(tokenize_one(raw, index))
         except RecordError as error:
             invalid.append((index, error.reason, raw))
+    if invalid and len(invalid) == len(dataset):
+        # Skipping would drop every row: the data is in another format, not a few bad rows.
+        shown = "; ".join(f"row {i}: {reason}" for i, reason, _ in invalid[:3])
+        raise ValueError(f"all {len(dataset)} rows are invalid ({shown}): the dataset is not in this trainer's row "
+                         "format (README \"Use your own data\": the columns each trainer reads)")
     if invalid and not skip_invalid:
         shown = "; ".join(f"row {i}: {reason}" for i, reason, _ in invalid[:5])
         raise ValueError(f"{len(invalid)} of {len(dataset)} rows are invalid ({shown}); fix them or set skip_invalid=True")

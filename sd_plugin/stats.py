@@ -271,7 +271,7 @@ class Scenario:
     """The scored generations of one scenario for one model stage."""
 
     scenario_id: str
-    label: int  # 1 = good scenario, 0 = bad
+    label: int | None  # 1 = good scenario, 0 = bad, None = unlabelled (no good/bad means, no AUC)
     rewards: list[float]
     passes: dict[str, list[bool]]  # component pass flags per --pass-field
 
@@ -328,7 +328,7 @@ def bootstrap_intervals(scenarios: list[Scenario], pass_fields, auc_level: str, 
     """Percentile intervals per metric from `samples` resamples of scenarios with replacement, stratified by
     label so every resample keeps the numbers of good and bad scenarios (and the AUC stays defined)."""
     rng = np.random.default_rng(seed)
-    strata = [[s for s in scenarios if s.label == label] for label in (1, 0)]
+    strata = [[s for s in scenarios if s.label == label] for label in (1, 0, None)]
     draws = defaultdict(list)
     for _ in range(samples):
         resample = [stratum[i] for stratum in strata if stratum for i in rng.integers(0, len(stratum), len(stratum))]
@@ -340,32 +340,64 @@ def bootstrap_intervals(scenarios: list[Scenario], pass_fields, auc_level: str, 
             for key, values in draws.items()}
 
 
-def load_scored_rows(paths: list[str], stage_names: list[str] | None, pass_fields: list[str]):
+def field_value(row: dict, name: str):
+    """A row's value of `name`; `provenance.KEY` reads the `provenance` object `sd-plugin generate` writes."""
+    if name.startswith("provenance."):
+        provenance = row.get("provenance")
+        return provenance.get(name.split(".", 1)[1]) if isinstance(provenance, dict) else None
+    return row.get(name)
+
+
+@dataclass
+class ScoredFields:
+    """Where eval-stats finds each value in a row (`--scenario-field`, `--label-field`, `--stage-field`,
+    `--reward-field`). None: the defaults, which also read `sd-plugin generate`'s rows as they are:
+    scenario_id, else generate's prompt_id; label (no row has one: unlabelled); stage, else generate's round,
+    else the file name."""
+
+    scenario: str | None = None
+    label: str | None = None
+    stage: str | None = None
+    reward: str = "reward"
+
+
+def load_scored_rows(paths: list[str], stage_names: list[str] | None, pass_fields: list[str],
+                     fields: ScoredFields | None = None):
     """Scenarios per stage (in order of first appearance) and the RowErrors of unusable rows."""
+    fields = fields or ScoredFields()
     stages: dict[str, dict[str, Scenario]] = {}
     errors = []
-    for file_index, path in enumerate(paths):
-        numbered_rows, file_errors = read_jsonl(path)
+    files = [read_jsonl(path) for path in paths]
+    # Unlabelled when no label field is named and no row has `label` (generate's rows): means and pass rates only.
+    labelled = fields.label is not None or any("label" in row for numbered, _ in files for _, row in numbered)
+    label_field = fields.label or "label"
+    for file_index, (path, (numbered_rows, file_errors)) in enumerate(zip(paths, files)):
         errors.extend(file_errors)
         for line, row in numbered_rows:
-            problems = [message for message in [reward_error(row, "reward")] if message]
-            label = parse_label(row.get("label"))
-            if label is None:
-                problems.append(f"label {row.get('label')!r} is not good/bad/1/0")
-            if "scenario_id" not in row:
-                problems.append("missing scenario_id")
+            problems = [message for message in [reward_error(row, fields.reward)] if message]
+            label = parse_label(field_value(row, label_field)) if labelled else None
+            if labelled and label is None:
+                problems.append(f"{label_field} {field_value(row, label_field)!r} is not good/bad/1/0")
+            scenario_field = fields.scenario or ("scenario_id" if "scenario_id" in row or "prompt_id" not in row else "prompt_id")
+            if field_value(row, scenario_field) is None:
+                problems.append(f"missing {scenario_field} (--scenario-field names the scenario id)")
             problems += [f"missing pass field {field!r}" for field in pass_fields if field not in row]
             if problems:
                 errors.append(RowError(path, line, "; ".join(problems)))
                 continue
-            stage = stage_names[file_index] if stage_names else str(row.get("stage", Path(path).stem))
-            scenario_id = group_label(row["scenario_id"])
+            if stage_names:
+                stage = stage_names[file_index]
+            elif fields.stage is not None:
+                stage = str(field_value(row, fields.stage))
+            else:
+                stage = str(row.get("stage") or row.get("round") or Path(path).stem)
+            scenario_id = group_label(field_value(row, scenario_field))
             scenario = stages.setdefault(stage, {}).setdefault(
                 scenario_id, Scenario(scenario_id, label, [], {field: [] for field in pass_fields}))
             if scenario.label != label:
                 errors.append(RowError(path, line, f"scenario {scenario_id!r} labelled both good and bad"))
                 continue
-            scenario.rewards.append(float(row["reward"]))
+            scenario.rewards.append(float(field_value(row, fields.reward)))
             for field in pass_fields:
                 scenario.passes[field].append(bool(row[field]))
     return stages, errors
@@ -374,11 +406,21 @@ def load_scored_rows(paths: list[str], stage_names: list[str] | None, pass_field
 def eval_stats_main(argv: list[str] | None = None) -> int:
     """`sd-plugin eval-stats SCORED.jsonl [...]`: per-stage reward, pass-rate and AUC table with bootstrap CIs."""
     parser = argument_parser("eval-stats", "Evaluation metrics per model stage.")
-    parser.add_argument("scored", nargs="+", help="JSONL rows: stage, scenario_id, label, reward[, pass flags]")
+    parser.add_argument("scored", nargs="+", help="JSONL rows: stage, scenario_id, label, reward[, pass flags]; "
+                                                  "`sd-plugin generate --verifier` output is read as it is")
     parser.add_argument("--stage-names", default=None,
                         help="comma-separated stage name per file (one file per stage; default: the rows' stage "
                              "field, else the file name)")
     parser.add_argument("--pass-field", action="append", default=[], help="boolean component pass flag (repeatable)")
+    parser.add_argument("--scenario-field", default=None,
+                        help="field with the scenario id (default: scenario_id, else generate's prompt_id); "
+                             "provenance.KEY reads generate's provenance, e.g. provenance.group_id")
+    parser.add_argument("--label-field", default=None,
+                        help="field with the good/bad label (default: label; when no row has one, the table has no "
+                             "good/bad means and no AUC)")
+    parser.add_argument("--stage-field", default=None,
+                        help="field with the model stage (default: stage, else generate's round, else the file name)")
+    parser.add_argument("--reward-field", default="reward", help="numeric reward field")
     parser.add_argument("--auc-level", choices=["scenario", "generation"], default="scenario",
                         help="AUC over per-scenario mean rewards or over every generation")
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of scenarios for CIs (0: none)")
@@ -391,7 +433,8 @@ def eval_stats_main(argv: list[str] | None = None) -> int:
     stage_names = args.stage_names.split(",") if args.stage_names else None
     if stage_names and len(stage_names) != len(args.scored):
         raise UsageError(f"{len(stage_names)} --stage-names for {len(args.scored)} files")
-    stages, errors = load_scored_rows(args.scored, stage_names, args.pass_field)
+    fields = ScoredFields(args.scenario_field, args.label_field, args.stage_field, args.reward_field)
+    stages, errors = load_scored_rows(args.scored, stage_names, args.pass_field, fields)
     if len(errors) > 1:
         print("\n".join(f"  {line}" for line in row_error_lines(errors)), file=sys.stderr)
     refuse_row_errors(errors, "invalid")
@@ -420,6 +463,8 @@ def eval_stats_main(argv: list[str] | None = None) -> int:
     rows = [("n_generations", "generations"), ("n_good", "good scenarios"), ("n_bad", "bad scenarios")]
     labels.update({f"pass_rate:{field}": f"{field} pass rate" for field in args.pass_field})
     print(format_table(columns, rows + [(key, labels[key]) for key in metric_keys]))
+    if all(s.label is None for by_id in stages.values() for s in by_id.values()):
+        print("no row has a label: good/bad means and the AUC need --label-field (a good/bad/1/0 field)")
     if args.bootstrap:
         print(f"[lo, hi]: 95% bootstrap interval, {args.bootstrap} resamples of scenarios (stratified by label), "
               f"seed {args.seed}")

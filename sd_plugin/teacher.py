@@ -13,10 +13,11 @@ Kinds:
 - "initial": the student as it is at step 0, frozen. Equal to "base" for a fresh LoRA adapter or full
   fine-tuning; with a loaded adapter (round 2 continuing from round 1: `lora_model_dir`,
   `PeftModel.from_pretrained`) it is the model WITH that adapter, where "base" is the model without any
-  adapter. The EMA and sync teachers also start from the student's current update, never from zero.
-`sync_steps` > 0 additionally copies the student into the teacher every that many steps (hard sync).
+  adapter. The EMA teacher also starts from the student's current update, never from zero.
+`sync_steps` (TRL's `teacher_sync_steps`): the EMA update runs every that many optimizer steps (1: every step);
+with `ema_rate` 1.0 it is a hard copy of the student every `sync_steps` steps.
 
-Sharded training: the EMA / sync update reads the student's parameters in full. Under DeepSpeed ZeRO-3 they
+Sharded training: the EMA update reads the student's parameters in full. Under DeepSpeed ZeRO-3 they
 are gathered with `deepspeed.zero.GatheredParameters`, under FSDP (version 1) with `summon_full_params`, and
 FSDP2's DTensors are read with `full_tensor()` (`full_parameters`, `full_value`). For LoRA only the adapter
 weights are gathered, and the teacher's deltas are full tensors on every process. The full fine-tuning
@@ -148,22 +149,24 @@ def lora_adapter_parameters(layers: dict[str, torch.nn.Module]) -> list[torch.nn
 class Teacher:
     """Owns the teacher's weights for one trainer; `scoring()` is the context in which to run its forward."""
 
-    def __init__(self, model, kind: str = "base", ema_rate: float = 0.01, sync_steps: int = 0, ema_rank: int = 0):
+    def __init__(self, model, kind: str = "base", ema_rate: float = 0.01, sync_steps: int = 1, ema_rank: int = 0):
         if kind not in KINDS:
             raise ValueError(f"teacher kind must be one of {KINDS}, got {kind!r}")
         if not 0.0 < ema_rate <= 1.0:
             raise ValueError(f"ema_rate must be in (0, 1], got {ema_rate}")
+        if sync_steps < 1:
+            raise ValueError(f"sync_steps must be >= 1, got {sync_steps}")
         self.kind, self.ema_rate, self.sync_steps, self.ema_rank = kind, ema_rate, sync_steps, ema_rank
         self.peft = is_peft_model(model)
         self.copy = None          # full fine-tuning: frozen copy of the student
-        self.deltas = {}          # LoRA with ema/sync, ema_rank 0: name -> teacher's Delta W (float32)
-        self.factors = {}         # LoRA with ema/sync, ema_rank > 0: name -> (up [out, k], down [k, in]), Delta W = up @ down
+        self.deltas = {}          # LoRA with ema, ema_rank 0: name -> teacher's Delta W (float32)
+        self.factors = {}         # LoRA with ema, ema_rank > 0: name -> (up [out, k], down [k, in]), Delta W = up @ down
         self.truncation_error = 0.0  # largest relative Frobenius error of the last low-rank update
         if kind == "live":
             return
         if self.peft:
-            check_adapter_for_teacher(model, kind, sync_steps)
-            if kind in ("ema", "initial") or sync_steps:
+            check_adapter_for_teacher(model, kind)
+            if kind in ("ema", "initial"):
                 # The teacher starts at the student's current effective update (zero for a fresh adapter; a
                 # loaded round-1 adapter's update, or a PiSSA/OLoRA residual's complement, otherwise).
                 layers = lora_layers(model)
@@ -214,13 +217,10 @@ class Teacher:
 
     @torch.no_grad()
     def step(self, model, global_step: int) -> None:
-        """Called after every optimizer step: EMA update and/or hard sync."""
-        if self.kind == "live" or (self.kind in ("base", "initial") and not self.sync_steps):
+        """Called after every optimizer step: the EMA update, on every `sync_steps`-th step (TRL's rule)."""
+        if self.kind != "ema" or global_step % self.sync_steps:
             return
-        sync = bool(self.sync_steps) and global_step % self.sync_steps == 0
-        rate = 1.0 if sync else (self.ema_rate if self.kind == "ema" else 0.0)
-        if rate == 0.0:
-            return
+        rate = self.ema_rate
         if self.copy is not None:
             self._update_copy(model, rate)
             return
@@ -258,7 +258,7 @@ class Teacher:
                 teacher_param.lerp_(student_value.to(teacher_param.device, teacher_param.dtype), rate)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.copy is not None and (self.kind == "ema" or self.sync_steps):
+        if self.copy is not None and self.kind == "ema":
             return {f"copy.{k}": v for k, v in self.copy.state_dict().items()}
         state = {f"delta.{k}": v for k, v in self.deltas.items()}
         for name, (up, down) in self.factors.items():
@@ -278,17 +278,18 @@ class Teacher:
         if unexpected:
             raise ValueError(f"the teacher state holds {len(state)} tensors (e.g. {unexpected[0]}) where this {self.kind} "
                              f"teacher keeps {len(own)}: was it saved with another teacher_model_kind, "
-                             "teacher_sync_steps or set of LoRA layers?")
-        if self.copy is not None and (self.kind == "ema" or self.sync_steps):
+                             "or set of LoRA layers?")
+        if self.copy is not None and self.kind == "ema":
             self.copy.load_state_dict({k[len("copy."):]: v for k, v in state.items()})
         for name, delta in self.deltas.items():
             delta.copy_(state[f"delta.{name}"])
         for name, (up, down) in self.factors.items():
             self.factors[name] = (state[f"up.{name}"].to(up.device, up.dtype), state[f"down.{name}"].to(down.device, down.dtype))
 
-def check_adapter_for_teacher(model, kind: str, sync_steps: int) -> None:
+
+def check_adapter_for_teacher(model, kind: str) -> None:
     """Refuse the PEFT setups whose teacher would silently differ from what `kind` promises."""
-    follows_student = kind in ("ema", "initial") or sync_steps > 0
+    follows_student = kind in ("ema", "initial")
     for name, config in model.peft_config.items():
         init = str(getattr(config, "init_lora_weights", "")).lower()
         if kind == "base" and init.startswith(RESIDUAL_INITS):
@@ -299,7 +300,7 @@ def check_adapter_for_teacher(model, kind: str, sync_steps: int) -> None:
             )
         if follows_student and getattr(config, "use_dora", False):
             raise ValueError(
-                f"teacher_model_kind: {kind}{' with teacher_sync_steps' if sync_steps else ''} with DoRA (use_dora, adapter "
+                f"teacher_model_kind: {kind} with DoRA (use_dora, adapter "
                 f"{name!r}) is not supported: the teacher follows LoRA's B @ A update, and DoRA also rescales each "
                 "weight's magnitude; use teacher_model_kind: base or live"
             )

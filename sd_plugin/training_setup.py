@@ -28,7 +28,7 @@ class TrainingSetup:
     liger_glu: bool = False              # Liger SwiGLU keeps gate and up only (silu(gate) is recomputed)
     gradient_checkpointing: str = "none"  # none | full | offload
     attention: str = "flash"             # flash | sdpa | eager
-    micro_batch_size: int = 1
+    micro_batch_size: int = 1            # prompts per micro-batch (the config's micro_batch_size / num_generations)
     num_generations: int = 1
     optimizer_state_bytes: float = 8.0   # per trainable parameter
     prompt_length: int = 4096
@@ -37,8 +37,7 @@ class TrainingSetup:
     loss_chunk_size: int = 64
     distillation_mode: str = "full_logits"
     teacher: str = "base"
-    teacher_sync: bool = False
-    teacher_ema_rank: int = 0             # LoRA EMA/sync teacher as rank-k factors (0: dense fp32 Delta W)
+    teacher_ema_rank: int = 0             # LoRA EMA teacher as rank-k factors (0: dense fp32 Delta W)
     context_parallel: int = 1
     gpus: int = 1
     device: str = "cuda"                 # cuda | cpu (cpu: no framework overhead / allocator margin)
@@ -153,7 +152,8 @@ def setup_from_config(cfg: dict, gpus: int | None = None) -> TrainingSetup:
         liger_glu=_truthy(cfg.get("liger_glu_activation")) or _truthy(cfg.get("liger_swiglu")),
         gradient_checkpointing=checkpointing,
         attention=attention,
-        micro_batch_size=int(cfg.get("micro_batch_size") or 1),
+        # The config's micro_batch_size counts completions (TRL's meaning); the planner counts prompts x rollouts.
+        micro_batch_size=max(1, int(cfg.get("micro_batch_size") or 1) // int(block["num_generations"])),
         num_generations=int(block["num_generations"]),
         optimizer_state_bytes=state_bytes,
         prompt_length=prompt,
@@ -162,7 +162,6 @@ def setup_from_config(cfg: dict, gpus: int | None = None) -> TrainingSetup:
         loss_chunk_size=int(block["loss_chunk_size"]),
         distillation_mode=str(block["distillation_mode"]),
         teacher=teacher,
-        teacher_sync=int(block["teacher_sync_steps"] or 0) > 0,
         teacher_ema_rank=int(block["teacher_ema_rank"] or 0),
         context_parallel=context_parallel,
         gpus=int(gpus or max(context_parallel, 1)),

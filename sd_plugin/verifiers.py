@@ -46,8 +46,8 @@ logger = logging.getLogger("sd_plugin.verifiers")
 
 __all__ = [
     "BUILTIN_VERIFIERS", "BoxedMathVerifier", "MultipleChoiceVerifier", "PythonTestsVerifier", "SandboxUnavailable",
-    "ToolCallVerifier", "Verifier", "VerifierResult", "extract_code", "last_boxed", "load_verifier",
-    "normalize_math", "safe_verify", "sandbox_mode", "sandbox_setup", "stdio_mismatch",
+    "TRLRewardFunctions", "ToolCallVerifier", "Verifier", "VerifierResult", "extract_code", "last_boxed",
+    "load_verifier", "normalize_math", "safe_verify", "sandbox_mode", "sandbox_setup", "stdio_mismatch",
 ]
 
 
@@ -509,7 +509,8 @@ def load_verifier(spec: Any, kwargs: Mapping[str, Any] | None = None) -> Verifie
     elif isinstance(spec, str):
         module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
         if not module_name or not attr:
-            expected = f"one of {sorted(BUILTIN_VERIFIERS)} or 'package.module:callable'"
+            names = sorted(set(BUILTIN_VERIFIERS) - {"tool_call"})  # tool_call: the old alias of tool_calls
+            expected = f"one of {names} or 'package.module:callable'"
             raise ValueError(f"Unknown verifier {spec!r}: expected {expected}")
         try:
             obj = importlib.import_module(module_name)
@@ -559,6 +560,43 @@ def check_verifier(spec: Any, kwargs: Mapping[str, Any] | None = None, key: str 
         load_verifier(spec, kwargs)
     except (ValueError, ImportError, TypeError) as error:
         raise ValueError(f"{key}: {error}") from None
+
+
+class TRLRewardFunctions:
+    """Reward functions written for TRL's GRPO / SDPO trainers, as one verifier (`reward_funcs`, TRL's name).
+
+    Each function is called as TRL calls it, on one rollout: ``f(prompts=[messages], completions=[[{"role":
+    "assistant", "content": text}]], completion_ids=[None], **{column: [value]})``, every other column of the
+    row passed as a one-element list, and returns a list of one reward (None: this function does not apply,
+    skipped as TRL's nansum does). The reward is the sum weighted by `reward_weights` (default 1 each).
+    Prompts here are always chat messages, so completions come in TRL's conversational form. A reward
+    function gives no feedback: SDPO's teacher then sees successful sibling rollouts only.
+
+    funcs: callables or 'package.module:function' paths (or one of either).
+    """
+
+    def __init__(self, funcs: Any, weights: list[float] | None = None):
+        funcs = list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
+        if not funcs:
+            raise ValueError("reward_funcs is empty: give at least one reward function")
+        self.funcs = [load_verifier(func) for func in funcs]
+        self.names = [getattr(func, "__name__", str(spec)) for func, spec in zip(self.funcs, funcs)]
+        if weights is not None and len(weights) != len(self.funcs):
+            raise ValueError(f"reward_weights has {len(weights)} values for {len(self.funcs)} reward_funcs: give one weight per function")
+        self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(self.funcs)
+        self.__name__ = "+".join(self.names)
+
+    def __call__(self, prompt: Any, completion: str, record: Mapping[str, Any]) -> VerifierResult:
+        columns = {key: [value] for key, value in record.items() if key not in ("messages", "prompt", "completion", "completion_ids")}
+        total = 0.0
+        for func, name, weight in zip(self.funcs, self.names, self.weights):
+            out = func(prompts=[prompt], completions=[[{"role": "assistant", "content": completion}]],
+                       completion_ids=[None], **columns)
+            if not isinstance(out, (list, tuple)) or len(out) != 1:
+                raise ValueError(f"reward function {name} returned {_short(repr(out), 100)}: expected a list with one reward per completion")
+            if out[0] is not None:
+                total += weight * float(out[0])
+        return VerifierResult(total, None)
 
 
 def safe_verify(

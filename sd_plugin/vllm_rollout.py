@@ -49,7 +49,7 @@ def vllm_generation_kwargs(options, *, per_device_batch_size: int, eos_token_ids
         tensor_parallel_size=o.vllm_tensor_parallel_size,
         gpu_memory_utilization=o.vllm_gpu_memory_utilization,
         max_model_length=o.vllm_max_model_length or o.max_prompt_length + o.max_completion_length,
-        max_num_seqs=per_device_batch_size * o.num_generations * o.vllm_tensor_parallel_size,
+        max_num_seqs=per_device_batch_size * o.vllm_tensor_parallel_size,  # completions (TRL's batch meaning)
         enable_sleep_mode=o.vllm_enable_sleep_mode,
         model_impl=o.vllm_model_impl,
         repetition_penalty=1.0,

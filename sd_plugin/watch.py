@@ -9,7 +9,7 @@ the teacher still scores a cut rollout token by token, so the step can teach.
 
 `CollapseWatch` reads the logged metrics and warns, with the numbers, when training goes wrong in a way the loss
 does not show (the thresholds are the README's "healthy ranges"):
-- the training reward (SDPO's `self_distillation/reward_mean`, SD-Zero's `correct_fraction`) falls more than
+- the training reward (SDPO's `self_distillation/reward_mean`, SD-Zero's `self_distillation/success_fraction`) falls more than
   REWARD_DROP below the mean of its first WINDOW logged values;
 - `completions/mean_length` or `sampled_token_entropy` (mean of the last WINDOW logged values) leaves
   [1 / DRIFT_FACTOR, DRIFT_FACTOR] times its first logged value;
@@ -35,7 +35,7 @@ REWARD_DROP = 0.1      # training reward: absolute drop below its first-steps le
 DRIFT_FACTOR = 2.0     # completion length / entropy: ratio to the first logged value that warns (either way)
 EVAL_DROP = 0.1        # held-out evaluation: absolute drop below step 0 that warns
 TRUNCATION_WARN_EVERY = 10  # steps with every rollout cut: warn on the first and on every 10th in a row
-REWARD_KEYS = ("self_distillation/reward_mean", "correct_fraction")
+REWARD_KEYS = ("self_distillation/reward_mean", "self_distillation/success_fraction")
 DRIFT_KEYS = ("completions/mean_length", "sampled_token_entropy")
 EVAL_KEYS = ("reward", "pass_rate", "sampled_pass_rate", "inference_pass_rate")
 

@@ -62,9 +62,10 @@ def test_initial_teacher_is_the_frozen_step0_student_and_base_is_without_adapter
 
 
 def test_hard_sync_makes_the_teacher_equal_the_student(tokenizer):
+    # TRL's hard sync: an EMA at rate 1.0, run every teacher_sync_steps steps.
     model = trained_adapter(tokenizer)
     ids = torch.tensor([[5, 6, 7, 8]])
-    teacher = Teacher(model, "base", sync_steps=1)
+    teacher = Teacher(model, "ema", ema_rate=1.0, sync_steps=1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_A" in name:
@@ -92,15 +93,15 @@ def tiny_gpt2_with_trained_conv1d_adapter():
     return model
 
 
-@pytest.mark.parametrize("kind,sync,ema_rank", [("ema", 0, 0), ("ema", 0, 16), ("initial", 0, 0), ("base", 1, 0),
-                                                ("base", 1, 8)])
-def test_conv1d_lora_teachers_equal_the_student_they_copy(kind, sync, ema_rank):
-    """GPT-2-style Conv1D LoRA (fan_in_fan_out): the EMA / initial teacher starts at the student, a hard sync
-    copies it; peft's delta is in Conv1D's [in, out] layout and must be applied as [out, in]."""
+@pytest.mark.parametrize("kind,rate,ema_rank", [("ema", 0.1, 0), ("ema", 0.1, 16), ("initial", 0.1, 0), ("ema", 1.0, 0),
+                                                ("ema", 1.0, 8)])
+def test_conv1d_lora_teachers_equal_the_student_they_copy(kind, rate, ema_rank):
+    """GPT-2-style Conv1D LoRA (fan_in_fan_out): the EMA / initial teacher starts at the student, an EMA step at
+    rate 1 copies it; peft's delta is in Conv1D's [in, out] layout and must be applied as [out, in]."""
     model = tiny_gpt2_with_trained_conv1d_adapter()
     ids = torch.tensor([[5, 6, 7, 8, 9]])
-    teacher = Teacher(model, kind, ema_rate=0.1, sync_steps=sync, ema_rank=ema_rank)
-    if sync:  # the student moves on, then is copied
+    teacher = Teacher(model, kind, ema_rate=rate, ema_rank=ema_rank)
+    if rate == 1.0:  # the student moves on, then is copied
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "lora_A" in name:
@@ -113,17 +114,37 @@ def test_conv1d_lora_teachers_equal_the_student_they_copy(kind, sync, ema_rank):
         assert not torch.allclose(logits_of(model, ids), student, atol=1e-3), "the adapter must matter for this test"
 
 
-@pytest.mark.parametrize("lora,kind,sync,match", [
-    (dict(use_dora=True), "ema", 0, "DoRA"),
-    (dict(use_dora=True), "base", 5, "DoRA"),
-    (dict(init_lora_weights="pissa"), "base", 0, "teacher_model_kind: initial"),
-    (dict(init_lora_weights="olora"), "base", 0, "rewrites the base weights"),
-    (dict(modules_to_save=["lm_head"]), "ema", 0, "modules_to_save"),
+def test_ema_teacher_updates_only_every_sync_steps_steps(tokenizer):
+    # TRL's teacher_sync_steps: how often the EMA update runs (not a hard copy of the student).
+    model = trained_adapter(tokenizer)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    teacher = Teacher(model, "ema", ema_rate=0.5, sync_steps=2)
+    before = logits_of(model, ids)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.mul_(1.7)
+    after = logits_of(model, ids)
+    teacher.step(model, 1)  # not a multiple of 2: no update
+    with teacher.scoring(model) as scorer:
+        torch.testing.assert_close(logits_of(scorer, ids), before, atol=1e-5, rtol=1e-5)
+    teacher.step(model, 2)  # an EMA step at rate 0.5: between the old and the new student
+    with teacher.scoring(model) as scorer:
+        moved = logits_of(scorer, ids)
+    assert not torch.allclose(moved, before, atol=1e-4) and not torch.allclose(moved, after, atol=1e-4)
+
+
+@pytest.mark.parametrize("lora,kind,match", [
+    (dict(use_dora=True), "ema", "DoRA"),
+    (dict(use_dora=True), "initial", "DoRA"),
+    (dict(init_lora_weights="pissa"), "base", "teacher_model_kind: initial"),
+    (dict(init_lora_weights="olora"), "base", "rewrites the base weights"),
+    (dict(modules_to_save=["lm_head"]), "ema", "modules_to_save"),
 ])
-def test_teachers_that_would_silently_differ_are_refused(tokenizer, lora, kind, sync, match):
+def test_teachers_that_would_silently_differ_are_refused(tokenizer, lora, kind, match):
     model = get_peft_model(build_model("qwen3", tokenizer), LoraConfig(**{**LORA, **lora}))
     with pytest.raises(ValueError, match=match):
-        Teacher(model, kind, sync_steps=sync)
+        Teacher(model, kind)
 
 
 def test_pissa_initial_teacher_equals_the_step0_student(tokenizer):

@@ -89,7 +89,7 @@ def test_sdpo_hybrid_raises_the_training_reward_of_the_demo_model(demo_model_dir
     model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
     args = SDPOConfig(
-        output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=4, num_generations=4,
+        output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=16, num_generations=4,
         learning_rate=1e-3, lr_scheduler_type="constant_with_warmup", warmup_steps=2, seed=0, logging_steps=1,
         save_strategy="no", report_to="none", use_cpu=True, max_completion_length=24, max_prompt_length=128,
         temperature=1.0, verifier="sd_plugin.demo_task:AnswerContainsVerifier", teacher_model_kind="base",

@@ -256,7 +256,10 @@ def test_push_without_token_fails_before_merging(trained, tmp_path, no_token, no
 
 
 def test_dry_run_lists_files_and_touches_nothing(trained, merged, tmp_path, no_network, monkeypatch, capsys):
+    import huggingface_hub
+
     monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
     out = tmp_path / "planned"
     code = merge_module.main(["--adapter", str(trained.adapter), "--base", str(BASE), "--out", str(out),
                               "--push-to-hub", "me/tiny-sdft", "--private", "--dry-run"])
@@ -468,6 +471,25 @@ def test_push_through_the_real_client_to_a_local_hub(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ inputs and outputs are safe
+@pytest.mark.parametrize("offline,token,match", [
+    (True, "hf_test", "HF_HUB_OFFLINE is set"),
+    (False, None, "needs a Hugging Face token"),
+])
+def test_dry_run_checks_what_the_push_checks(trained, tmp_path, no_network, monkeypatch, capsys, offline, token, match):
+    """A dry run that passes is a run that pushes: offline mode and a missing token fail it as they fail the push."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: offline)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    out = tmp_path / "planned"
+    code = cli_main(["merge", "--base", str(BASE), "--adapter", str(trained.adapter), "--out", str(out),
+                     "--push-to-hub", "me/tiny-sdft", "--dry-run"])
+    assert code == 2 and match in capsys.readouterr().err and not out.exists()
+
+
 def test_dry_run_refuses_a_repository_that_is_not_a_repo_id(trained, tmp_path, no_network, capsys):
     code = cli_main(["merge", "--adapter", str(trained.adapter), "--base", str(BASE), "--out", str(tmp_path / "out"),
                      "--dry-run", "--push-to-hub", "not a repo"])

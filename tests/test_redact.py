@@ -48,7 +48,7 @@ def test_sdpo_arguments_mask_the_verifier_key_when_saved_logged_or_printed(tmp_p
     from sd_plugin.testing import build_model
 
     args = SDPOConfig(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True, max_completion_length=8,
-                      per_device_train_batch_size=2, num_generations=2, verifier="test_redact:judge",
+                      per_device_train_batch_size=4, num_generations=2, verifier="test_redact:judge",
                       verifier_kwargs={"api_key": API_KEY, "max_tokens": 32}, hub_token=HUB_TOKEN)
     logged = args.to_dict()  # what W&B / TensorBoard get
     assert logged["verifier_kwargs"] == {"api_key": MASK, "max_tokens": 32}

@@ -23,10 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_args(tmp_path, **overrides):
-    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1, logging_steps=1,
+    settings = dict(output_dir=str(tmp_path / "out"), max_steps=1, logging_steps=1,
                     max_completion_length=12, report_to="none", save_strategy="no", learning_rate=5e-3,
                     use_cpu=True, seed=0, verifier="multiple_choice", num_generations=3)
     settings.update(overrides)
+    # Two prompts per step: the batch counts completions (TRL's meaning).
+    settings.setdefault("per_device_train_batch_size", 2 * settings["num_generations"])
     return SDPOConfig(**settings)
 
 
@@ -112,7 +114,7 @@ def test_teacher_context_has_sibling_solution_and_feedback_exactly_when_it_shoul
         assert (SDPO_FEEDBACK.replace("{feedback}", "the unit is wrong") in text) == feedback
         assert text.count("Correctly solve the original question.") == 1
     metrics = trainer._metrics["train"]
-    assert metrics["no_teacher_signal_fraction"][-1] == pytest.approx(sum(e is None for e in expected) / 6)
+    assert metrics["self_distillation/reprompt_sample_fraction"][-1] == pytest.approx(sum(e is not None for e in expected) / 6)
     assert metrics["self_distillation/success_group_fraction"][-1] == (0.0 if overrides.get("success_reward_threshold") else 0.5)
 
 
@@ -143,7 +145,7 @@ def test_teacher_prompt_over_the_cap_drops_the_signal_and_counts_it(tmp_path, to
     trainer.options.max_prompt_length = longest_prompt
     texts, _ = teacher_texts(trainer, inputs)
     assert all(t is None for t in texts)
-    assert trainer._metrics["train"]["teacher_prompt_overflow"][-1] == 2.0
+    assert trainer._metrics["train"]["self_distillation/teacher_prompt_overflow"][-1] == 2.0
 
 
 # ------------------------------------------------------------------ masking
@@ -307,7 +309,7 @@ def test_grpo_ratio_is_one_on_policy_at_the_sampling_temperature(tmp_path, token
     assert mask.sum() > 10
     ratio = torch.exp(seen["logprobs"] - seen["old"])[mask]
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
-    assert trainer._metrics["train"]["clip_fraction"][-1] == 0.0
+    assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] == 0.0
     if record_logprobs:  # the sampler's own log-probs, not a copy of the loss's
         assert trainer.prepare_step(trainer.model, first_batch(trainer)).rollouts.old_logprobs is not None
 
@@ -344,10 +346,14 @@ def test_trains_and_logs_metrics_and_survives_a_raising_verifier(tmp_path, token
     assert len(warnings) == 1 and "reward 0" in warnings[0] and "row" in warnings[0]
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n in before)
     logged = trainer.state.log_history[0]
-    for key in ("self_distillation/reward_mean", "self_distillation/reward_std", "success_fraction",
+    for key in ("self_distillation/reward_mean", "self_distillation/reward_std", "self_distillation/success_fraction",
                 "self_distillation/success_group_fraction", "self_distillation/success_sample_fraction",
-                "self_distillation/feedback_used_fraction", "no_teacher_signal_fraction", "completions/mean_length", "loss"):
+                "self_distillation/feedback_used_fraction", "self_distillation/reprompt_sample_fraction",
+                "completions/mean_length", "loss"):
         assert key in logged, key
+    # the previous release's names, logged beside the new ones until the next release (deprecated.RENAMED_METRICS)
+    assert logged["success_fraction"] == logged["self_distillation/success_fraction"]
+    assert logged["no_teacher_signal_fraction"] == pytest.approx(1 - logged["self_distillation/reprompt_sample_fraction"])
     # sdpo_mode: distill: the loss is the distillation loss, logged once
     assert not {"self_distillation/distillation_loss", "distillation_loss", "self_distillation/policy_loss"} & set(logged)
 
@@ -364,7 +370,6 @@ def test_sampled_rollouts_are_scored_by_a_builtin_verifier(tmp_path, tokenizer, 
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        ({"verifier": None}, "verifier is required"),
         ({"sdpo_mode": "grpo"}, "sdpo_mode must be one of"),
         ({"sdpo_mode": "hybrid", "num_generations": 1}, "num_generations must be >= 2"),
         ({"distillation_weight": 0.5}, "only used with sdpo_mode=hybrid"),
@@ -379,6 +384,12 @@ def test_sampled_rollouts_are_scored_by_a_builtin_verifier(tmp_path, tokenizer, 
 def test_bad_options_fail_in_the_config(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         make_args(tmp_path, **overrides)
+
+
+def test_no_verifier_and_no_reward_funcs_fails_when_the_trainer_is_built(tmp_path, tokenizer, quickstart_rows):
+    args = make_args(tmp_path, verifier=None)  # TRL's way: SDPOTrainer(reward_funcs=...) may still complete it
+    with pytest.raises(ValueError, match="verifier is required.*or reward_funcs"):
+        SDPOTrainer(model=build_model("qwen3", tokenizer), args=args, train_dataset=rows(quickstart_rows), processing_class=tokenizer)
 
 
 def test_unknown_verifier_fails_when_the_config_is_built(tmp_path, tokenizer, quickstart_rows):
@@ -419,7 +430,8 @@ def test_axolotl_train_sdpo_tiny_runs_and_logs_the_metrics(tmp_path):
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert PLUGIN_RAN + "sdpo" in log
-    for key in ("self_distillation/reward_mean", "success_fraction", "self_distillation/feedback_used_fraction",
+    for key in ("self_distillation/reward_mean", "self_distillation/success_fraction", "self_distillation/feedback_used_fraction",
                 "self_distillation/policy_loss", "self_distillation/distillation_loss"):
         assert f"'{key}'" in log, key
+    assert "'memory/" not in log  # Axolotl's GPU memory metrics would be 0 on this CPU run
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()

@@ -668,7 +668,7 @@ OPTION_CASES = [
     ("distill", "teacher_model_kind", "live", {}, False),
     ("distill", "teacher_update_rate", 0.5, {"teacher_model_kind": "ema"}, False),
     ("distill", "teacher_ema_rank", 1, {"teacher_model_kind": "ema"}, False), # below the EMA's rank (LoRA r 4): truncated
-    ("distill", "teacher_sync_steps", 1, {}, False),
+    ("distill", "teacher_sync_steps", 2, {"teacher_model_kind": "ema"}, False),
     ("distill", "skip_invalid", True, {}, True),
     ("distill", "invalid_rows_file", INVALID_FILE, {"skip_invalid": True}, True),
     ("distill", "verifier", "boxed_math", {}, False),
@@ -697,7 +697,7 @@ NONDEFAULT = {
     "top_k": 5, "distillation_alpha": 0.2, "distillation_divergence": "jsd", "distillation_mode": "full_logits",
     "distillation_topk": 8, "distillation_support": "student", "distillation_add_tail": True,
     "distillation_temperature": 2.0, "num_loss_tokens_to_skip": 2, "distillation_is_clip": 1.5,
-    "liger_loss": False, "teacher_model_kind": "base", "teacher_update_rate": 0.5, "teacher_ema_rank": 2, "teacher_sync_steps": 1,
+    "liger_loss": False, "teacher_model_kind": "base", "teacher_update_rate": 0.5, "teacher_ema_rank": 2, "teacher_sync_steps": 2,
     "verifier": "multiple_choice", "verifier_kwargs": {"answer_field": "x"}, "success_reward_threshold": 0.5,
     "control_phrase_family": "olmo", "control_phrase_correct": "Again:", "control_phrase_incorrect": "No:",
     "srt_objective": "revision", "importance_sampling_correction": True, "use_vllm": True, "vllm_mode": "server",

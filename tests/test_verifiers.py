@@ -699,7 +699,7 @@ def test_hostile_code_cannot_hang_or_kill_an_sdpo_training_run(tmp_path, tokeniz
         return Rollouts(ids, mask, groups, torch.zeros(len(completions), dtype=torch.bool))
 
     rows = Dataset.from_list([{"prompt": f"Write add(a, b) in Python ({i}).", "tests": ["assert add(1, 2) == 3"]} for i in range(2)])
-    args = SDPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1, logging_steps=1,
+    args = SDPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=6, max_steps=1, logging_steps=1,
                       max_completion_length=64, report_to="none", save_strategy="no", use_cpu=True, seed=0,
                       num_generations=3, verifier="python_tests", verifier_kwargs={"timeout": 4, "memory_mb": 256})
     trainer = SDPOTrainer(model=build_model("qwen3", tokenizer), args=args, train_dataset=rows, processing_class=tokenizer,

@@ -51,7 +51,7 @@ def test_options_map_onto_trls_vllm_generation_and_sample_the_options_alone():
     options = SDFTOptions(use_vllm=True, max_prompt_length=1000, max_completion_length=200, num_generations=4,
                           temperature=0.7, top_p=0.9, top_k=None, vllm_gpu_memory_utilization=0.4,
                           vllm_enable_sleep_mode=True)
-    kwargs = vllm_generation_kwargs(options, per_device_batch_size=2, eos_token_ids=[9, 3])
+    kwargs = vllm_generation_kwargs(options, per_device_batch_size=8, eos_token_ids=[9, 3])  # completions: 2 prompts x 4
     accepted = set(inspect.signature(VLLMGeneration.__init__).parameters) - {"self", "model", "accelerator", "processing_class"}
     assert set(kwargs) <= accepted, set(kwargs) - accepted
     assert kwargs["temperature"] == 0.7 and kwargs["top_p"] == 0.9 and kwargs["top_k"] == 0

@@ -111,7 +111,7 @@ def feed(watch, series):
 def test_collapse_watch_flags_a_falling_training_reward():
     found = feed(CollapseWatch(), [{"self_distillation/reward_mean": r} for r in (0.5, 0.6, 0.55, 0.5, 0.3, 0.3, 0.3)])
     assert len(found) == 1 and "fell to 0.367" in found[0] and "from 0.550 in the first steps" in found[0]
-    assert feed(CollapseWatch(), [{"correct_fraction": r} for r in (0.5, 0.6, 0.55, 0.5, 0.5, 0.6, 0.7)]) == []
+    assert feed(CollapseWatch(), [{"self_distillation/success_fraction": r} for r in (0.5, 0.6, 0.55, 0.5, 0.5, 0.6, 0.7)]) == []
 
 
 @pytest.mark.parametrize("key", ["completions/mean_length", "sampled_token_entropy"])

@@ -52,7 +52,8 @@ def block_model(method: str) -> type[BaseModel]:
 def _validated_block(method: str, block: dict | None) -> BaseModel:
     if block is not None and not isinstance(block, dict):
         raise ValueError(f"{method}: must be a mapping of {method} options, got {type(block).__name__}")
-    block = translate_deprecated(block or {}, prefix=f"{method}.")
+    names = {f.name for f in dataclasses.fields(options_class(method))}
+    block = translate_deprecated(block or {}, prefix=f"{method}.", fields=names)
     hints = typing.get_type_hints(options_class(method))
     for key, value in block.items():
         # pydantic turns `true` into 1 for an int: a bool where no bool belongs is a mistake, not a number
@@ -108,6 +109,58 @@ def refuse_misplaced_keys(data: dict, method: str, known: set[str]) -> None:
                          f"move it into {block}:")
 
 
+# Axolotl's own row formats that are not modules of axolotl.prompt_strategies.
+HOST_TYPES = ("alpaca", "sharegpt", "completion", "pretrain", "explainchoice", "concisechoice", "summarizetldr",
+              "gpteacher", "reflection", "jeopardy", "oasst", "input_output")
+
+
+def is_host_strategy(kind) -> bool:
+    """Whether a `datasets:` entry's `type` is one of Axolotl's own strategies (rows the plugin's trainers cannot
+    read: they lack the teacher's prompt or the verifier's record). A user's module path is not refused."""
+    if kind is None or isinstance(kind, dict):
+        return True  # Axolotl's default / user_defined formats
+    head = str(kind).split(":")[0].split(".")[0]
+    if str(kind).startswith("sd_plugin."):
+        return False
+    if head in HOST_TYPES:
+        return True
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(f"axolotl.prompt_strategies.{head}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def strategy_advice(method: str, phase: str | None, entry: dict) -> str:
+    """Which of our strategies reads the rows of a host-typed `datasets:` entry, by method."""
+    field = entry.get("field_messages")
+    messages = f", field_messages: {field}" if field and field != "messages" else ""
+    if method == "sdft":
+        return ("for chat rows ({'messages': [...]}) use type: sd_plugin.axolotl.strategies.trace" + messages +
+                " (one SDFT row per assistant turn: the turn is the demonstration); for prompt + demonstration columns "
+                "use type: sd_plugin.axolotl.strategies.sdft")
+    if method == "sdzero" and phase == "srt":
+        return "phase: srt trains on collected revisions: use type: sd_plugin.axolotl.strategies.sdzero"
+    return ("use type: sd_plugin.axolotl.strategies.prompts with rows {'prompt': str | messages, <the fields the "
+            "verifier reads>}; a chat column works as the prompt with field_human: <column> if it ends with the user's turn")
+
+
+def check_dataset_types(method: str, block: BaseModel, data: dict) -> None:
+    """Refuse, before the model loads, `datasets:` entries that use Axolotl's own strategies (chat_template,
+    alpaca, ...): their rows reach the trainer without the teacher's prompt, and every row would be invalid."""
+    for key in ("datasets", "test_datasets"):
+        for index, entry in enumerate(data.get(key) or []):
+            if not isinstance(entry, dict) or not is_host_strategy(entry.get("type")):
+                continue
+            kind = entry.get("type")
+            shown = "no type (Axolotl's default format)" if kind is None else f"type: {kind}"
+            raise ValueError(
+                f"{key}[{index}] ({entry.get('path', '?')}) has {shown}, one of Axolotl's own strategies: trainer_type: "
+                f"{method} needs rows prepared by sd-plugin's strategies; {strategy_advice(method, getattr(block, 'phase', None), entry)}. "
+                "See README \"Use your own data\"")
+
+
 class SelfDistillationArgs(BaseModel):
     """Keys the plugin adds to Axolotl's config."""
 
@@ -154,6 +207,14 @@ class SelfDistillationArgs(BaseModel):
                 "generate() calls, and do not gather the hidden states the loss reads; use one GPU per sequence"
             )
         block = _validated_block(method, data.get(method))
+        check_dataset_types(method, block, data)
+        for key in ("micro_batch_size", "eval_batch_size"):
+            size = data.get(key)
+            if size is not None and int(size) % block.num_generations:
+                raise ValueError(
+                    f"{key} ({size}) counts completions (TRL's meaning) and must be a multiple of {method}.num_generations "
+                    f"({block.num_generations}): each micro-batch holds whole groups. Before this release it counted "
+                    f"prompts: {key}: {int(size) * block.num_generations} gives the batch it gave then")
         sequence_len = data.get("sequence_len")
         if sequence_len is not None and (isinstance(sequence_len, bool) or not isinstance(sequence_len, int)):
             raise ValueError(f"sequence_len must be an integer (tokens), got {sequence_len!r} ({type(sequence_len).__name__})")

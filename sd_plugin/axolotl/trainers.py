@@ -10,11 +10,16 @@ from transformers import Trainer
 class WithoutPerplexity(Trainer):
     """Drops the `ppl` / `eval_ppl` that AxolotlTrainer.log adds as exp(loss): the loss of these trainers is a
     divergence between two models' distributions, not a cross-entropy on data, so its exponential is no
-    perplexity. Sits after AxolotlTrainer in the bases, so its `log` runs once Axolotl's has added them."""
+    perplexity; and, on CPU, Axolotl's `memory/*` GPU metrics (always 0 there). Sits after AxolotlTrainer in the
+    bases, so its `log` runs once Axolotl's has added them."""
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs.pop("ppl", None)
         logs.pop("eval_ppl", None)
+        if getattr(getattr(self.args, "device", None), "type", "cpu") == "cpu":
+            # Axolotl logs its GPU memory metrics as 0 when there is no GPU: a 0 that reads like a measurement.
+            for key in [key for key in logs if key.startswith("memory/")]:
+                logs.pop(key)
         super().log(logs, start_time)
 
 

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -30,7 +31,7 @@ from sd_plugin.checkpoints import resolve_resume, state_file
 from sd_plugin.checkpoints import save_state as save_checkpoint_state
 from sd_plugin.completions_log import CompletionsLog
 from sd_plugin.data import end_of_turn_ids
-from sd_plugin.deprecated import accepts_deprecated_names
+from sd_plugin.deprecated import accepts_deprecated_names, with_deprecated_metrics
 from sd_plugin.liger import liger_available, liger_distillation_loss
 from sd_plugin.losses import (
     DivergenceOptions,
@@ -63,7 +64,7 @@ class SelfDistillationOptions:
     max_prompt_length: int = field(default=4096, metadata={"help": "Student prompt cap (tokens); longer rows are rejected, never cut."})
     max_teacher_prompt_length: int = field(default=57344, metadata={"help": "Teacher prompt cap (tokens)."})
     max_completion_length: int = field(default=256, metadata={"help": "Rollout cap (max new tokens)."})
-    num_generations: int = field(default=1, metadata={"help": "Rollouts per prompt."})
+    num_generations: int = field(default=1, metadata={"help": "Rollouts per prompt; per_device_train_batch_size counts completions and must be a multiple of it (TRL's meaning)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts."})
     top_k: int | None = field(default=None, metadata={"help": "Top-k sampling of rollouts (None: off)."})
@@ -81,8 +82,8 @@ class SelfDistillationOptions:
     loss_chunk_size: int = field(default=64, metadata={"help": "Completion tokens per lm_head chunk in the loss (about 3-4 fp32 [chunk, vocab] buffers live at a time)."})
     teacher_model_kind: str = field(default="base", metadata={"help": "base (the model without adapter) | ema | live | initial (the step-0 student, e.g. with a loaded round-1 adapter, frozen)."})
     teacher_update_rate: float = field(default=0.01, metadata={"help": "EMA rate a in phi <- (1-a) phi + a theta."})
-    teacher_ema_rank: int = field(default=0, metadata={"help": "LoRA EMA/sync teacher kept as rank-k factors instead of a dense fp32 Delta W per layer (0: dense, exact). 2-4x lora_r is typical; the error is logged."})
-    teacher_sync_steps: int = field(default=0, metadata={"help": "Copy the student into the teacher every N steps (0: never)."})
+    teacher_ema_rank: int = field(default=0, metadata={"help": "LoRA EMA teacher kept as rank-k factors instead of a dense fp32 Delta W per layer (0: dense, exact). 2-4x lora_r is typical; the error is logged."})
+    teacher_sync_steps: int = field(default=1, metadata={"help": "teacher_model_kind ema: run the EMA update every N optimizer steps (TRL's name and meaning; with teacher_update_rate 1.0 the teacher is a copy of the student refreshed every N steps)."})
     liger_loss: bool | None = field(default=None, metadata={"help": "Liger-Kernel's fused linear JSD for full-vocabulary steps: None = on a GPU when liger-kernel is installed, true = always, false = never."})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (reported, written to invalid_rows_file) instead of failing."})
     invalid_rows_file: str | None = field(default=None, metadata={"help": "Where skipped rows go (default: output_dir/invalid_rows_train.jsonl, _eval for the eval split)."})
@@ -145,7 +146,7 @@ class SelfDistillationOptions:
                 raise ValueError(f"{key} must be a finite number > 0, got {getattr(self, key)}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        for key in ("top_k", "num_loss_tokens_to_skip", "teacher_sync_steps", "teacher_ema_rank"):
+        for key in ("top_k", "num_loss_tokens_to_skip", "teacher_ema_rank"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.loss_reduction not in ("sequence", "token"):
@@ -160,8 +161,17 @@ class SelfDistillationOptions:
                 f"max_teacher_prompt_length ({self.max_teacher_prompt_length}) is below max_prompt_length "
                 f"({self.max_prompt_length}): the teacher prompt contains the student prompt"
             )
-        if self.teacher_ema_rank and self.teacher_model_kind != "ema" and not self.teacher_sync_steps:
-            raise ValueError(f"teacher_ema_rank is set but teacher_model_kind is {self.teacher_model_kind!r} without teacher_sync_steps: nothing to keep")
+        if self.teacher_sync_steps < 1:
+            raise ValueError(f"teacher_sync_steps must be >= 1 (TRL's meaning: the EMA teacher updates every N steps), got {self.teacher_sync_steps}")
+        if self.teacher_sync_steps != 1 and self.teacher_model_kind != "ema":
+            # The previous release's teacher_sync_steps hard-copied the student into any teacher every N steps.
+            raise ValueError(
+                f"teacher_sync_steps is {self.teacher_sync_steps} but teacher_model_kind is {self.teacher_model_kind!r}: "
+                "teacher_sync_steps is how often the EMA teacher updates (TRL's meaning). To copy the student into the "
+                "teacher every N steps (what teacher_sync_steps did before this release) set teacher_model_kind: ema, "
+                "teacher_update_rate: 1.0, teacher_sync_steps: N")
+        if self.teacher_ema_rank and self.teacher_model_kind != "ema":
+            raise ValueError(f"teacher_ema_rank is set but teacher_model_kind is {self.teacher_model_kind!r}: nothing to keep")
         if self.liger_loss and self.distillation_mode != "full_logits":
             raise ValueError(f"liger_loss: true supports distillation_mode: full_logits only (got {self.distillation_mode!r})")
         if self.liger_loss and self.distillation_divergence == "mixed" and 0.0 < self.distillation_alpha < 1.0:
@@ -262,6 +272,21 @@ def options_from_args(args, options_cls):
     return options
 
 
+def check_completion_batches(args, num_generations: int, evaluates: bool) -> None:
+    """per_device_train_batch_size counts completions, as in TRL's GRPO / SDPO: a micro-batch holds
+    per_device_train_batch_size / num_generations prompts, each sampled num_generations times. Whole groups
+    per micro-batch (the advantages and the sibling solutions are per group), so it must be a multiple."""
+    sizes = [("per_device_train_batch_size", args.per_device_train_batch_size)]
+    if evaluates:
+        sizes.append(("per_device_eval_batch_size", args.per_device_eval_batch_size))
+    for key, size in sizes:
+        if size % num_generations:
+            raise ValueError(
+                f"{key} ({size}) counts completions (TRL's meaning; Axolotl: micro_batch_size / eval_batch_size) and "
+                f"must be a multiple of num_generations ({num_generations}): each micro-batch holds whole groups. "
+                f"Before this release it counted prompts: {key}: {size * num_generations} gives the batch it gave then")
+
+
 class _TeacherUpdate(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
@@ -281,6 +306,8 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
     # True where the host picked the checkpoint to resume from itself (Axolotl's auto_resume_from_checkpoints; the
     # plugin sets it): an incomplete one then falls back to the previous complete one instead of failing.
     auto_resume = False
+    # Metric names of the previous release this method still logs beside the new ones (deprecated.RENAMED_METRICS).
+    deprecated_metrics: frozenset[str] = frozenset()
 
     def __init__(self, model=None, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
                  data_collator=None, callbacks=None, peft_config=None, **kwargs):
@@ -300,6 +327,7 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
 
             model = get_peft_model(model, peft_config)
         self.options = options_from_args(args, self.options_class)
+        check_completion_batches(args, self.options.num_generations, eval_dataset is not None)
         self.divergence_options = self.options.divergence_options()
         # The batch has no labels and the loss is a mean per micro-batch: let Trainer divide by accumulation.
         args.remove_unused_columns = False
@@ -333,10 +361,44 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
             self.vllm_rollouts = make_vllm_rollouts(self)
         self.completions_log = CompletionsLog(self.options.num_completions_to_print) if self.options.log_completions else None
 
+    # ------------------------------------------------------------------ data
+    @contextmanager
+    def prompt_batches(self):
+        """The dataloaders' batches are prompts: per_device_*_batch_size (completions, TRL's meaning) divided by
+        num_generations while a dataloader is built (checked to divide in `check_completion_batches`)."""
+        group, args = self.options.num_generations, self.args
+        saved = (self._train_batch_size, args.per_device_train_batch_size, args.per_device_eval_batch_size)
+        self._train_batch_size //= group
+        args.per_device_train_batch_size //= group
+        args.per_device_eval_batch_size = max(1, args.per_device_eval_batch_size // group)
+        try:
+            yield
+        finally:
+            self._train_batch_size, args.per_device_train_batch_size, args.per_device_eval_batch_size = saved
+
+    def get_train_dataloader(self):
+        with self.prompt_batches():
+            return super().get_train_dataloader()
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self.prompt_batches():
+            return super().get_eval_dataloader(eval_dataset)
+
     # ------------------------------------------------------------------ hooks for the methods
     def prepare_dataset(self, dataset, tokenizer, args, split):
         """Turn raw records into rows with `input_ids` (+ method columns); rows already prepared pass."""
         return dataset
+
+    def refuse_host_tokenized(self, dataset, split: str) -> None:
+        """Rows tokenized by a strategy that is not ours (Axolotl's chat_template: input_ids and labels, none of
+        the teacher's columns) can never train: say which strategy to use instead of failing row by row."""
+        columns = set(dataset.column_names)
+        if "input_ids" in columns and not columns & {"teacher_input_ids", "sd_record", "completion_ids"}:
+            raise ValueError(
+                f"the {split} rows are already tokenized (columns {sorted(columns)}) by a dataset strategy that is not "
+                "sd-plugin's, e.g. Axolotl's type: chat_template: use type: sd_plugin.axolotl.strategies.trace for chat "
+                "rows (SDFT), sd_plugin.axolotl.strategies.sdft for prompt + demonstration rows, "
+                "sd_plugin.axolotl.strategies.prompts for SDPO / SD-Zero prompts (README \"Use your own data\")")
 
     def invalid_rows_path(self, args, split: str) -> str:
         """Where `skip_invalid` writes the rows it drops (`sd_plugin.rows.invalid_rows_path`)."""
@@ -651,7 +713,7 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         averaged = {key: total / count for key, (total, count) in sums.items()}
         if mode == "eval":
             averaged = {f"eval_{key}": value for key, value in averaged.items()}
-        super().log({**logs, **averaged}, start_time)
+        super().log(with_deprecated_metrics({**logs, **averaged}, self.deprecated_metrics), start_time)
         self._metrics[mode].clear()
         if self.completions_log is not None and mode == "train" and self.accelerator.is_main_process:
             self.completions_log.write(self.processing_class, self.state.global_step, self.args.report_to)

@@ -80,6 +80,7 @@ class SDFTTrainer(SelfDistillationTrainer):
     def prepare_dataset(self, dataset, tokenizer, args, split):
         if "teacher_input_ids" in dataset.column_names:
             return dataset
+        self.refuse_host_tokenized(dataset, split)
         invalid_file = self.invalid_rows_path(args, split)
         return tokenize_sdft_rows(dataset, tokenizer, self.options, invalid_rows_file=invalid_file)
 

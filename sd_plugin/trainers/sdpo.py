@@ -21,7 +21,7 @@ from sd_plugin.option_checks import check_reward_threshold
 from sd_plugin.rows import tokenize_prompt_rows
 from sd_plugin.teacher import output_head
 from sd_plugin.trainers.base import LOG, SelfDistillationOptions, SelfDistillationTrainer, StepBatch
-from sd_plugin.verifiers import check_verifier, load_verifier
+from sd_plugin.verifiers import TRLRewardFunctions, check_verifier, load_verifier
 
 SDPO_MODES = ("distill", "policy", "hybrid")
 
@@ -33,7 +33,7 @@ class SDPOOptions(SelfDistillationOptions):
     with a tail bucket, EMA teacher at rate 0.05, teacher prompt cap 10,240, token-level mean)."""
 
     max_teacher_prompt_length: int = field(default=10240, metadata={"help": "Teacher prompt cap (tokens); longer teacher prompts drop that row's teacher signal (counted)."})
-    num_generations: int = field(default=8, metadata={"help": "Rollouts per prompt (the group)."})
+    num_generations: int = field(default=8, metadata={"help": "Rollouts per prompt (the group); per_device_train_batch_size counts completions and must be a multiple of it (TRL's meaning)."})
     distillation_alpha: float = field(default=0.5, metadata={"help": "0 forward KL, 1 reverse KL, 0.5 JSD (SDPO paper; rich-feedback runs: 1.0)."})
     distillation_mode: str = field(default="topk_logits", metadata={"help": "full_logits | topk_logits | sampled_token (TRL's names)."})
     distillation_topk: int | None = field(default=100, metadata={"help": "K for distillation_mode=topk_logits (rich-feedback runs: 20)."})
@@ -44,6 +44,8 @@ class SDPOOptions(SelfDistillationOptions):
     teacher_update_rate: float = field(default=0.05, metadata={"help": "EMA rate a in phi <- (1-a) phi + a theta."})
     verifier: str | None = field(default=None, metadata={"help": "multiple_choice | tool_calls | boxed_math | python_tests | package.module:callable."})
     verifier_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Keyword arguments of the verifier (e.g. answer_field)."})
+    reward_funcs: list[Any] | None = field(default=None, metadata={"help": "Instead of verifier: reward functions with TRL's signature f(prompts, completions, **columns) -> list[float], as 'package.module:function' paths (or callables in Python); TRL's name (sd_plugin.verifiers.TRLRewardFunctions)."})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward function (default 1.0 each; TRL's name)."})
     success_reward_threshold: float = field(default=1.0, metadata={"help": "A rollout with reward >= this is a solution its siblings can see."})
     dont_reprompt_on_self_success: bool = field(default=True, metadata={"help": "A successful rollout never gets itself as its teacher's solution, only a successful sibling (paper: true)."})
     include_environment_feedback: bool = field(default=True, metadata={"help": "Put the verifier's feedback on this rollout into the teacher's context."})
@@ -54,10 +56,18 @@ class SDPOOptions(SelfDistillationOptions):
     prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (string or messages)."})
     tools_column: str = field(default="tools", metadata={"help": "Column with tool schemas (optional)."})
 
-    def check(self) -> None:
+    def check(self, scorer_required: bool = True) -> None:
+        """scorer_required False: a verifier or reward_funcs may still come (TRL's SDPOTrainer(reward_funcs=...))."""
         super().check()
-        if self.verifier is None:
-            raise ValueError("verifier is required: a built-in name (multiple_choice, tool_calls, boxed_math, python_tests) or 'package.module:callable'")
+        if self.verifier is None and self.reward_funcs is None and scorer_required:
+            raise ValueError("verifier is required: a built-in name (multiple_choice, tool_calls, boxed_math, python_tests) or "
+                             "'package.module:callable', or reward_funcs (reward functions in TRL's signature)")
+        if self.verifier is not None and self.reward_funcs is not None:
+            raise ValueError("verifier and reward_funcs are both set: give one way to score the rollouts")
+        if self.reward_weights is not None and self.reward_funcs is None:
+            raise ValueError("reward_weights is set but reward_funcs is not")
+        if self.verifier_kwargs and self.reward_funcs is not None:
+            raise ValueError("verifier_kwargs is set with reward_funcs: it applies to verifier only")
         if self.sdpo_mode not in SDPO_MODES:
             raise ValueError(f"sdpo_mode must be one of {SDPO_MODES}, got {self.sdpo_mode!r}")
         if self.sdpo_mode != "distill" and self.num_generations < 2:
@@ -95,7 +105,8 @@ class SDPOConfig(SDPOOptions, TrainingArguments):
 
     def __post_init__(self):
         TrainingArguments.__post_init__(self)
-        self.check()
+        # TRL's way, SDPOTrainer(reward_funcs=...), completes the config: the trainer checks that a scorer is set.
+        self.check(scorer_required=False)
 
 
 class SDPOTrainer(SelfDistillationTrainer):
@@ -111,14 +122,26 @@ class SDPOTrainer(SelfDistillationTrainer):
     """
 
     options_class = SDPOOptions
+    deprecated_metrics = frozenset({"success_fraction", "no_teacher_signal_fraction", "clip_fraction", "teacher_prompt_overflow"})
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, reward_funcs=None, **kwargs):
+        if reward_funcs is not None:
+            # TRL's SDPOTrainer(reward_funcs=...): the same as SDPOConfig(reward_funcs=...).
+            config = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
+            if config is None:
+                raise ValueError("SDPOTrainer(reward_funcs=...) needs args=SDPOConfig(...)")
+            if getattr(config, "reward_funcs", None) is not None or getattr(config, "verifier", None) is not None:
+                raise ValueError("reward_funcs is given to SDPOTrainer and the config also sets verifier or reward_funcs: keep one")
+            config.reward_funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         super().__init__(*args, **kwargs)
-        self.verifier = load_verifier(self.options.verifier, self.options.verifier_kwargs)
+        o = self.options
+        self.verifier = (TRLRewardFunctions(o.reward_funcs, o.reward_weights) if o.reward_funcs is not None
+                         else load_verifier(o.verifier, o.verifier_kwargs))
 
     def prepare_dataset(self, dataset, tokenizer, args, split):
         if "sd_record" in dataset.column_names:
             return dataset
+        self.refuse_host_tokenized(dataset, split)
         invalid_file = self.invalid_rows_path(args, split)
         return tokenize_prompt_rows(dataset, tokenizer, self.options, invalid_rows_file=invalid_file)
 
@@ -131,7 +154,7 @@ class SDPOTrainer(SelfDistillationTrainer):
         solved = torch.tensor([v.correct for v in batch.verdicts], dtype=torch.float32).reshape(-1, self.options.num_generations)
         metrics["self_distillation/reward_mean"].append(rewards.mean().item())
         metrics["self_distillation/reward_std"].append(rewards.std().item() if rewards.numel() > 1 else 0.0)
-        metrics["success_fraction"].append(solved.mean().item())
+        metrics["self_distillation/success_fraction"].append(solved.mean().item())
         metrics["self_distillation/success_group_fraction"].append((solved.sum(-1) > 0).float().mean().item())
 
     # ------------------------------------------------------------------ step 3: teacher contexts
@@ -168,9 +191,9 @@ class SDPOTrainer(SelfDistillationTrainer):
         count = len(groups)
         metrics["self_distillation/success_sample_fraction"].append(with_solution / count)
         metrics["self_distillation/feedback_used_fraction"].append(with_feedback / count)
-        metrics["no_teacher_signal_fraction"].append(sum(p is None for p in prompts) / count)
+        metrics["self_distillation/reprompt_sample_fraction"].append(sum(p is not None for p in prompts) / count)
         if overflow:
-            metrics["teacher_prompt_overflow"].append(float(overflow))
+            metrics["self_distillation/teacher_prompt_overflow"].append(float(overflow))
             LOG.warning("%d SDPO teacher prompts exceed max_teacher_prompt_length=%d: those rollouts get no distillation loss",
                         overflow, o.max_teacher_prompt_length)
         return prompts
@@ -214,7 +237,7 @@ class SDPOTrainer(SelfDistillationTrainer):
         policy_loss, clip_fraction = grpo_loss(logprobs, old_logprobs, advantages, rollouts.completion_mask,
                                                epsilon=o.epsilon, loss_reduction=o.loss_reduction,
                                                normalizer=batch.policy_loss_normalizer)
-        metrics["clip_fraction"].append(clip_fraction.item())
+        metrics["clip_ratio/region_mean"].append(clip_fraction.item())
         if o.sdpo_mode == "policy":
             return policy_loss
         # The loss has two terms: log each (TRL's names); in the other modes the loss is the one term.

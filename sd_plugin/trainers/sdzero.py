@@ -148,6 +148,7 @@ class SDZeroTrainer(SelfDistillationTrainer):
     """
 
     options_class = SDZeroOptions
+    deprecated_metrics = frozenset({"correct_fraction", "no_teacher_signal_fraction"})
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -164,6 +165,7 @@ class SDZeroTrainer(SelfDistillationTrainer):
     def prepare_dataset(self, dataset, tokenizer, args, split):
         o = self.options
         columns = dataset.column_names
+        self.refuse_host_tokenized(dataset, split)
         invalid_file = self.invalid_rows_path(args, split)
         if o.phase == "srt":
             if "completion_ids" in columns:
@@ -204,7 +206,7 @@ class SDZeroTrainer(SelfDistillationTrainer):
             return
         self.verify_rollouts(inputs, batch, self.verifier, self.options.success_reward_threshold)
         batch.teacher_contexts = [self.control_phrase_texts[verdict.correct] for verdict in batch.verdicts]
-        self._metrics[self.mode]["correct_fraction"].append(sum(v.correct for v in batch.verdicts) / len(batch.verdicts))
+        self._metrics[self.mode]["self_distillation/success_fraction"].append(sum(v.correct for v in batch.verdicts) / len(batch.verdicts))
 
     def no_signal_advice(self) -> str:
         if self.options.phase == "srt":
@@ -235,7 +237,7 @@ class SDZeroTrainer(SelfDistillationTrainer):
             truncated_tokens += 0 if teacher is None else teacher.truncated_tokens
         without_signal = sum(p is None for p in prompts)
         metrics["teacher_truncated_tokens"].append(float(truncated_tokens))
-        metrics["no_teacher_signal_fraction"].append(without_signal / len(prompts))
+        metrics["self_distillation/reprompt_sample_fraction"].append(1.0 - without_signal / len(prompts))
         if without_signal:
             LOG.warning("%d SD-Zero teacher inputs do not fit max_teacher_prompt_length=%d even with y cut to one token: "
                         "those rollouts get no loss (the prompt is never cut)", without_signal, o.max_teacher_prompt_length)
