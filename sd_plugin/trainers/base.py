@@ -466,6 +466,9 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
 
         head_weight, head_bias = output_head(self.accelerator.unwrap_model(model))
         teacher_weight, teacher_bias = teacher_head if teacher_head is not None else (None, None)
+        if teacher_hidden is not None:
+            loss_mask = self.filter_loss_mask(batch, loss_mask, student_hidden, teacher_hidden, (head_weight, head_bias),
+                                              (teacher_weight, teacher_bias))
         o = self.options
         ce_mask = batch.ce_rows.unsqueeze(-1).expand_as(loss_mask)
         # Both losses take the options under their own names; the rest is this step's tensors.
@@ -487,6 +490,10 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         loss = self.total_loss(model, batch, student_hidden, out)
         self.record_step_metrics(mode, batch, out, loss_mask, ce_mask)
         return (loss, None) if return_outputs else loss
+
+    def filter_loss_mask(self, batch: StepBatch, loss_mask, student_hidden, teacher_hidden, student_head, teacher_head):
+        """Hook: the [N, C] mask of the tokens that get a loss, after both forwards (default: unchanged)."""
+        return loss_mask
 
     def use_liger_loss(self, student_hidden: torch.Tensor, batch: StepBatch) -> bool:
         """Liger's fused loss covers full-vocabulary distillation without cross-entropy rows or importance weights."""
