@@ -11,8 +11,8 @@ The task: "What is the capital of X?" on the 32 training questions (capitals_tes
 
 Compared with SFT on the same verified revisions alone (chat(x) -> y_revised: SDFT's cross-entropy rows,
 `lambda_on_policy: 0`) and with SDFT from demonstrations ("The capital of X is Y.", the base model with the
-demonstration in context as teacher). Every model is scored on the three sets, greedy and sampled (T 1, 4 samples
-per question). Each stage appends a JSON line to --results and is skipped when already there (resumable).
+demonstration in context as teacher). Every model is scored on the three sets, greedy, and on the held-out set also
+sampled (T 1, 2 samples per question). Each stage appends a JSON line to --results and is skipped when already there (resumable).
 
     python benchmarks/bench_sdzero_demo.py            # all stages, then the table
     python benchmarks/bench_sdzero_demo.py --report
@@ -52,7 +52,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def sampled_pass_rate(model, tokenizer, prompt_set, samples: int = 4, seed: int = 0) -> float:
+def sampled_pass_rate(model, tokenizer, prompt_set, samples: int = 2, seed: int = 0) -> float:
     """Mean verifier reward of `samples` answers per prompt at temperature 1 (the reward RL training sees)."""
     import torch
 
@@ -88,7 +88,8 @@ def evaluate(model, tokenizer, work: Path) -> dict:
     for name, path in files.items():
         prompt_set = PromptSet(name, str(path), VERIFIER, tokenizer, "prompt", 1024)
         greedy = prompt_set.score(model, tokenizer, MAX_NEW_TOKENS, [tokenizer.eos_token_id])[0]["reward"]
-        scores[name] = {"greedy": greedy, "sampled": sampled_pass_rate(model, tokenizer, prompt_set)}
+        # Sampled answers on the held-out set only (the CPU budget of a shared machine).
+        scores[name] = {"greedy": greedy, "sampled": sampled_pass_rate(model, tokenizer, prompt_set) if name == "held_out" else None}
     return scores
 
 
@@ -132,7 +133,7 @@ def train_distill(args, work: Path, srt_dir: Path):
     from sd_plugin.testing import read_jsonl
 
     model, tokenizer = load(srt_dir)
-    config = SDZeroConfig(phase="distill", verifier=VERIFIER, per_device_train_batch_size=4, num_generations=4,
+    config = SDZeroConfig(phase="distill", verifier=VERIFIER, per_device_train_batch_size=4, num_generations=2,
                           max_prompt_length=128, max_completion_length=MAX_NEW_TOKENS, max_teacher_prompt_length=512,
                           **common(work, "distill", args.distill_steps, args.distill_lr))
     trainer = SDZeroTrainer(model=model, args=config, train_dataset=Dataset.from_list(read_jsonl(DATA / "capitals_test.jsonl")),
@@ -183,14 +184,13 @@ def report(path: Path) -> str:
               "distill": "SD-Zero phase 2: self-distillation from the SRT model",
               "sft-revisions": "SFT on the kept revisions alone (x -> y_revised)",
               "sdft": "SDFT from demonstrations (base teacher)"}
-    lines += ["", "| model | train qs greedy | train qs sampled | held-out greedy | held-out sampled | prior (sums) greedy "
-              "| prior sampled | s |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | train questions (greedy) | held-out (greedy) | held-out (T 1, 2 samples) | prior: sums (greedy) | s |",
+              "|---|---|---|---|---|---|"]
     for stage, label in labels.items():
         if stage in rows:
             s = rows[stage]["scores"]
-            lines.append(f"| {label} | {s['train']['greedy']:.3f} | {s['train']['sampled']:.3f} | {s['held_out']['greedy']:.3f} | "
-                         f"{s['held_out']['sampled']:.3f} | {s['prior']['greedy']:.3f} | {s['prior']['sampled']:.3f} | "
-                         f"{rows[stage].get('seconds', 0):.0f} |")
+            lines.append(f"| {label} | {s['train']['greedy']:.3f} | {s['held_out']['greedy']:.3f} | {s['held_out']['sampled']:.3f} | "
+                         f"{s['prior']['greedy']:.3f} | {rows[stage].get('seconds', 0):.0f} |")
     if "distill" in rows:
         lines.append("\ndistill phase training reward per step: " + " ".join(f"{x:.2f}" for x in rows["distill"]["training_reward"]))
     return "\n".join(lines)

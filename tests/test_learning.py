@@ -100,3 +100,54 @@ def test_sdpo_hybrid_raises_the_training_reward_of_the_demo_model(demo_model_dir
     rewards = [e["self_distillation/reward_mean"] for e in trainer.state.log_history if "self_distillation/reward_mean" in e]
     assert len(rewards) == 8
     assert sum(rewards[-3:]) / 3 >= sum(rewards[:3]) / 3 + 0.15, rewards
+
+
+def held_out_scores(trainer) -> dict[int, float]:
+    return {e["step"]: e["eval_task_reward"] for e in trainer.state.log_history if "eval_task_reward" in e}
+
+
+@pytest.mark.slow
+def test_sdzero_srt_then_distillation_raises_the_held_out_reward_of_the_demo_model(demo_model_dir, tmp_path):
+    """SD-Zero end to end, as `benchmarks/bench_sdzero_demo.py` runs it: revisions collected from the demo model
+    itself on the 32 capital questions, SRT on the verified ones (LoRA, merged), then self-distillation with the
+    frozen SRT model as teacher; each phase scored greedily on 32 held-out capitals (capitals_heldout.jsonl)."""
+    from datasets import Dataset, load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sd_plugin import SDZeroConfig, SDZeroTrainer
+    from sd_plugin.revisions import RevisionOptions, collect_revisions
+    from sd_plugin.testing import read_jsonl
+
+    verifier = "sd_plugin.demo_task:AnswerContainsVerifier"
+    shared = dict(lr_scheduler_type="constant_with_warmup", warmup_steps=2, seed=0, logging_steps=1, save_strategy="no",
+                  report_to="none", use_cpu=True, eval_prompts=str(DATA / "capitals_heldout.jsonl"), eval_verifier=verifier,
+                  eval_max_new_tokens=32, learning_rate=3e-4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    summary = collect_revisions(model, tokenizer, str(DATA / "capitals_test.jsonl"), tmp_path / "revisions.jsonl",
+                                RevisionOptions(verifier=verifier, num_revisions=SDZERO_REVISIONS, max_new_tokens=32,
+                                                batch_size=8, seed=0), progress=False)
+    assert 0 < summary.kept < summary.attempted * SDZERO_REVISIONS, summary
+
+    srt = SDZeroTrainer(model=model, args=SDZeroConfig(output_dir=str(tmp_path / "srt"), phase="srt", max_steps=SDZERO_SRT_STEPS,
+                                                       per_device_train_batch_size=8, max_prompt_length=128,
+                                                       max_completion_length=160, **shared),
+                        train_dataset=load_dataset("json", data_files=str(tmp_path / "revisions.jsonl"), split="train"),
+                        processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    srt.train()
+    scores = held_out_scores(srt)
+    base_score, srt_score = scores[0], scores[SDZERO_SRT_STEPS]
+
+    merged = srt.model.merge_and_unload()
+    distill = SDZeroTrainer(model=merged, args=SDZeroConfig(output_dir=str(tmp_path / "distill"), phase="distill",
+                                                            verifier=verifier, max_steps=SDZERO_DISTILL_STEPS,
+                                                            per_device_train_batch_size=4, num_generations=2,
+                                                            max_prompt_length=128, max_completion_length=32,
+                                                            max_teacher_prompt_length=512, **shared),
+                            train_dataset=Dataset.from_list(read_jsonl(DATA / "capitals_test.jsonl")),
+                            processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    distill.train()
+    final_score = held_out_scores(distill)[SDZERO_DISTILL_STEPS]
+    assert srt_score >= base_score + SDZERO_SRT_GAIN, (base_score, srt_score)
+    assert final_score >= base_score + SDZERO_TOTAL_GAIN, (base_score, srt_score, final_score)
