@@ -142,7 +142,7 @@ def trl(args, options: dict, seed: int):
         per_device_train_batch_size=args.batch * args.num_generations, num_generations=args.num_generations,
         learning_rate=options["learning_rate"], lr_scheduler_type="constant_with_warmup", warmup_steps=2, seed=seed,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
-        max_completion_length=args.max_completion_length, temperature=args.temperature,
+        max_completion_length=args.max_completion_length, temperature=args.temperature, bf16=False,  # fp32 like ours
         include_environment_feedback=False, **{k: options[k] for k in names if k in options},
     )
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")

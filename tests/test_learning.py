@@ -4,7 +4,8 @@ The contact-card task (sd_plugin.demo_task): a message about a person becomes on
 does not describe the format, so the base model scores 0. The SFT and SDFT tests are runs of
 `benchmarks/bench_sft_vs_sdft.py` (same data, LoRA, seed and settings), scored here on the first 24 of its 48
 held-out cards to keep the test short; the SDPO test is `benchmarks/bench_sdpo_demo.py`'s hybrid run on the
-capital questions. Fixed seed, CPU, fp32.
+capital questions; the SD-Zero test is `benchmarks/bench_sdzero_demo.py`'s collection and SRT phase. Fixed seed, CPU,
+fp32.
 """
 
 from pathlib import Path
@@ -102,9 +103,8 @@ def test_sdpo_hybrid_raises_the_training_reward_of_the_demo_model(demo_model_dir
     assert sum(rewards[-3:]) / 3 >= sum(rewards[:3]) / 3 + 0.15, rewards
 
 
-# benchmarks/bench_sdzero_demo.py's settings (its table is quoted in benchmarks/README.md).
-SDZERO_REVISIONS, SDZERO_SRT_STEPS, SDZERO_DISTILL_STEPS = 4, 16, 8
-SDZERO_SRT_GAIN, SDZERO_TOTAL_GAIN = 0.0, 0.06
+# benchmarks/bench_sdzero_demo.py's settings (its table is quoted in docs/sdzero.md and benchmarks/README.md).
+SDZERO_REVISIONS, SDZERO_SRT_STEPS = 4, 16
 
 
 def held_out_scores(trainer) -> dict[int, float]:
@@ -112,47 +112,35 @@ def held_out_scores(trainer) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_sdzero_srt_then_distillation_raises_the_held_out_reward_of_the_demo_model(demo_model_dir, tmp_path):
-    """SD-Zero end to end, as `benchmarks/bench_sdzero_demo.py` runs it: revisions collected from the demo model
-    itself on the 32 capital questions, SRT on the verified ones (LoRA, merged), then self-distillation with the
-    frozen SRT model as teacher; each phase scored greedily on 32 held-out capitals (capitals_heldout.jsonl)."""
-    from datasets import Dataset, load_dataset
+def test_sdzero_self_revision_training_raises_the_held_out_reward_of_the_demo_model(demo_model_dir, tmp_path):
+    """SD-Zero's phase 1 as `benchmarks/bench_sdzero_demo.py` runs it: revisions collected from the demo model itself on
+    the 32 capital questions (the bench: 15 initially correct, 39 of 128 revisions kept), SRT on the verified ones
+    (LoRA), scored greedily on 32 held-out capitals (the bench: 0.750 -> 0.812). Phase 2 (self-distillation from the
+    SRT model) lowered the held-out reward in the bench (0.656), so it is not pinned here as a rise."""
+    from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sd_plugin import SDZeroConfig, SDZeroTrainer
     from sd_plugin.revisions import RevisionOptions, collect_revisions
-    from sd_plugin.testing import read_jsonl
 
     verifier = "sd_plugin.demo_task:AnswerContainsVerifier"
-    shared = dict(lr_scheduler_type="constant_with_warmup", warmup_steps=2, seed=0, logging_steps=1, save_strategy="no",
-                  report_to="none", use_cpu=True, eval_prompts=str(DATA / "capitals_heldout.jsonl"), eval_verifier=verifier,
-                  eval_max_new_tokens=32, learning_rate=3e-4)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
-    summary = collect_revisions(model, tokenizer, str(DATA / "capitals_test.jsonl"), tmp_path / "revisions.jsonl",
+    revisions = tmp_path / "revisions.jsonl"
+    summary = collect_revisions(model, tokenizer, str(DATA / "capitals_test.jsonl"), revisions,
                                 RevisionOptions(verifier=verifier, num_revisions=SDZERO_REVISIONS, max_new_tokens=32,
                                                 batch_size=8, seed=0), progress=False)
     assert 0 < summary.kept < summary.attempted * SDZERO_REVISIONS, summary
 
-    srt = SDZeroTrainer(model=model, args=SDZeroConfig(output_dir=str(tmp_path / "srt"), phase="srt", max_steps=SDZERO_SRT_STEPS,
-                                                       per_device_train_batch_size=8, max_prompt_length=128,
-                                                       max_completion_length=160, **shared),
-                        train_dataset=load_dataset("json", data_files=str(tmp_path / "revisions.jsonl"), split="train"),
+    args = SDZeroConfig(output_dir=str(tmp_path / "srt"), phase="srt", max_steps=SDZERO_SRT_STEPS, learning_rate=3e-4,
+                        per_device_train_batch_size=8, max_prompt_length=128, max_completion_length=160,
+                        lr_scheduler_type="constant_with_warmup", warmup_steps=2, seed=0, logging_steps=1,
+                        save_strategy="no", report_to="none", use_cpu=True, eval_prompts=str(DATA / "capitals_heldout.jsonl"),
+                        eval_verifier=verifier, eval_max_new_tokens=32)
+    srt = SDZeroTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=str(revisions), split="train"),
                         processing_class=tokenizer, peft_config=LoraConfig(**LORA))
     srt.train()
     scores = held_out_scores(srt)
-    base_score, srt_score = scores[0], scores[SDZERO_SRT_STEPS]
-
-    merged = srt.model.merge_and_unload()
-    distill = SDZeroTrainer(model=merged, args=SDZeroConfig(output_dir=str(tmp_path / "distill"), phase="distill",
-                                                            verifier=verifier, max_steps=SDZERO_DISTILL_STEPS,
-                                                            per_device_train_batch_size=4, num_generations=2,
-                                                            max_prompt_length=128, max_completion_length=32,
-                                                            max_teacher_prompt_length=512, **shared),
-                            train_dataset=Dataset.from_list(read_jsonl(DATA / "capitals_test.jsonl")),
-                            processing_class=tokenizer, peft_config=LoraConfig(**LORA))
-    distill.train()
-    final_score = held_out_scores(distill)[SDZERO_DISTILL_STEPS]
-    assert srt_score >= base_score + SDZERO_SRT_GAIN, (base_score, srt_score)
-    assert final_score >= base_score + SDZERO_TOTAL_GAIN, (base_score, srt_score, final_score)
+    # At least one more held-out capital answered than the base model (32 questions: 1/32 = 0.031).
+    assert scores[SDZERO_SRT_STEPS] >= scores[0] + 0.03, scores
