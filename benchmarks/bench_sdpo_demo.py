@@ -150,9 +150,10 @@ def trl(args, options: dict, seed: int):
     trainer = SDPOTrainer(model=model, reward_funcs=capital_reward, args=config, train_dataset=data,
                           processing_class=tokenizer, peft_config=peft_config)
     trainer.train()
-    history = [{"step": e["step"], "reward": e["reward"], "length": e.get("completions/mean_length", float("nan")),
-                "clipped": e.get("completions/clipped_ratio", float("nan"))}
-               for e in trainer.state.log_history if "reward" in e]
+    # TRL's SDPOTrainer logs the reward under the same name as ours.
+    history = [{"step": e["step"], "reward": e["self_distillation/reward_mean"], "length": e["completions/mean_length"],
+                "clipped": e["completions/clipped_ratio"]}
+               for e in trainer.state.log_history if "self_distillation/reward_mean" in e]
     return trainer, history
 
 
