@@ -48,6 +48,17 @@ CAPITALS = (
     ("Kenya", "Nairobi"), ("Cuba", "Havana"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
     ("Belgium", "Brussels"), ("Hungary", "Budapest"), ("Chile", "Santiago"), ("Australia", "Canberra"),
 )
+# Held-out capital questions (none of them in CAPITALS): SDPO and SD-Zero train on CAPITALS and are scored here.
+CAPITALS_HELD_OUT = (
+    ("Netherlands", "Amsterdam"), ("Switzerland", "Bern"), ("Vietnam", "Hanoi"), ("Indonesia", "Jakarta"),
+    ("Philippines", "Manila"), ("Pakistan", "Islamabad"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
+    ("Saudi Arabia", "Riyadh"), ("Nigeria", "Abuja"), ("Ethiopia", "Addis Ababa"), ("Morocco", "Rabat"),
+    ("Ghana", "Accra"), ("Venezuela", "Caracas"), ("Czech Republic", "Prague"), ("Romania", "Bucharest"),
+    ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"), ("Croatia", "Zagreb"), ("Iceland", "Reykjavik"),
+    ("New Zealand", "Wellington"), ("Malaysia", "Kuala Lumpur"), ("Afghanistan", "Kabul"), ("Syria", "Damascus"),
+    ("Lebanon", "Beirut"), ("Jordan", "Amman"), ("Uruguay", "Montevideo"), ("Ecuador", "Quito"),
+    ("Nepal", "Kathmandu"), ("Bangladesh", "Dhaka"), ("Tunisia", "Tunis"), ("Latvia", "Riga"),
+)
 CARD_KEYS = ("name", "age", "city")
 
 
@@ -70,10 +81,10 @@ def contact_records(count: int, seed: int) -> list[dict[str, Any]]:
     return records
 
 
-def capital_records() -> list[dict[str, Any]]:
-    """Prior-capability probes {"prompt", "answer"}."""
+def capital_records(pairs=CAPITALS) -> list[dict[str, Any]]:
+    """Capital questions {"prompt", "answer"}: the prior-capability probes (CAPITALS) or the held-out set."""
     return [{"prompt": [{"role": "user", "content": f"What is the capital of {country}?"}], "answer": capital}
-            for country, capital in CAPITALS]
+            for country, capital in pairs]
 
 
 def _json_object(text: str) -> dict | None:
@@ -121,11 +132,11 @@ class AnswerContainsVerifier:
 
 
 def write_demo_data(directory: str | Path) -> None:
-    """Write the demo task files (train 128, held-out 48, capitals 32) into `directory`."""
+    """Write the demo task files (train 128, held-out 48, capitals 32, held-out capitals 32) into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = {"contact_train.jsonl": contact_records(128, seed=1), "contact_test.jsonl": contact_records(48, seed=2),
-             "capitals_test.jsonl": capital_records()}
+             "capitals_test.jsonl": capital_records(), "capitals_heldout.jsonl": capital_records(CAPITALS_HELD_OUT)}
     for name, records in files.items():
         with open(directory / name, "w", encoding="utf-8") as handle:
             for record in records:

@@ -435,3 +435,34 @@ def test_axolotl_train_sdpo_tiny_runs_and_logs_the_metrics(tmp_path):
         assert f"'{key}'" in log, key
     assert "'memory/" not in log  # Axolotl's GPU memory metrics would be 0 on this CPU run
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_mask_uncertain_teacher_tokens_keeps_the_tokens_where_the_teacher_is_as_sure(tmp_path, tokenizer, quickstart_rows, monkeypatch):
+    """The mask against entropies from full softmaxes; the trainer's step runs with it and logs the dropped share."""
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, teacher_model_kind="base",
+                            mask_uncertain_teacher_tokens=True, loss_chunk_size=3)
+    torch.manual_seed(0)
+    weight = torch.randn(40, 8)
+    student, teacher = torch.randn(2, 5, 8), torch.randn(2, 5, 8) * torch.tensor([0.2, 3.0, 1.0, 0.5, 2.0]).view(1, 5, 1)
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0
+    kept = trainer.filter_loss_mask(None, mask, student, teacher, (weight, None), (weight, None))
+
+    def entropy(hidden):
+        logprobs = torch.log_softmax(hidden @ weight.T, -1)
+        return -(logprobs.exp() * logprobs).sum(-1)
+
+    expected = mask * (entropy(teacher) <= entropy(student))
+    assert torch.equal(kept, expected)
+    assert 0 < kept.sum() < mask.sum()
+    trainer._metrics["train"].clear()
+    inputs = first_batch(trainer)
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, inputs)
+    dropped = trainer._metrics["train"]["self_distillation/uncertain_teacher_token_fraction"]
+    assert len(dropped) == 1 and 0.0 <= dropped[0] <= 1.0
+
+
+def test_mask_uncertain_teacher_tokens_is_refused_without_distillation(tmp_path):
+    with pytest.raises(ValueError, match="mask_uncertain_teacher_tokens"):
+        make_args(tmp_path, sdpo_mode="policy", teacher_model_kind="live", mask_uncertain_teacher_tokens=True)

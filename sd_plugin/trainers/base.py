@@ -584,6 +584,9 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
 
         head_weight, head_bias = output_head(self.accelerator.unwrap_model(model))
         teacher_weight, teacher_bias = teacher_head if teacher_head is not None else (None, None)
+        if teacher_hidden is not None:
+            loss_mask = self.filter_loss_mask(batch, loss_mask, student_hidden, teacher_hidden, (head_weight, head_bias),
+                                              (teacher_weight, teacher_bias))
         o = self.options
         ce_mask = batch.ce_rows.unsqueeze(-1).expand_as(loss_mask)
         # Both losses take the options under their own names; the rest is this step's tensors.
@@ -630,6 +633,10 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
         self.signal_watch.end_step(self.state.global_step + 1, loss=float(values[1]), grad_norm=grad_norm,
                                    no_signal_advice=self.no_signal_advice(),
                                    max_completion_length=self.options.max_completion_length, **group.signal)
+
+    def filter_loss_mask(self, batch: StepBatch, loss_mask, student_hidden, teacher_hidden, student_head, teacher_head):
+        """Hook: the [N, C] mask of the tokens that get a loss, after both forwards (default: unchanged)."""
+        return loss_mask
 
     def use_liger_loss(self, student_hidden: torch.Tensor, batch: StepBatch) -> bool:
         """Liger's fused loss covers full-vocabulary distillation without cross-entropy rows or importance weights."""

@@ -52,6 +52,7 @@ class SDPOOptions(SelfDistillationOptions):
     environment_feedback_only_without_solution: bool = field(default=False, metadata={"help": "Use feedback only when no sibling solution exists."})
     sdpo_mode: str = field(default="distill", metadata={"help": "distill (paper) | policy (GRPO only) | hybrid ((1 - distillation_weight) x GRPO + distillation_weight x distillation)."})
     distillation_weight: float = field(default=1.0, metadata={"help": "TRL's SDPO meaning: loss = (1 - w) x GRPO + w x distillation, w in [0, 1] (1.0: distillation only, TRL's default). sdpo_mode: hybrid needs 0 < w < 1 (0.5: both terms equally)."})
+    mask_uncertain_teacher_tokens: bool = field(default=False, metadata={"help": "Distil only the tokens where the teacher's entropy is at most the student's (a dropped token counts in the token mean with loss 0; not in the paper or TRL)."})
     epsilon: float = field(default=0.2, metadata={"help": "PPO clip range of the GRPO term."})
     prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (string or messages)."})
     tools_column: str = field(default="tools", metadata={"help": "Column with tool schemas (optional)."})
@@ -91,6 +92,8 @@ class SDPOOptions(SelfDistillationOptions):
             raise ValueError(f"distillation_weight must be >= 0, got {self.distillation_weight}")
         check_reward_threshold(self.success_reward_threshold)
         check_verifier(self.verifier, self.verifier_kwargs)
+        if self.mask_uncertain_teacher_tokens and self.sdpo_mode == "policy":
+            raise ValueError("mask_uncertain_teacher_tokens masks distillation tokens: sdpo_mode=policy has none")
         if self.environment_feedback_only_without_solution and not self.include_environment_feedback:
             raise ValueError("environment_feedback_only_without_solution needs include_environment_feedback: true")
 
@@ -219,6 +222,23 @@ class SDPOTrainer(SelfDistillationTrainer):
                 "when teacher_prompt_overflow is logged")
 
     # ------------------------------------------------------------------ step 5: the loss
+    def filter_loss_mask(self, batch, loss_mask, student_hidden, teacher_hidden, student_head, teacher_head):
+        """mask_uncertain_teacher_tokens: drop the tokens where the teacher's entropy exceeds the student's.
+
+        On a small model's off-topic rollouts the teacher is often less sure than the student; distilling
+        there spreads the student's distribution (benchmarks/README.md, SDPO on a real model)."""
+        if not self.options.mask_uncertain_teacher_tokens:
+            return loss_mask
+        chunk = self.options.loss_chunk_size
+        student_entropy = token_entropies(student_hidden, *student_head, loss_mask, chunk)
+        teacher_entropy = token_entropies(teacher_hidden, *teacher_head, loss_mask, chunk)
+        keep = teacher_entropy <= student_entropy
+        kept = loss_mask * keep
+        total = loss_mask.sum().item()
+        self._metrics[self.mode]["self_distillation/uncertain_teacher_token_fraction"].append(
+            1.0 - kept.sum().item() / total if total else 0.0)
+        return kept
+
     def total_loss(self, model, batch: StepBatch, student_hidden: torch.Tensor, out) -> torch.Tensor:
         o = self.options
         metrics = self._metrics[self.mode]
@@ -251,3 +271,20 @@ def teacher_context_text(solution: str | None, feedback: str | None) -> str:
     """What the SDPO teacher sees that the student does not, for log_completions."""
     parts = ([f"solution: {solution}"] if solution is not None else []) + ([f"feedback: {feedback}"] if feedback is not None else [])
     return "\n".join(parts) or "(none: no teacher signal)"
+
+
+@torch.no_grad()
+def token_entropies(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None, mask: torch.Tensor,
+                    chunk_size: int) -> torch.Tensor:
+    """[N, C] entropy (nats) of softmax(hidden @ W.T + b) at the masked positions (0 elsewhere), `chunk_size` tokens at a time."""
+    entropies = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    positions = mask.bool().nonzero(as_tuple=True)
+    rows = hidden[positions]
+    values = []
+    for start in range(0, rows.shape[0], chunk_size):
+        logits = torch.nn.functional.linear(rows[start:start + chunk_size], head_weight, head_bias).float()
+        logprobs = torch.log_softmax(logits, -1)
+        values.append(-(logprobs.exp() * logprobs).sum(-1))
+    if values:
+        entropies[positions] = torch.cat(values)
+    return entropies
