@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 
 
@@ -43,21 +42,6 @@ def argument_parser(command: str, description: str) -> argparse.ArgumentParser:
     """The parser every subcommand's `main(argv)` starts from: `sd-plugin COMMAND` as prog, defaults in --help."""
     return argparse.ArgumentParser(prog=f"sd-plugin {command}", description=description, formatter_class=HelpFormatter)
 
-
-def json_object(text: str) -> dict:
-    """argparse type of --verifier-kwargs: a JSON object."""
-    from sd_plugin.files import loads_json
-
-    shown = text if len(text) <= 200 else text[:200] + "..."
-    try:
-        value = loads_json(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not JSON ({error.msg} at column {error.colno}): {shown!r}") from None
-    except ValueError as error:  # nested too deeply
-        raise argparse.ArgumentTypeError(f"{error}: {shown!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}: {shown!r}")
-    return value
 
 
 # subcommand -> (module, function taking argv); modules are imported only when their command runs.

@@ -9,6 +9,7 @@ exit status 2.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -66,6 +67,20 @@ def loads_json(text: str):
         raise ValueError(f"JSON nested deeper than {MAX_NESTING} levels") from None
     if nesting_depth(value) > MAX_NESTING:
         raise ValueError(f"JSON nested deeper than {MAX_NESTING} levels")
+    return value
+
+
+def json_object(text: str) -> dict:
+    """argparse type of --verifier-kwargs: a JSON object."""
+    shown = text if len(text) <= 200 else text[:200] + "..."
+    try:
+        value = loads_json(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error.msg} at column {error.colno}): {shown!r}") from None
+    except ValueError as error:  # nested too deeply
+        raise argparse.ArgumentTypeError(f"{error}: {shown!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}: {shown!r}")
     return value
 
 

@@ -35,12 +35,13 @@ from typing import Any
 
 import torch
 
-from sd_plugin.cli import UsageError, argument_parser, json_object
+from sd_plugin.cli import UsageError, argument_parser
 from sd_plugin.data import Columns, completion_text, end_of_turn_ids
 from sd_plugin.files import (
     append_attempts,
     attempts_path,
     check_model_source,
+    json_object,
     read_attempts,
     read_jsonl_rows,
     refuse_output_over_input,

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from sd_plugin.cli import UsageError, argument_parser, json_object
+from sd_plugin.cli import UsageError, argument_parser
 from sd_plugin.contexts import control_phrases, sdzero_delimiter_ids, sdzero_teacher_ids
 from sd_plugin.data import Columns, RecordError, end_of_turn_ids, prompt_record
 from sd_plugin.deprecated import accepts_deprecated_names, resolve_deprecated_flag
@@ -39,6 +39,7 @@ from sd_plugin.files import (
     append_attempts,
     attempts_path,
     check_model_source,
+    json_object,
     read_attempts,
     read_jsonl_rows,
     refuse_output_over_input,

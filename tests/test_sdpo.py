@@ -120,14 +120,14 @@ def test_teacher_context_has_sibling_solution_and_feedback_exactly_when_it_shoul
 
 @pytest.mark.parametrize("blank", ["", "  \n\t "])
 def test_whitespace_only_feedback_builds_no_teacher_prompt(tmp_path, tokenizer, quickstart_rows, monkeypatch, blank):
-    """TRL ignores feedback that is empty after stripping: no solution (threshold 2) and blank feedback: no teacher."""
-    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, success_reward_threshold=2.0)
+    """TRL ignores feedback that is empty after stripping: no solution (every reward 0) and blank feedback: no teacher."""
+    trainer = build_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch)
     trainer.verifier = lambda prompt, completion, record: (0.0, blank if completion == "wrong one" else None)
     teacher, _ = teacher_texts(trainer, first_batch(trainer))
     assert teacher == [None] * 6
     metrics = trainer._metrics["train"]
     assert metrics["self_distillation/feedback_used_fraction"][-1] == 0.0
-    assert metrics["no_teacher_signal_fraction"][-1] == 1.0
+    assert metrics["self_distillation/reprompt_sample_fraction"][-1] == 0.0
 
 
 def test_thinking_of_the_sibling_solution_is_stripped(tmp_path, tokenizer, quickstart_rows, monkeypatch):
