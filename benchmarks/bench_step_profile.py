@@ -96,6 +96,10 @@ class PhaseClock:
 
             def on_step_end(self, args, state, control, **kwargs):
                 clock.step_total[clock.step] = time.perf_counter() - clock._step_start
+                # One line per step as it ends, so that a run cut short still reports its finished steps.
+                phases = clock.mean_phases([clock.step])
+                print(f"step {clock.step}: {clock.step_total[clock.step]:.2f} s; "
+                      + ", ".join(f"{name} {phases.get(name, 0.0):.2f} s" for name in PHASES), flush=True)
 
         return _Steps()
 
