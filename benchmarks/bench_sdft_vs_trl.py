@@ -49,6 +49,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "example_configs" / "assets" / "tiny-qwen3"
 RESULT_PREFIX = "BENCH_RESULT "
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step_profile import PHASES, PhaseClock  # noqa: E402
 
 QWEN_VOCAB = 151_936
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -169,20 +171,29 @@ def make_trainer(spec: dict, tokenizer, *, hidden_size: int, num_layers: int, pr
     from datasets import Dataset
     from peft import LoraConfig
 
-    trl_rows, our_rows = make_records(tokenizer, steps, prompt_tokens, demonstration_tokens, seed=spec["seed"])
+    # Rollouts per step: ours samples one per prompt (SDFT), so `rollouts` prompts; TRL samples `num_generations`
+    # per prompt, so one prompt x `rollouts` generations. Both see `rollouts` completions per optimizer step.
+    rollouts = spec.get("rollouts", 1)
+    trl_rows, our_rows = make_records(tokenizer, steps * rollouts, prompt_tokens, demonstration_tokens, seed=spec["seed"])
     model = build_random_model(tokenizer, spec["vocab_size"], hidden_size, num_layers)
-    lora = LoraConfig(r=64, lora_alpha=128, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-    common = dict(output_dir=tempfile.mkdtemp(prefix="bench_sdft_"), per_device_train_batch_size=1, max_steps=steps,
+    lora_r = spec.get("lora_r", 64)
+    lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    # gradient_checkpointing None: each trainer's own default (TRL's: on; ours, TrainingArguments': off).
+    checkpointing = spec.get("gradient_checkpointing")
+    common = dict(output_dir=tempfile.mkdtemp(prefix="bench_sdft_"), per_device_train_batch_size=rollouts, max_steps=steps,
                   learning_rate=1e-5, logging_steps=1000, report_to="none", save_strategy="no", use_cpu=True,
-                  seed=0, max_completion_length=completion_tokens, num_loss_tokens_to_skip=SKIP_TOKENS,
-                  distillation_alpha=ALPHA, distillation_topk=TOPK if spec["mode"] == "topk" else None,
-                  dataloader_num_workers=0, disable_tqdm=True)
+                  seed=0, max_completion_length=completion_tokens, num_loss_tokens_to_skip=spec.get("skip", SKIP_TOKENS),
+                  distillation_alpha=spec.get("alpha", ALPHA), distillation_topk=TOPK if spec["mode"] == "topk" else None,
+                  dataloader_num_workers=0, disable_tqdm=True,
+                  **({} if checkpointing is None else {"gradient_checkpointing": checkpointing}))
     if spec["trainer"] == "trl":
         from trl.experimental.sdft import SDFTConfig as TRLConfig
         from trl.experimental.sdft import SDFTTrainer as TRLTrainer
 
-        args = TRLConfig(**common, num_generations=1, max_prompt_length=None, temperature=1.0, top_p=1.0,
-                         distillation_mode="full_logits" if spec["mode"] == "full" else "topk_logits",
+        # trl_bf16 None: TRL's default, bf16=True, which on a CPU runs the forwards under bf16 autocast.
+        precision = {} if spec.get("trl_bf16") is None else {"bf16": spec["trl_bf16"]}
+        args = TRLConfig(**common, **precision, num_generations=rollouts, max_prompt_length=None, temperature=1.0,
+                         top_p=1.0, distillation_mode="full_logits" if spec["mode"] == "full" else "topk_logits",
                          teacher_model_kind="base", shuffle_dataset=False,
                          generation_kwargs={"min_new_tokens": completion_tokens})
         return TRLTrainer(model=model, args=args, train_dataset=Dataset.from_list(trl_rows),
@@ -228,11 +239,12 @@ def train_worker(spec: dict) -> dict:
         small.train()
         del small
         gc.collect()
-    timer = StepTimer()
+    timer, clock = StepTimer(), PhaseClock()
     trainer = make_trainer(spec, tokenizer, hidden_size=spec["hidden_size"], num_layers=spec["num_layers"],
                            prompt_tokens=spec["prompt_tokens"], demonstration_tokens=spec["demonstration_tokens"],
                            completion_tokens=spec["completion_tokens"], steps=spec["steps"] + spec["warmup"],
-                           callbacks=[timer.callback])
+                           callbacks=[timer.callback, clock.callback()])
+    time_phases(trainer, clock, spec["trainer"])
     peak_before_train = peak_rss_bytes()
     reset_peak_rss()  # so the training's own peak is measured exactly (the process peak is kept below)
     rss_before_train = current_rss_bytes()
@@ -241,11 +253,34 @@ def train_worker(spec: dict) -> dict:
     measured = times[spec["warmup"]:]
     train_peak = peak_rss_bytes()
     return {
+        "phases_s": clock.mean_phases(range(spec["warmup"] + 1, spec["warmup"] + spec["steps"] + 1)),
         "trainer": spec["trainer"], "mode": spec["mode"],
         "step_time_s": sum(measured) / len(measured), "step_times_s": times,
         "peak_rss": max(train_peak, peak_before_train), "rss_before_train": rss_before_train,
         "train_peak_rss": train_peak, "peak_before_train": peak_before_train,
+        "bf16": bool(trainer.args.bf16), "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
     }
+
+
+def time_phases(trainer, clock, kind: str) -> None:
+    """Wall-clock timers around each trainer's phases (bench_step_profile.PhaseClock): generation, teacher and
+    student forward, loss, backward (the optimizer is timed by the clock's callback)."""
+    import torch
+
+    def forward_name(*args, **kwargs):
+        return "student forward" if torch.is_grad_enabled() else "teacher forward"
+
+    clock.wrap(trainer.accelerator, "backward", "backward")
+    if kind == "trl":
+        clock.wrap(trainer, "_generate", "rollout generation")
+        clock.wrap(trainer, "_forward_logits", forward_name)  # with lm_head over the logits_to_keep slice
+        clock.wrap(trainer, "_compute_self_distillation_loss", "loss forward")
+        return
+    import sd_plugin.trainers.base as base
+
+    clock.wrap(trainer, "sample", "rollout generation")
+    clock.wrap(base, "completion_hidden_states", forward_name)  # hidden states only: lm_head runs in the loss
+    clock.wrap(base, "chunked_distillation_loss", "loss forward")
 
 
 def loss_worker(spec: dict) -> dict:
@@ -311,7 +346,9 @@ def compare_trainers(args) -> list[dict]:
                             prompt_tokens=args.prompt_tokens, demonstration_tokens=args.demonstration_tokens,
                             completion_tokens=args.completion_tokens, vocab_size=args.vocab_size,
                             hidden_size=args.hidden_size, num_layers=args.num_layers,
-                            loss_chunk_size=args.loss_chunk_size, seed=0)
+                            loss_chunk_size=args.loss_chunk_size, seed=0, rollouts=args.rollouts, lora_r=args.lora_r,
+                            alpha=args.alpha, skip=args.skip, gradient_checkpointing=args.gradient_checkpointing,
+                            trl_bf16=args.trl_bf16)
                 result = run_in_subprocess("train", spec, args.timeout, args.glibc_default)
                 print(f"  {mode:5s} {trainer:5s} round {round_index}: step {result['step_time_s']:.2f} s, "
                       f"peak RSS {gib(result['peak_rss'])}, own {gib(result['train_peak_rss'] - result['rss_before_train'])}",
@@ -328,9 +365,19 @@ def print_trainer_table(results: list[dict], args) -> None:
     """The comparison table; "step's own peak" = peak RSS minus the RSS just before `trainer.train()`."""
     print()
     print(f"SDFT step, tiny random Qwen3 (hidden {args.hidden_size}, {args.num_layers} layers, V={args.vocab_size:,}), "
-          f"LoRA r64, base teacher, batch 1, prompt {args.prompt_tokens} / completion {args.completion_tokens} "
-          f"tokens, fp32, {args.threads} CPU threads, our loss_chunk_size {args.loss_chunk_size}, "
-          f"{args.steps} timed step(s) after a pre-warm and {args.warmup} full warm-up step(s)")
+          f"LoRA r{args.lora_r}, base teacher, {args.rollouts} rollout(s) per step (ours: {args.rollouts} prompt(s) x 1, "
+          f"TRL: 1 prompt x {args.rollouts}), alpha {args.alpha}, skip {args.skip}, prompt {args.prompt_tokens} / "
+          f"completion {args.completion_tokens} tokens, {args.threads} CPU threads, our loss_chunk_size "
+          f"{args.loss_chunk_size}, {args.steps} timed step(s) after a pre-warm and {args.warmup} full warm-up step(s); "
+          f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print("| mode | trainer | " + " | ".join(PHASES) + " |")
+    print("|---|---|" + "---|" * len(PHASES))
+    for row in results:
+        print(f"| {row['mode']} | {row['trainer']} | " + " | ".join(f"{row['phases_s'].get(name, 0.0):.1f} s" for name in PHASES) + " |")
+    for row in results:
+        precision = "bf16 (on a CPU: bf16 autocast)" if row["bf16"] else "fp32"
+        print(f"  {row['mode']} {row['trainer']}: {precision}, gradient checkpointing "
+              f"{row['gradient_checkpointing']}, per-step times {', '.join(f'{t:.1f}' for t in row['step_times_s'])} s")
     print("| mode | trainer | step time | peak RSS | RSS before train | step's own peak | "
           "ours/TRL: step time | ours/TRL: peak RSS | ours/TRL: own peak |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -439,12 +486,30 @@ def parse_args(argv):
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
     parser.add_argument("--glibc-default", action="store_true",
                         help="run workers with glibc's default malloc settings (RSS then also counts freed heap)")
+    parser.add_argument("--rollouts", type=int, default=1,
+                        help="rollouts per optimizer step: ours N prompts x 1 rollout, TRL 1 prompt x N generations")
+    parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank (alpha = 2 r)")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help="distillation_alpha (0 forward KL, 1 reverse KL)")
+    parser.add_argument("--skip", type=int, default=SKIP_TOKENS, help="num_loss_tokens_to_skip")
+    parser.add_argument("--gradient-checkpointing", choices=("default", "on", "off"), default="default",
+                        help="both trainers; default: each trainer's own (TRL: on, ours: off)")
+    parser.add_argument("--trl-bf16", choices=("default", "on", "off"), default="default",
+                        help="TRL's bf16 (default: TRL's, on, i.e. bf16 autocast on a CPU); ours always runs fp32")
+    parser.add_argument("--setup", choices=("readme", "trl-user"), default="readme",
+                        help="trl-user: TRL's SDFTConfig defaults where they apply (8 rollouts per step, top-K 100, "
+                             "alpha 0.5, no skipped tokens, 512-token prompts, gradient checkpointing on in both), "
+                             "LoRA r16, fp32 in both; readme: the flags as given")
     parser.add_argument("--json", help="also write all measurements to this file")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 1, 0
         args.scaling_loss_vocab = 32768
         args.scaling_steps = False
+    if args.setup == "trl-user":
+        args.rollouts, args.lora_r, args.alpha, args.skip, args.prompt_tokens = 8, 16, 0.5, 0, 512
+        args.gradient_checkpointing, args.trl_bf16, args.skip_scaling = "on", "off", True
+    args.gradient_checkpointing = {"default": None, "on": True, "off": False}[args.gradient_checkpointing]
+    args.trl_bf16 = {"default": None, "on": True, "off": False}[args.trl_bf16]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in args.modes:
         if mode not in ("full", "topk"):
