@@ -9,7 +9,7 @@ greedy answers on the held-out prompts of the task and on the capital questions 
 
 Tasks:
   - contact: a message about a person -> one line of JSON (`ContactCardVerifier`; hand-picked template `json`);
-  - sums: "What is 3 + 5?" -> "3 + 5 = 8\\n#### 8" (`FinalAnswerVerifier`; hand-picked template `final_line`).
+  - city: "Where does Maria live?" + a message -> "CITY: LISBON" (`CityTagVerifier`; hand-picked template `capitals`).
 
 Results go to one JSONL file (a line per measurement, keyed); lines already there are skipped, so runs can be
 stopped and resumed. `--report` prints the tables and writes the plot from the file.
@@ -40,14 +40,13 @@ PRIOR_TEST, PRIOR_VERIFIER = DATA / "capitals_test.jsonl", "sd_plugin.demo_task:
 TASKS = {
     "contact": {"train": DATA / "contact_train.jsonl", "test": DATA / "contact_test.jsonl",
                 "verifier": "sd_plugin.demo_task:ContactCardVerifier", "handpicked": "json"},
-    "sums": {"train": DATA / "sums_train.jsonl", "test": DATA / "sums_test.jsonl",
-             "verifier": "sd_plugin.demo_task:FinalAnswerVerifier", "handpicked": "final_line"},
+    "city": {"train": DATA / "city_train.jsonl", "test": DATA / "city_test.jsonl",
+             "verifier": "sd_plugin.demo_task:CityTagVerifier", "handpicked": "capitals"},
 }
 # Templates written for one task (they name its format): the "hand-picked" ones.
 TASK_TEMPLATES = {
     "json": "{question}\n\nAnswer with one line of JSON exactly like this:\n{demonstration}",
-    "final_line": "{question}\n\nAnswer with the equation and then a final line starting with ####, exactly like "
-                  "this:\n{demonstration}",
+    "capitals": "{question}\n\nAnswer in capital letters exactly like this:\n{demonstration}",
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_NEW_TOKENS = 32
@@ -202,7 +201,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=str(REPO / "outputs" / "SmolLM2-135M-Instruct"), help="sd-plugin demo-model output")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "teacher_templates.jsonl"))
     parser.add_argument("--plot", default=str(REPO / "benchmarks" / "results" / "teacher_templates.png"))
-    parser.add_argument("--tasks", default="contact,sums")
+    parser.add_argument("--tasks", default="contact,city")
     parser.add_argument("--templates", default="paper,handpicked,auto", help="paper, handpicked, auto or template names")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=16)

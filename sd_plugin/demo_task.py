@@ -6,13 +6,12 @@
   answers it in prose or in some JSON of its own; shown one demonstration in context it writes the format.
   `ContactCardVerifier` scores it: reward 1 when the reply is exactly such an object with the right values;
   its `format_score` is 1 when the reply is a JSON object with exactly those keys, values aside.
-- New task of another kind, "final answer line": a small addition ("What is 3 + 5?") answered as the equation
-  and then a final line `#### 8` (GSM8K's answer format), e.g. `3 + 5 = 8\n#### 8`. The prompt does not ask
-  for it; the base model writes the equation and stops or goes on in prose, never the `####` line; with the
-  demonstration in context (under a template that says what it is) it writes it. `FinalAnswerVerifier`
-  scores it: reward 1 when the reply's last line is `#### <the sum>`; `format_score` 1 when it is `#### <a
-  number>`. Operands are 1-9 (81 sums, which the 135M model mostly gets right): what is learned is the format,
-  as in the contact cards, and held-out prompts may repeat a training sum in another phrasing.
+- New task of another kind, "city tag": a rewriting rule. "Where does Maria live?" and a message about her
+  becomes `CITY: LISBON`: the city, upper-cased, after a fixed prefix; the prompt does not ask for it. The
+  base model answers in a sentence ("Maria lives in Lisbon."); shown one demonstration in context (under a
+  template that says what it is) it writes the tag. `CityTagVerifier` scores it: reward 1 when the reply is
+  exactly `CITY: <the city in capitals>`; `format_score` 1 when it is `CITY: ` and capital letters. The
+  cities come from one list of 22, so held-out prompts name cities the training rows also name.
 - Prior capability, "capitals": "What is the capital of X?", which the base model mostly knows.
   `AnswerContainsVerifier` scores it: reward 1 when the reply contains the gold answer (case-insensitive).
 
@@ -56,15 +55,8 @@ CAPITALS = (
     ("Belgium", "Brussels"), ("Hungary", "Budapest"), ("Chile", "Santiago"), ("Australia", "Canberra"),
 )
 CARD_KEYS = ("name", "age", "city")
-SUM_PHRASINGS = (
-    "What is {a} + {b}?",
-    "Add {a} and {b}.",
-    "How much is {a} plus {b}?",
-    "What do you get if you add {b} to {a}?",
-    "Compute {a} + {b}.",
-    "{a} + {b} = ?",
-)
-FINAL_LINE = re.compile(r"####\s*(-?\d+)")
+CITY_QUESTION = "Where does {first} live?\n{message}"
+CITY_TAG = re.compile(r"CITY: [A-Z][A-Z .'-]*")
 
 
 def contact_card(name: str, age: int, city: str) -> str:
@@ -92,15 +84,19 @@ def capital_records() -> list[dict[str, Any]]:
             for country, capital in CAPITALS]
 
 
-def sum_records(count: int, seed: int) -> list[dict[str, Any]]:
-    """SDFT records {"prompt", "demonstration", "answer"} of the final-answer-line task (answer: the sum)."""
+def city_tag(city: str) -> str:
+    return f"CITY: {city.upper()}"
+
+
+def city_records(count: int, seed: int) -> list[dict[str, Any]]:
+    """SDFT records {"prompt", "demonstration", "answer"} of the city-tag task (answer: the city)."""
     rng = random.Random(seed)
     records = []
     for _ in range(count):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        question = rng.choice(SUM_PHRASINGS).format(a=a, b=b)
-        records.append({"prompt": [{"role": "user", "content": question}],
-                        "demonstration": f"{a} + {b} = {a + b}\n#### {a + b}", "answer": a + b})
+        first, last, city = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES), rng.choice(CITIES)
+        message = rng.choice(CARD_PHRASINGS).format(name=f"{first} {last}", name_first=first, age=rng.randint(18, 79), city=city)
+        records.append({"prompt": [{"role": "user", "content": CITY_QUESTION.format(first=first, message=message)}],
+                        "demonstration": city_tag(city), "answer": city})
     return records
 
 
@@ -136,30 +132,24 @@ class ContactCardVerifier:
         return VerifierResult(0.0, "The JSON has the right keys but a wrong value.")
 
 
-def final_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
 @dataclass
-class FinalAnswerVerifier:
-    """Reward 1 when the reply's last line is `#### N` with N = `record[answer_field]`.
+class CityTagVerifier:
+    """Reward 1 when the reply is exactly `CITY: <record[answer_field] in capitals>`.
 
-    `format_score` is 1 when the last line is `#### <an integer>`, whatever the number (the format rate).
+    `format_score` is 1 when the reply is `CITY: ` and capital letters, whatever the city (the format rate).
     """
 
     answer_field: str = "answer"
 
     def format_score(self, prompt: Any, completion: str, record: Mapping[str, Any]) -> float:
-        return float(FINAL_LINE.fullmatch(final_line(completion)) is not None)
+        return float(CITY_TAG.fullmatch(completion.strip()) is not None)
 
     def __call__(self, prompt: Any, completion: str, record: Mapping[str, Any]) -> VerifierResult:
-        match = FINAL_LINE.fullmatch(final_line(completion))
-        if match is None:
-            return VerifierResult(0.0, "The reply must end with a line '#### <the answer>'.")
-        if int(match.group(1)) == int(record[self.answer_field]):
+        if not self.format_score(prompt, completion, record):
+            return VerifierResult(0.0, "The reply must be one line 'CITY: ' and the city in capital letters.")
+        if completion.strip() == city_tag(str(record[self.answer_field])):
             return VerifierResult(1.0, None)
-        return VerifierResult(0.0, "The final line has the wrong number.")
+        return VerifierResult(0.0, "The tag names the wrong city.")
 
 
 @dataclass
@@ -179,7 +169,7 @@ def write_demo_data(directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = {"contact_train.jsonl": contact_records(128, seed=1), "contact_test.jsonl": contact_records(48, seed=2),
-             "sums_train.jsonl": sum_records(128, seed=1), "sums_test.jsonl": sum_records(48, seed=2),
+             "city_train.jsonl": city_records(128, seed=1), "city_test.jsonl": city_records(48, seed=2),
              "capitals_test.jsonl": capital_records()}
     for name, records in files.items():
         with open(directory / name, "w", encoding="utf-8") as handle:

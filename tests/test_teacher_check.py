@@ -203,3 +203,20 @@ def test_axolotl_schema_takes_auto_and_candidates():
     block = _validated_block("sdft", {"teacher_template": "auto", "teacher_template_candidates": ["A:\n{demonstration}"],
                                       "teacher_check_rows": 4})
     assert block.teacher_template_candidates == ["A:\n{demonstration}"]
+
+
+def test_city_tag_task_files_are_the_generators_and_the_verifier_scores_them(tmp_path):
+    from sd_plugin.demo_task import CityTagVerifier, write_demo_data
+
+    write_demo_data(tmp_path)
+    for name in ("city_train.jsonl", "city_test.jsonl"):
+        assert (tmp_path / name).read_text() == (REPO / "example_configs" / "assets" / "data" / name).read_text()
+    rows = [json.loads(line) for line in (tmp_path / "city_train.jsonl").read_text().splitlines()]
+    verifier = CityTagVerifier()
+    assert len(rows) == 128 and all(verifier(r["prompt"], r["demonstration"], r).reward == 1.0 for r in rows)
+    row = rows[0]
+    city = row["answer"]
+    assert verifier(None, f"{row['prompt'][0]['content'].split()[2]} lives in {city}.", row).reward == 0.0
+    assert verifier.format_score(None, f"{row['prompt'][0]['content']}", row) == 0.0
+    assert verifier(None, "CITY: ATLANTIS", row).reward == 0.0 and verifier.format_score(None, "CITY: ATLANTIS", row) == 1.0
+    assert verifier(None, f"CITY: {city}", row).reward == 0.0 or city.isupper()  # not in capitals: no pass
