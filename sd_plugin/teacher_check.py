@@ -201,8 +201,8 @@ def check_teacher(
 
     `templates`: names or strings (a list) or {name: template}. `teacher()` is a context manager that yields
     the teacher module (the trainer's `Teacher.scoring`); by default `model` itself, which is the teacher of a
-    fresh LoRA run. The student log-prob is `model`'s. `max_new_tokens` caps the greedy answers (default: the
-    longest demonstration + 16 tokens).
+    fresh LoRA run. The student log-prob is `model`'s. The greedy answers stop 16 tokens after the longest
+    demonstration, or at `max_new_tokens` when that is fewer (the trainer passes max_completion_length).
     """
     from sd_plugin.evaluation import greedy_answers
     from sd_plugin.verifiers import safe_verify
@@ -232,7 +232,8 @@ def check_teacher(
             raise RecordError(index, error.reason) from None
     student_prompts = [render_ids(tokenizer, r.messages, r.tools) for r in records]
     eos = end_of_turn_ids(tokenizer, model)
-    cap = max_new_tokens or max(len(ids) for ids in demo_ids) + ANSWER_SLACK_TOKENS
+    cap = max(len(ids) for ids in demo_ids) + ANSWER_SLACK_TOKENS
+    cap = min(cap, max_new_tokens) if max_new_tokens else cap
     teacher = teacher or (lambda: contextlib.nullcontext(model))
     task_fields = [{k: v for k, v in r.extra.items()} | {"messages": r.messages} for r in records]
 
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--templates", default=None,
                         help="comma-separated template names to score (default: the configured one and the built-in candidates)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="cap of the teacher's greedy answers (default: the longest demonstration + 16)")
+                        help="cap of the teacher's greedy answers (they stop 16 tokens after the longest demonstration in any case)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the row sample")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)

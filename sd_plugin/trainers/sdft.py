@@ -141,7 +141,7 @@ class SDFTTrainer(SelfDistillationTrainer):
             chosen = result.score(result.best)
             LOG.warning("teacher_template: auto chose %s (%s)", result.best, chosen.verdict)
             self.train_dataset = self.render_teacher_prompts(self.train_dataset, chosen.template, "train")
-            if self.eval_dataset is not None and not isinstance(self.eval_dataset, dict):
+            if self.eval_dataset is not None and "sd_source_row" in getattr(self.eval_dataset, "column_names", ()):
                 self.eval_dataset = self.render_teacher_prompts(self.eval_dataset, chosen.template, "eval")
         checked = result.score(result.best if o.teacher_template == AUTO else template_name(o.teacher_template))
         if not checked.in_context_gain > 0:
