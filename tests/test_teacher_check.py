@@ -220,3 +220,24 @@ def test_city_tag_task_files_are_the_generators_and_the_verifier_scores_them(tmp
     assert verifier.format_score(None, f"{row['prompt'][0]['content']}", row) == 0.0
     assert verifier(None, "CITY: ATLANTIS", row).reward == 0.0 and verifier.format_score(None, "CITY: ATLANTIS", row) == 1.0
     assert verifier(None, f"CITY: {city}", row).reward == 0.0 or city.isupper()  # not in capitals: no pass
+
+
+def test_auto_renders_again_the_rows_of_the_axolotl_strategy(tmp_path, model, tokenizer, monkeypatch):
+    """`axolotl train` path: the dataset strategy renders with paper (the template is not chosen yet) and keeps the
+    source record; the trainer picks the template and renders every teacher prompt again before the first step."""
+    from sd_plugin.axolotl.strategies import SDFTStrategy
+
+    cfg = {"trainer_type": "sdft", "sdft": {"teacher_template": "auto"}, "output_dir": str(tmp_path)}
+    strategy = SDFTStrategy(tokenizer, cfg, {"path": "rows.jsonl"}, traces=False)
+    prepared = strategy.tokenize_prompt({key: [row[key] for row in ROWS] for key in ROWS[0]})
+    assert "sd_source_row" in prepared
+    paper_ids = prepared["teacher_input_ids"][0]
+    monkeypatch.setattr("sd_plugin.evaluation.greedy_answers", copy_for("copy"))
+    trainer = SDFTTrainer(model=model, args=SDFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True,
+                                                       teacher_template="auto", teacher_check_rows=4, max_steps=1),
+                          train_dataset=Dataset.from_dict(prepared), processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    assert trainer.teacher_template_chosen == "copy"
+    record = sdft_record(ROWS[0])
+    expected = render_ids(tokenizer, sdft_teacher_messages(record.messages, ROWS[0]["demonstration"], TEMPLATES["copy"]))
+    assert trainer.train_dataset[0]["teacher_input_ids"] == expected != paper_ids
+    assert trainer.train_dataset[0]["input_ids"] == prepared["input_ids"][0]
