@@ -135,6 +135,8 @@ def test_sdft_with_auto_template_teaches_the_city_tag_and_keeps_the_prior(demo_m
     scores = {e["step"]: e for e in trainer.state.log_history if "eval_task_reward" in e}
     before, after = scores[0], scores[steps]
     assert before["eval_task_reward"] == 0.0 and before["eval_task_format_rate"] == 0.0, before
+    # Thresholds set before a finished run of this test (the session that wrote it ran out of CPU time): the
+    # teacher check above is measured (like_this, pass 0.38 on 8 rows), the learning thresholds are not yet.
     assert after["eval_task_format_rate"] >= 0.4, after
     assert after["eval_task_reward"] >= 0.25, after
     assert after["eval_prior_reward"] >= before["eval_prior_reward"] - 0.07, (before, after)
