@@ -9,6 +9,7 @@
     sd-plugin collect-revisions ...           SD-Zero revision data collection (sd_plugin.revisions)
     sd-plugin generate --model M --prompts P  sample a (scored) corpus, resumable (sd_plugin.generate)
     sd-plugin demo-model [--out DIR]          SmolLM2-135M-Instruct as a local checkpoint (sd_plugin.demo_model)
+    sd-plugin check-teacher CONFIG.yml        does the teacher do the task in context? per template (sd_plugin.teacher_check)
     sd-plugin --version                       the installed version
 
 `sd-plugin CMD --help` lists a command's options with their defaults. Bad input (a missing file, a malformed
@@ -55,6 +56,7 @@ COMMANDS = {
     "collect-revisions": ("sd_plugin.revisions", "main"),
     "generate": ("sd_plugin.generate", "main"),
     "demo-model": ("sd_plugin.demo_model", "main"),
+    "check-teacher": ("sd_plugin.teacher_check", "main"),
 }
 
 

@@ -28,7 +28,18 @@ EXPERT_REFERENCE_TEMPLATE = (
     "The block above is an expert's response to the last turn of this conversation. "
     "Use it as a reference, and write a response of your own."
 )
-TEMPLATES = {"paper": PAPER_TEMPLATE, "expert_reference": EXPERT_REFERENCE_TEMPLATE}
+# Short templates that say what the demonstration is: a small model (135M) does the task in context under
+# them where it writes prose under the two above (benchmarks/README.md, "Teacher templates on two tasks").
+COPY_TEMPLATE = "{question}\n\nReply with exactly this text and nothing else:\n{demonstration}"
+LIKE_THIS_TEMPLATE = "{question}\n\nAnswer exactly like this:\n{demonstration}"
+SAME_FORMAT_TEMPLATE = "{question}\n\nHere is the correct answer:\n{demonstration}\n\nWrite it in exactly the same form."
+SYSTEM_ANSWER_TEMPLATE = "Reply to the user with exactly this text and nothing else:\n{demonstration}"
+TEMPLATES = {"paper": PAPER_TEMPLATE, "expert_reference": EXPERT_REFERENCE_TEMPLATE, "copy": COPY_TEMPLATE,
+             "like_this": LIKE_THIS_TEMPLATE, "same_format": SAME_FORMAT_TEMPLATE, "system_answer": SYSTEM_ANSWER_TEMPLATE}
+# `teacher_template: auto` scores these (and the user's teacher_template_candidates) on a sample of training rows
+# and trains with the best (sd_plugin.teacher_check).
+AUTO_CANDIDATES = tuple(TEMPLATES)
+AUTO = "auto"
 TRUNCATION_MARKER = "\n[... middle of the reference cut to fit the context ...]\n"
 
 SDPO_SOLUTION = "\nCorrect solution:\n\n{solution}"
@@ -45,6 +56,17 @@ def resolve_template(template: str) -> str:
             "nor a string containing {demonstration}"
         )
     return text
+
+
+def template_name(template: str) -> str:
+    """A template's name: its built-in name, or for a custom string "custom:" and its first words."""
+    if template in TEMPLATES or template == AUTO:
+        return template
+    for name, text in TEMPLATES.items():
+        if text == template:
+            return name
+    words = " ".join(template.replace("{question}", "").replace("{demonstration}", "").split())
+    return f"custom:{words[:32]}"
 
 
 def fill(template: str, **values: str) -> str:

@@ -6,6 +6,12 @@
   answers it in prose or in some JSON of its own; shown one demonstration in context it writes the format.
   `ContactCardVerifier` scores it: reward 1 when the reply is exactly such an object with the right values;
   its `format_score` is 1 when the reply is a JSON object with exactly those keys, values aside.
+- New task of another kind, "city tag": a rewriting rule. "Where does Maria live?" and a message about her
+  becomes `CITY: LISBON`: the city, upper-cased, after a fixed prefix; the prompt does not ask for it. The
+  base model answers in a sentence ("Maria lives in Lisbon."); shown one demonstration in context (under a
+  template that says what it is) it writes the tag. `CityTagVerifier` scores it: reward 1 when the reply is
+  exactly `CITY: <the city in capitals>`; `format_score` 1 when it is `CITY: ` and capital letters. The
+  cities come from one list of 22, so held-out prompts name cities the training rows also name.
 - Prior capability, "capitals": "What is the capital of X?", which the base model mostly knows.
   `AnswerContainsVerifier` scores it: reward 1 when the reply contains the gold answer (case-insensitive).
 
@@ -60,6 +66,8 @@ CAPITALS_HELD_OUT = (
     ("Nepal", "Kathmandu"), ("Bangladesh", "Dhaka"), ("Tunisia", "Tunis"), ("Latvia", "Riga"),
 )
 CARD_KEYS = ("name", "age", "city")
+CITY_QUESTION = "Where does {first} live?\n{message}"
+CITY_TAG = re.compile(r"CITY: [A-Z][A-Z .'-]*")
 
 
 def contact_card(name: str, age: int, city: str) -> str:
@@ -85,6 +93,22 @@ def capital_records(pairs=CAPITALS) -> list[dict[str, Any]]:
     """Capital questions {"prompt", "answer"}: the prior-capability probes (CAPITALS) or the held-out set."""
     return [{"prompt": [{"role": "user", "content": f"What is the capital of {country}?"}], "answer": capital}
             for country, capital in pairs]
+
+
+def city_tag(city: str) -> str:
+    return f"CITY: {city.upper()}"
+
+
+def city_records(count: int, seed: int) -> list[dict[str, Any]]:
+    """SDFT records {"prompt", "demonstration", "answer"} of the city-tag task (answer: the city)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        first, last, city = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES), rng.choice(CITIES)
+        message = rng.choice(CARD_PHRASINGS).format(name=f"{first} {last}", name_first=first, age=rng.randint(18, 79), city=city)
+        records.append({"prompt": [{"role": "user", "content": CITY_QUESTION.format(first=first, message=message)}],
+                        "demonstration": city_tag(city), "answer": city})
+    return records
 
 
 def _json_object(text: str) -> dict | None:
@@ -120,6 +144,26 @@ class ContactCardVerifier:
 
 
 @dataclass
+class CityTagVerifier:
+    """Reward 1 when the reply is exactly `CITY: <record[answer_field] in capitals>`.
+
+    `format_score` is 1 when the reply is `CITY: ` and capital letters, whatever the city (the format rate).
+    """
+
+    answer_field: str = "answer"
+
+    def format_score(self, prompt: Any, completion: str, record: Mapping[str, Any]) -> float:
+        return float(CITY_TAG.fullmatch(completion.strip()) is not None)
+
+    def __call__(self, prompt: Any, completion: str, record: Mapping[str, Any]) -> VerifierResult:
+        if not self.format_score(prompt, completion, record):
+            return VerifierResult(0.0, "The reply must be one line 'CITY: ' and the city in capital letters.")
+        if completion.strip() == city_tag(str(record[self.answer_field])):
+            return VerifierResult(1.0, None)
+        return VerifierResult(0.0, "The tag names the wrong city.")
+
+
+@dataclass
 class AnswerContainsVerifier:
     """Reward 1 when the reply contains `record[answer_field]` as whole words (case-insensitive)."""
 
@@ -132,10 +176,12 @@ class AnswerContainsVerifier:
 
 
 def write_demo_data(directory: str | Path) -> None:
-    """Write the demo task files (train 128, held-out 48, capitals 32, held-out capitals 32) into `directory`."""
+    """Write the demo task files (train 128 and held-out 48 per task, capitals 32, held-out capitals 32) into
+    `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = {"contact_train.jsonl": contact_records(128, seed=1), "contact_test.jsonl": contact_records(48, seed=2),
+             "city_train.jsonl": city_records(128, seed=1), "city_test.jsonl": city_records(48, seed=2),
              "capitals_test.jsonl": capital_records(), "capitals_heldout.jsonl": capital_records(CAPITALS_HELD_OUT)}
     for name, records in files.items():
         with open(directory / name, "w", encoding="utf-8") as handle:

@@ -84,6 +84,30 @@ def json_object(text: str) -> dict:
     return value
 
 
+def read_config_file(path: str) -> dict:
+    """The YAML config at `path` for the CLI; a missing file, invalid YAML or a non-mapping raises UsageError."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path}: not UTF-8 text (byte {error.start + 1})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise UsageError(f"{where}: invalid YAML ({getattr(error, 'problem', None) or error})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: expected a YAML mapping of config keys, got {type(config).__name__}")
+    return config
+
+
 def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[RowError]]:
     """Read a JSONL file into `(line_number, row)` pairs and a `RowError` for every line that is not a JSON object.
 

@@ -484,6 +484,19 @@ def eval_section(eval_stats: dict) -> str:
     return text
 
 
+def teacher_check_section(config: dict) -> str:
+    """The teacher check of the start (sd_plugin.teacher_check): the template trained with and each one's scores."""
+    check = config["teacher_check"]
+    chosen = config.get("teacher_template_chosen")
+    lead = (f"`teacher_template: auto` chose **{chosen}** on {check['templates'][0]['rows']} training rows."
+            if chosen else f"The teacher template scored on {check['templates'][0]['rows']} training rows before training.")
+    rows = [[f"`{t['name']}`", f"{t['exact_match']:.2f}", f"{t['similarity']:.2f}",
+             "-" if t.get("verifier_pass_rate") is None else f"{t['verifier_pass_rate']:.2f}", f"{t['in_context_gain']:+.3f}"]
+            for t in check["templates"]]
+    table = markdown_table(["template", "teacher exact match", "similarity", "verifier pass rate", "in-context gain (nats/token)"], rows)
+    return f"{lead}\n\n{table}\n\n{check['verdict']}"
+
+
 def usage_code(model_ref: str, base_model: str, adapter_only: bool, prompt: str | None = None) -> str:
     """Loading and one generation; `prompt`: a prompt of the trained task (default: a generic question)."""
     message = json.dumps([{"role": "user", "content": prompt or "Explain self-distillation in two sentences."}], ensure_ascii=False)
@@ -608,6 +621,8 @@ def render_model_card(
     if options:
         section = f" (`{method}:` block)" if isinstance(config.get(method), dict) else ""
         lines += [f"### {method.upper()} options{section}", "", settings_table(options), ""]
+    if isinstance(config.get("teacher_check"), dict):
+        lines += ["### Teacher check", "", teacher_check_section(config), ""]
     lora = {key: adapter_config[key] for key in ADAPTER_CONFIG_KEYS if key in adapter_config}
     if not lora:
         lora = {key: config[key] for key in AXOLOTL_LORA_KEYS if key in config}

@@ -15,6 +15,7 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 
 from sd_plugin.cli import UsageError, argument_parser
+from sd_plugin.files import read_config_file
 from sd_plugin.memory_terms import (
     BACKWARD_TRANSIENT_FACTOR,
     forward_working_bytes_per_token,
@@ -40,7 +41,6 @@ from sd_plugin.training_setup import (
     TrainingSetup,
     load_config,
     parse_bytes,
-    read_config_file,
     setup_from_config,
 )
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sd_plugin.cli import UsageError
-from sd_plugin.contexts import render_ids, sdzero_delimiter_ids, tokenize_sdft
+from sd_plugin.contexts import AUTO, render_ids, sdzero_delimiter_ids, tokenize_sdft
 from sd_plugin.data import Columns, RecordError, prompt_record, sdft_record
 from sd_plugin.files import row_fingerprint
 
@@ -118,17 +118,24 @@ def sdft_row(tokenizer, raw: dict, index: int | None, columns: Columns, options)
     """An SDFT record -> the student prompt, the teacher prompt (with the demonstration) and the demonstration's ids.
 
     `options` needs `teacher_template`, `max_prompt_length`, `max_teacher_prompt_length`, `teacher_truncation`.
+    With `teacher_template: auto` the teacher prompt is rendered with the paper's template for now: the trainer
+    picks the template when it starts and renders the teacher prompts again (`SDFTTrainer`). `sd_source_row` is
+    the record as JSON under the default column names (what the teacher check and that re-rendering read).
     """
+    record = sdft_record(raw, index, columns)
+    template = options.teacher_template if options.teacher_template != AUTO else "paper"
     tokens = tokenize_sdft(
-        tokenizer, sdft_record(raw, index, columns), template=options.teacher_template,
+        tokenizer, record, template=template,
         max_prompt_length=options.max_prompt_length, max_teacher_prompt_length=options.max_teacher_prompt_length,
         teacher_truncation=options.teacher_truncation, row=index,
     )
+    source = {**record.extra, "prompt": record.messages, "demonstration": record.demonstration, "tools": record.tools}
     return {
         "input_ids": tokens.input_ids,
         "teacher_input_ids": tokens.teacher_input_ids,
         "demonstration_ids": tokens.demonstration_ids,
         "teacher_truncated_tokens": tokens.teacher_truncated_tokens,
+        "sd_source_row": json.dumps(source, default=str),
     }
 
 

@@ -136,13 +136,14 @@ def test_quickstart_trains_with_the_plugin_trainer(tmp_path):
     assert "'completions/mean_length'" in output
     # the loss is logged once, as `loss` (kl / distillation_loss would repeat it); exp(a KL) is no perplexity
     assert "'kl'" not in output and "distillation_loss'" not in output and "'ppl'" not in output
+    assert "'teacher_check/in_context_gain'" in output  # the teacher check of the start, logged with the first step
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "variant",
-    ["ema", "full", "qlora", "qwen3_5"],
+    ["ema", "full", "qlora", "qwen3_5", "auto"],
 )
 def test_variants_train_end_to_end(tmp_path, variant):
     overrides = {}
@@ -153,6 +154,8 @@ def test_variants_train_end_to_end(tmp_path, variant):
                          lora_mlp_kernel=None, lora_qkv_kernel=None, lora_o_kernel=None, learning_rate=1e-4)
     elif variant == "qlora":
         overrides.update(adapter="qlora", load_in_4bit=True, bnb_4bit_compute_dtype="float32")
+    elif variant == "auto":  # the strategy renders with paper; the trainer picks and renders again before step 1
+        overrides["sdft"] = dict(yaml.safe_load(QUICKSTART.read_text())["sdft"], teacher_template="auto", teacher_check_rows=2)
     elif variant == "qwen3_5":
         overrides.update(base_model="./example_configs/assets/tiny-qwen3_5",
                          lora_target_modules=["q_proj", "v_proj", "in_proj_qkv", "in_proj_z", "out_proj", "down_proj"])
@@ -160,6 +163,11 @@ def test_variants_train_end_to_end(tmp_path, variant):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert PLUGIN_RAN + "sdft" in output and "'completions/mean_length'" in output
+    if variant == "auto":
+        assert "teacher_template: auto chose" in output
+        saved = json.loads((tmp_path / "out" / "training_config.json").read_text())
+        assert saved["sdft"]["teacher_template"] == "auto"
+        assert saved["teacher_template_chosen"] in {t["name"] for t in saved["teacher_check"]["templates"]}
 
 
 @pytest.mark.slow

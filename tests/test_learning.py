@@ -138,10 +138,50 @@ def test_sdzero_self_revision_training_raises_the_held_out_reward_of_the_demo_mo
                         per_device_train_batch_size=8, max_prompt_length=128, max_completion_length=160,
                         lr_scheduler_type="constant_with_warmup", warmup_steps=2, seed=0, logging_steps=1,
                         save_strategy="no", report_to="none", use_cpu=True, eval_prompts=str(DATA / "capitals_heldout.jsonl"),
-                        eval_verifier=verifier, eval_max_new_tokens=32)
+                        eval_verifier=verifier, eval_max_new_tokens=32, eval_num_generations=0)
     srt = SDZeroTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=str(revisions), split="train"),
                         processing_class=tokenizer, peft_config=LoraConfig(**LORA))
     srt.train()
     scores = held_out_scores(srt)
     # At least one more held-out capital answered than the base model (32 questions: 1/32 = 0.031).
     assert scores[SDZERO_SRT_STEPS] >= scores[0] + 0.03, scores
+
+
+@pytest.mark.slow
+def test_sdft_with_auto_template_teaches_the_city_tag_and_keeps_the_prior(demo_model_dir, tmp_path):
+    """The second demo task, of another kind (sd_plugin.demo_task, "city tag": "Where does Lena live?" and a message
+    -> "CITY: CAIRO"), trained with `teacher_template: auto` and the library's defaults otherwise (forward KL,
+    temperature 1, base teacher, the teacher check on 8 rows), except the learning rate, the steps, the token caps
+    and `num_loss_tokens_to_skip: 0` (the tag's first tokens are the format: README, "Settings that work for small
+    models"). The base model answers in a sentence; the trainer's teacher check picks a template under which the
+    teacher writes the tag (benchmarks/bench_teacher_templates.py), and the held-out score rises while the
+    capitals hold."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    held_out = tmp_path / "city_test.jsonl"
+    held_out.write_text("".join((DATA / "city_test.jsonl").read_text().splitlines(keepends=True)[:24]))
+    records = load_dataset("json", data_files=str(DATA / "city_train.jsonl"), split="train")
+    steps = 12
+    args = SDFTConfig(
+        output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=2, seed=0, logging_steps=1, save_strategy="no",
+        report_to="none", use_cpu=True, max_completion_length=24, max_prompt_length=256, max_teacher_prompt_length=512,
+        teacher_template="auto", num_loss_tokens_to_skip=0, eval_prompts=str(held_out),
+        eval_verifier="sd_plugin.demo_task:CityTagVerifier", prior_prompts=str(DATA / "capitals_test.jsonl"),
+        prior_verifier="sd_plugin.demo_task:AnswerContainsVerifier", eval_max_new_tokens=24, eval_num_generations=0,
+    )
+    trainer = SDFTTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    chosen = trainer.teacher_check.score(trainer.teacher_template_chosen)
+    assert chosen.name != "paper" and chosen.verifier_pass_rate > 0, trainer.teacher_check.table()
+    trainer.train()
+    scores = {e["step"]: e for e in trainer.state.log_history if "eval_task_reward" in e}
+    before, after = scores[0], scores[steps]
+    assert before["eval_task_reward"] == 0.0 and before["eval_task_format_rate"] == 0.0, before
+    # Thresholds set before a finished run of this test (the session that wrote it ran out of CPU time): the
+    # teacher check above is measured (like_this, pass 0.38 on 8 rows), the learning thresholds are not yet.
+    assert after["eval_task_format_rate"] >= 0.4, after
+    assert after["eval_task_reward"] >= 0.25, after
+    assert after["eval_prior_reward"] >= before["eval_prior_reward"] - 0.07, (before, after)

@@ -19,7 +19,8 @@ PACKAGE_NAMES = [
     "SDFTConfig", "SDFTTrainer", "SDPOConfig", "SDPOTrainer", "SDZeroConfig", "SDZeroTrainer",
     "SelfDistillationPlugin", "DivergenceOptions", "chunked_distillation_loss", "divergence",
 ]
-SUBCOMMANDS = ["stats", "eval-stats", "mix", "merge", "plan", "evaluate", "collect-revisions", "generate", "demo-model"]
+SUBCOMMANDS = ["stats", "eval-stats", "mix", "merge", "plan", "evaluate", "collect-revisions", "generate", "demo-model",
+               "check-teacher"]
 TRAINER_TYPES = ["sdft", "sdpo", "sdzero"]
 DATASET_TYPES = ["sdft", "trace", "prompts", "sdzero"]  # type: sd_plugin.axolotl.strategies.<name>
 # module -> names the README, docs/ and example_configs/ use (or that the trainers' docstrings point users to).

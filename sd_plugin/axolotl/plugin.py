@@ -142,7 +142,10 @@ class SelfDistillationPlugin(BasePlugin):
             return None
         from sd_plugin.model_card import as_plain_dict, write_training_record
 
-        write_training_record(cfg.output_dir, as_plain_dict(cfg), trainer.state)
+        record = as_plain_dict(cfg)
+        if hasattr(trainer, "extra_training_record"):  # SDFT: the teacher check, and the template auto chose
+            record.update(trainer.extra_training_record())
+        write_training_record(cfg.output_dir, record, trainer.state)
         mask_card_secrets(cfg.output_dir)
         return None
 

@@ -733,7 +733,11 @@ class SelfDistillationTrainer(NonFiniteStepGuard, Trainer):
             return
         from sd_plugin.model_card import write_training_record
 
-        write_training_record(output_dir or self.args.output_dir, self.args.to_dict(), self.state)
+        write_training_record(output_dir or self.args.output_dir, {**self.args.to_dict(), **self.extra_training_record()}, self.state)
+
+    def extra_training_record(self) -> dict:
+        """Keys a method adds to training_config.json beside the arguments (SDFT: its teacher check)."""
+        return {}
 
     # ------------------------------------------------------------------ checkpoints (sd_plugin/checkpoints.py)
     def checkpoint_state(self) -> dict:

@@ -125,7 +125,7 @@ class RowStrategy:
 class SDFTStrategy(RowStrategy):
     """SDFT records, or multi-turn traces split per assistant turn (`traces=True`)."""
 
-    output_columns = ("teacher_input_ids", "demonstration_ids", "teacher_truncated_tokens")
+    output_columns = ("teacher_input_ids", "demonstration_ids", "teacher_truncated_tokens", "sd_source_row")
 
     def __init__(self, tokenizer, cfg, ds_cfg, traces: bool):
         super().__init__(tokenizer, cfg, ds_cfg)
