@@ -88,8 +88,6 @@ class SDPOOptions(SelfDistillationOptions):
             raise ValueError("sdpo_mode=policy trains without a teacher: set teacher_model_kind: live (no teacher state is kept)")
         if not self.epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
-        if not self.distillation_weight >= 0:
-            raise ValueError(f"distillation_weight must be >= 0, got {self.distillation_weight}")
         check_reward_threshold(self.success_reward_threshold)
         check_verifier(self.verifier, self.verifier_kwargs)
         if self.mask_uncertain_teacher_tokens and self.sdpo_mode == "policy":
