@@ -31,8 +31,8 @@ def quickstart(**overrides) -> dict:
 
 
 def sdpo_config(**block) -> dict:
-    return quickstart(trainer_type="sdpo", sdft=None, sdpo={"verifier": "multiple_choice", "max_prompt_length": 384,
-                                                            "max_completion_length": 32, **block})
+    return quickstart(trainer_type="sdpo", sdft=None, micro_batch_size=8,  # completions: whole groups of 8 (TRL)
+                      sdpo={"verifier": "multiple_choice", "max_prompt_length": 384, "max_completion_length": 32, **block})
 
 
 def refusal(host_config_class, config) -> str:
