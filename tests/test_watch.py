@@ -27,7 +27,7 @@ def sdpo_trainer(tmp_path, tokenizer, quickstart_rows, monkeypatch, rewards, tru
         return Rollouts(ids, mask, groups, torch.full((6,), truncated, dtype=torch.bool))
 
     monkeypatch.setattr(SDPOTrainer, "sample", sample)
-    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=4, logging_steps=1,
+    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=6, max_steps=4, logging_steps=1,
                     max_completion_length=12, report_to="none", save_strategy="no", learning_rate=5e-3, use_cpu=True,
                     seed=0, verifier="multiple_choice", num_generations=3)
     settings.update(overrides)
