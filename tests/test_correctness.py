@@ -322,7 +322,7 @@ def test_gradient_accumulation_gives_the_same_sdpo_step_with_the_grpo_term(tmp_p
         sdpo_mode="hybrid", distillation_weight=0.5, teacher_model_kind="base")
     results = []
     for batch, accumulation in ((4, 1), (1, 4), (2, 2)):
-        args = SDPOConfig(output_dir=str(tmp_path / f"{batch}x{accumulation}"), per_device_train_batch_size=batch,
+        args = SDPOConfig(output_dir=str(tmp_path / f"{batch}x{accumulation}"), per_device_train_batch_size=2 * batch,  # completions (TRL): 2 per prompt
                           gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=10.0,
                           lr_scheduler_type="constant", max_grad_norm=1e9, report_to="none", save_strategy="no",
                           use_cpu=True, seed=0, liger_loss=False, verifier="multiple_choice", num_generations=2, **mode)
