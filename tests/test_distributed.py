@@ -136,7 +136,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 @pytest.mark.slow
 def test_sdpo_grpo_term_is_the_same_step_on_two_processes_and_with_accumulation(tmp_path):
     """SDPO with its GRPO term (policy and hybrid): 2 processes x 2 prompts, 1 x 4 and 4 micro-batches x 1 take the
-    same SGD steps. Two scripted rollouts per prompt of different lengths (`scripted_grouped_rollouts`), so the
+    same SGD steps (batch sizes count completions, 2 per prompt, as in TRL).
+    Two scripted rollouts per prompt of different lengths (`scripted_grouped_rollouts`), so the
     processes and micro-batches hold different token counts, and the GRPO term must divide by the step's total."""
     import json
 
@@ -144,12 +145,12 @@ def test_sdpo_grpo_term_is_the_same_step_on_two_processes_and_with_accumulation(
             "--learning-rate", "1.0"]
     modes = ("policy", "hybrid")
     jobs = tmp_path / "jobs.json"
-    jobs.write_text(json.dumps([[str(tmp_path / f"two-{m}"), *sdpo, "--sdpo-mode", m, "--batch-size", "2"] for m in modes]))
+    jobs.write_text(json.dumps([[str(tmp_path / f"two-{m}"), *sdpo, "--sdpo-mode", m, "--batch-size", "4"] for m in modes]))
     torchrun(TRAIN, "--jobs", str(jobs))
     single = tmp_path / "single.json"
     single.write_text(json.dumps(
-        [[str(tmp_path / f"one-{m}"), *sdpo, "--sdpo-mode", m, "--batch-size", "4"] for m in modes]
-        + [[str(tmp_path / f"accumulated-{m}"), *sdpo, "--sdpo-mode", m, "--batch-size", "1", "--grad-accum", "4"]
+        [[str(tmp_path / f"one-{m}"), *sdpo, "--sdpo-mode", m, "--batch-size", "8"] for m in modes]
+        + [[str(tmp_path / f"accumulated-{m}"), *sdpo, "--sdpo-mode", m, "--batch-size", "2", "--grad-accum", "4"]
            for m in modes]))
     run([sys.executable, str(TRAIN), "--jobs", str(single)])
     for mode in modes:

@@ -1,8 +1,9 @@
 """Learning on a real model (SmolLM2-135M-Instruct, `sd-plugin demo-model`): tests that fail when learning breaks.
 
 The contact-card task (sd_plugin.demo_task): a message about a person becomes one line of JSON; the prompt
-does not describe the format, so the base model scores 0. The SFT and SDFT tests are runs of
-`benchmarks/bench_sft_vs_sdft.py` (same data, LoRA, seed and settings), scored here on the first 24 of its 48
+does not describe the format, so the base model scores 0. The SDFT test is a run of
+`benchmarks/bench_sft_vs_sdft.py` (same data, LoRA, seed and settings; its SFT rows are the comparison, left to
+the benchmark for suite time), scored here on the first 24 of its 48
 held-out cards to keep the test short; the SDPO test is `benchmarks/bench_sdpo_demo.py`'s hybrid run on the
 capital questions; the SD-Zero test is `benchmarks/bench_sdzero_demo.py`'s collection and SRT phase. Fixed seed, CPU,
 fp32.
@@ -48,15 +49,6 @@ def train_on_contact_cards(demo_model_dir, tmp_path, prior: bool = False, **sett
                           peft_config=LoraConfig(**LORA))
     trainer.train()
     return {e["step"]: e for e in trainer.state.log_history if "eval_task_reward" in e}
-
-
-@pytest.mark.slow
-def test_cross_entropy_rows_teach_the_demo_model_the_held_out_task(demo_model_dir, tmp_path):
-    """Plain SFT rows (`lambda_on_policy: 0`): the bench's sft/lr0.0003/seed0 row (0 -> 0.958 on 48 cards)."""
-    scores = train_on_contact_cards(demo_model_dir, tmp_path, lambda_on_policy=0.0, learning_rate=3e-4)
-    assert scores[0]["eval_task_reward"] == 0.0 and scores[0]["eval_task_format_rate"] == 0.0
-    assert scores[STEPS]["eval_task_format_rate"] >= 0.75
-    assert scores[STEPS]["eval_task_reward"] >= 0.5
 
 
 @pytest.mark.slow

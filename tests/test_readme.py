@@ -32,11 +32,19 @@ def python_snippet() -> str:
 
 @pytest.mark.slow
 def test_python_snippet_is_the_quickstart_and_runs(demo_model_dir, tmp_path, monkeypatch, capsys):
-    """The snippet as printed, with the demo model from the test cache, 2 steps and a temporary output folder."""
+    """The snippet as printed, with the demo model from the test cache, 2 steps, a temporary output folder and the
+    first 4 rows of each held-out set (the full sets are the quickstart's, scored in tests/test_learning.py)."""
     code = python_snippet()
-    for setting in ('"outputs/SmolLM2-135M-Instruct"', "max_steps=16", 'output_dir="outputs/quickstart-python"', "trainer.save_model()"):
+    for setting in ('"outputs/SmolLM2-135M-Instruct"', '"example_configs/assets/data"', "max_steps=16",
+                    'output_dir="outputs/quickstart-python"', "trainer.save_model()"):
         assert setting in code, setting
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("contact_train.jsonl", "contact_test.jsonl", "capitals_test.jsonl"):
+        lines = (REPO / "example_configs" / "assets" / "data" / name).read_text().splitlines(keepends=True)
+        (data / name).write_text("".join(lines if name.endswith("_train.jsonl") else lines[:4]))
     code = (code.replace('"outputs/SmolLM2-135M-Instruct"', repr(str(demo_model_dir)))
+                .replace('"example_configs/assets/data"', repr(str(data)))
                 .replace("max_steps=16", "max_steps=2")
                 .replace('output_dir="outputs/quickstart-python"', f"output_dir={str(tmp_path / 'run')!r}"))
     monkeypatch.chdir(REPO)

@@ -100,7 +100,7 @@ def test_a_run_cut_inside_a_checkpoint_or_killed_at_random_moments_ends_where_th
                      load_file(tmp_path / "first" / "out" / LAST / "adapter_model.safetensors"))
     assert_identical(teacher_state(tmp_path / "cut"), teacher_state(tmp_path / "first"))
 
-    # SIGKILLed at a random moment of that window, up to three times, each time `axolotl train` again with
+    # SIGKILLed at a random moment of that window, up to twice, each time `axolotl train` again with
     # auto_resume_from_checkpoints, then once more to the end. A kill inside a checkpoint save leaves an incomplete
     # checkpoint, which the next run must pass over for the previous complete one. (A kill after the last
     # checkpoint ends the series: resuming a finished run makes transformers train one step more.)
@@ -112,15 +112,18 @@ def test_a_run_cut_inside_a_checkpoint_or_killed_at_random_moments_ends_where_th
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     kills = []
-    for attempt in range(1, 4):
+    for attempt in range(1, 3):
         if complete(out / LAST):
             break
         process = start_axolotl(path, tmp_path / f"killed-{attempt}.log")
         try:
             wait_for_training(process, out, attempt, tmp_path / f"killed-{attempt}.log")
             time.sleep(rng.uniform(0.0, window))
-            kills.append(process.poll() is None)
-            os.killpg(process.pid, signal.SIGKILL)
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+                kills.append(process.wait() == -signal.SIGKILL)
+            except ProcessLookupError:  # it had already ended (the window was measured on another run)
+                kills.append(False)
         finally:
             process.wait()
     story = f"seed {seed}, window {window:.1f} s, kills that hit a running process: {kills}"

@@ -616,13 +616,21 @@ def test_python_tests_children_that_leave_the_process_group_die_with_the_sandbox
 
 
 def _bounded_forks(max_processes: int) -> VerifierResult:
+    """RLIMIT_NPROC counts every process of the sandbox's uid (65534) on the machine, so sandboxed jobs of the other
+    xdist worker can use the whole budget for a moment and the first fork fails: try again a few times, and skip
+    when the budget stays taken."""
     code = BYPASS_PREAMBLE + (
         "forked = 0\nfor _ in range(40):\n    pid = libc.fork()\n"
         "    if pid == 0:\n        time.sleep(30)\n        libc._exit(0)\n"
         "    if pid < 0:\n        break\n    forked += 1\n"
     )
     record = {"tests": [f"assert 1 <= forked < {max_processes}, forked"]}
-    return PythonTestsVerifier(timeout=3.0, max_processes=max_processes)("q", _py(code), record)
+    for _ in range(10):
+        result = PythonTestsVerifier(timeout=3.0, max_processes=max_processes)("q", _py(code), record)
+        if result != (0.0, "AssertionError: 0"):
+            return result
+        time.sleep(1.0)
+    pytest.skip("other processes of uid 65534 held the whole process budget for 10 tries: no fork possible")
 
 
 def test_python_tests_process_limit_caps_forks_that_bypass_the_python_block():
