@@ -50,7 +50,7 @@ def test_python_snippet_is_the_quickstart_and_runs(demo_model_dir, tmp_path, mon
     monkeypatch.chdir(REPO)
     exec(compile(code, "README.md (Python API)", "exec"), {})
     printed = capsys.readouterr().out
-    assert "Held-out evaluation (greedy): step 0 -> step 2" in printed
+    assert "Held-out evaluation: step 0 -> step 2 (greedy; sampled: 1 per prompt" in printed
     assert "task" in printed and "prior" in printed
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "run" / "training_config.json").is_file()
