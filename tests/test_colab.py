@@ -12,7 +12,9 @@ COLAB = REPO / "colab"
 NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
 # Text each notebook must print in smoke mode: proof that its main steps ran, not just that no cell failed.
 KEY_OUTPUTS = {
-    "sdft_quickstart": ["loss=", "dry run: would write: ", "saved tensors: BF16 x25",
+    "sdft_quickstart": ["loss=", "teacher template chosen by the teacher check: ",
+                        "Held-out evaluation: step 0 -> step 4 (greedy; sampled: 1 per prompt",
+                        "dry run: would write: ", "saved tensors: BF16 x25",
                         "artifact        max|from disk - base+adapter|", "not pushed: smoke mode"],
     "round2_mixer": ["effective groups", "wrote 400 rows to", "identical to the mix above: True", "AUC (scenario)",
                      "SDFT on the mixed corpus: 400 records, 2 steps"],
@@ -27,10 +29,18 @@ def read(path: Path):
     return nbformat.read(str(path), as_version=nbformat.NO_CONVERT)
 
 
-def parameters_source(path: Path) -> str:
-    cells = [cell for cell in read(path).cells if "parameters" in cell.metadata.get("tags", [])]
-    assert len(cells) == 1, f"{path.name}: expected one cell tagged 'parameters', found {len(cells)}"
+def tagged_source(path: Path, tag: str) -> str:
+    cells = [cell for cell in read(path).cells if tag in cell.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{path.name}: expected one cell tagged {tag!r}, found {len(cells)}"
     return cells[0].source
+
+
+def parameters_source(path: Path) -> str:
+    return tagged_source(path, "parameters")
+
+
+def install_source(path: Path) -> str:
+    return tagged_source(path, "install")
 
 
 def test_every_notebook_is_executed_by_this_file():
@@ -51,10 +61,17 @@ def test_notebook_is_valid_nbformat_v4_with_cleared_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
-def test_installs_are_guarded_and_the_repository_url_is_a_placeholder(path):
+def test_the_first_code_cell_installs_from_sd_plugin_source_and_installs_are_guarded(path):
     notebook = read(path)
-    source = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
-    assert 'REPO_URL = "https://github.com/YOUR-ORG/sd-plugin.git"' in parameters_source(path)
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    source = "\n".join(cell.source for cell in code_cells)
+    assert code_cells[0].source == install_source(path), f"{path.name}: the install cell is not the first code cell"
+    assert 'SD_PLUGIN_SOURCE = os.environ.get("SD_PLUGIN_SOURCE", "")' in install_source(path)
+    assert "REPO_URL" not in source and "YOUR-ORG" not in source
+    # The markdown before it says what to set and when to restart.
+    before = notebook.cells[notebook.cells.index(code_cells[0]) - 1]
+    assert before.cell_type == "markdown" and "`SD_PLUGIN_SOURCE`" in before.source
+    assert "Runtime > Restart session" in before.source
     assert "!pip" not in source and "%pip" not in source
     install_lines = [line for line in source.splitlines() if "pip_install(" in line and not line.startswith("def ")]
     assert install_lines, f"{path.name}: no install cell"
@@ -62,8 +79,73 @@ def test_installs_are_guarded_and_the_repository_url_is_a_placeholder(path):
     assert all(line.startswith("    ") for line in install_lines), install_lines
     install_cell = next(cell.source for cell in notebook.cells if "pip_install(" in cell.source)
     assert "\nif IN_COLAB:\n" in install_cell
-    if "unsloth" in install_cell:
-        assert "    if not SMOKE:\n        pip_install(\"unsloth\")" in install_cell
+    if 'pip_install("unsloth")' in install_cell:
+        assert "    if INSTALL_UNSLOTH:\n        pip_install(\"unsloth\")" in install_cell
+
+
+class FakeColab:
+    """The install cell run as in Colab, offline: google.colab present, every subprocess (nvidia-smi, git, pip)
+    recorded instead of run, and the installed versions of the watched packages as `versions` says."""
+
+    def __init__(self, monkeypatch, versions_after: dict | None = None):
+        import importlib.metadata
+        import importlib.util
+        import subprocess
+        import types
+
+        self.commands, self.installed = [], False
+        real_find_spec, real_version = importlib.util.find_spec, importlib.metadata.version
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: object() if name == "google.colab" else real_find_spec(name, *a))
+
+        def version(name):
+            if self.installed and versions_after and name in versions_after:
+                return versions_after[name]
+            return real_version(name)
+
+        def run(command, **kwargs):
+            self.commands.append(list(command))
+            self.installed = self.installed or "pip" in command
+            return types.SimpleNamespace(returncode=1)  # nvidia-smi: no GPU
+
+        monkeypatch.setattr(importlib.metadata, "version", version)
+        monkeypatch.setattr(subprocess, "run", run)
+        monkeypatch.setenv("SD_PLUGIN_SMOKE", "1")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_in_colab_an_unset_source_is_an_error_naming_sd_plugin_source(path, monkeypatch):
+    FakeColab(monkeypatch)
+    monkeypatch.delenv("SD_PLUGIN_SOURCE", raising=False)
+    with pytest.raises(ValueError, match="set SD_PLUGIN_SOURCE"):
+        exec(compile(install_source(path), f"{path.name}:install", "exec"), {})
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_in_colab_a_git_source_is_cloned_and_installed_without_a_restart(path, monkeypatch, capsys):
+    if Path("/content/sd-plugin").exists():
+        pytest.skip("a real /content/sd-plugin exists here")
+    colab = FakeColab(monkeypatch)
+    monkeypatch.setenv("SD_PLUGIN_SOURCE", "https://github.com/someone/sd-plugin.git@v0.3")
+    exec(compile(install_source(path), f"{path.name}:install", "exec"), {})
+    assert ["git", "clone", "--depth", "1", "--branch", "v0.3", "https://github.com/someone/sd-plugin.git",
+            "/content/sd-plugin"] in colab.commands
+    pip = [command for command in colab.commands if "pip" in command]
+    assert pip[-1][-2:] == ["-e", "/content/sd-plugin" + ("" if path.stem == "round2_mixer" else "[hub]")]
+    assert not any("unsloth" in command for command in pip)  # smoke mode: no Unsloth
+    assert "no restart needed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_in_colab_replacing_an_imported_package_asks_for_a_restart(path, monkeypatch):
+    if Path("/content/sd-plugin").exists():
+        pytest.skip("a real /content/sd-plugin exists here")
+    import torch  # noqa: F401  (imported in this process, as by an earlier cell)
+
+    FakeColab(monkeypatch, versions_after={"torch": "0.0.1+other"})
+    monkeypatch.setenv("SD_PLUGIN_SOURCE", "https://github.com/someone/sd-plugin.git")
+    with pytest.raises(SystemExit, match=r"RESTART NEEDED: .*torch.*Runtime > Restart session, then run from the next cell"):
+        exec(compile(install_source(path), f"{path.name}:install", "exec"), {})
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
@@ -80,6 +162,11 @@ def test_smoke_switch_follows_the_environment(path, setting, expected, monkeypat
         assert namespace["SMOKE"] is (not namespace["cuda_gpu_present"]())
     else:
         assert namespace["SMOKE"] is expected
+    # The install cell's rule for Unsloth (the GPU path) is the same switch: installed exactly when not SMOKE.
+    install = {}
+    exec(compile(install_source(path), f"{path.name}:install", "exec"), install)
+    if 'pip_install("unsloth")' in install_source(path):
+        assert install["INSTALL_UNSLOTH"] is (not namespace["SMOKE"])
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
@@ -141,6 +228,7 @@ def test_notebook_runs_end_to_end_in_smoke_mode(name, kernel_name, tmp_path, mon
 
     text, images, errors = output_text(notebook)
     assert errors == []
+    assert "not in Colab: nothing installed" in text
     assert "SMOKE=True IN_COLAB=False" in text and f"repository: {REPO}" in text
     for expected in KEY_OUTPUTS[name]:
         assert expected in text, f"{name}: {expected!r} not in the output"

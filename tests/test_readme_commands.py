@@ -68,7 +68,7 @@ BLOCKS = {
     "bash: python -c \"import torch; print(torch.__version__, torch.cuda.is_available())\"   # a +cu... version, "
     "True": NotHere("a GPU machine's install (CUDA torch, pip from the network); benchmarks/gpu_check.py's install "
                     "step is tests/test_gpu_check_install.py"),
-    "bash: !git clone --depth N REPO_URL /content/sd-plugin": NotHere(
+    "bash: !git clone --depth N $SD_PLUGIN_SOURCE /content/sd-plugin": NotHere(
         "Colab cell magics (network, Colab's CUDA torch); the notebooks are tests/test_colab.py"),
     "bash: bash .ci/run": NotHere("the whole suite with its install: it runs this file"),
     "python: from datasets import load_dataset": NotHere(
