@@ -114,6 +114,20 @@ def test_collapse_watch_flags_a_falling_training_reward():
     assert feed(CollapseWatch(), [{"self_distillation/success_fraction": r} for r in (0.5, 0.6, 0.55, 0.5, 0.5, 0.6, 0.7)]) == []
 
 
+def test_collapse_watch_fires_on_the_measured_sdpo_collapse_and_not_on_the_hybrid():
+    """The training rewards benchmarks/README.md reports on the demo model ("SDPO on a real model"): distillation
+    only at the paper's settings (0.31 -> 0.00) must warn by step 6; the hybrid's rise must not."""
+    paper = (0.312, 0.438, 0.438, 0.188, 0.0, 0.0, 0.062, 0.125)
+    low_temperature = (0.688, 0.688, 0.688, 0.625, 0.688, 0.438, 0.125, 0.0)  # T 0.7, lr 3e-4: falls at steps 6-8
+    for series, by_step in ((paper, 6), (low_temperature, 7)):
+        watch = CollapseWatch()
+        steps = [step for step, reward in enumerate(series, start=1)
+                 if watch.observe(step, {"self_distillation/reward_mean": reward})]
+        assert steps and steps[0] <= by_step, (series, steps)
+    hybrid = (0.312, 0.438, 0.625, 0.625, 0.812, 0.688, 0.938, 0.812)
+    assert feed(CollapseWatch(), [{"self_distillation/reward_mean": r} for r in hybrid]) == []
+
+
 @pytest.mark.parametrize("key", ["completions/mean_length", "sampled_token_entropy"])
 def test_collapse_watch_flags_drift_from_step_zero(key):
     found = feed(CollapseWatch(), [{key: v} for v in (20.0, 22.0, 30.0, 45.0, 50.0, 52.0)])
