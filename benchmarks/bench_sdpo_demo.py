@@ -151,10 +151,12 @@ def trl(args, options: dict, seed: int):
     trainer = SDPOTrainer(model=model, reward_funcs=capital_reward, args=config, train_dataset=data,
                           processing_class=tokenizer, peft_config=peft_config)
     trainer.train()
-    # TRL's SDPOTrainer logs the reward under the same name as ours.
-    history = [{"step": e["step"], "reward": e["self_distillation/reward_mean"], "length": e["completions/mean_length"],
-                "clipped": e["completions/clipped_ratio"]}
-               for e in trainer.state.log_history if "self_distillation/reward_mean" in e]
+    # TRL's SDPOTrainer logs the reward under the same name as ours (GRPO's `reward` where that is missing).
+    history = [{"step": e["step"], "reward": e.get("self_distillation/reward_mean", e.get("reward")),
+                "length": e["completions/mean_length"], "clipped": e["completions/clipped_ratio"]}
+               for e in trainer.state.log_history if "completions/mean_length" in e]
+    if not history or any(h["reward"] is None for h in history):
+        raise RuntimeError(f"no training reward in TRL's log history; keys logged: {sorted(trainer.state.log_history[0])}")
     return trainer, history
 
 
@@ -246,17 +248,26 @@ def format_diagnosis(label: str, diagnosis: dict) -> str:
     return "\n".join(lines)
 
 
+def watch_summary(row: dict) -> str:
+    """The collapse watch's first warning on the training reward, or '-' (not recorded for TRL and older rows)."""
+    if "collapse_warnings" not in row:
+        return "not recorded"
+    steps = [f["step"] for f in row["collapse_warnings"] if f["metric"].startswith("self_distillation/")]
+    return f"warned at step {steps[0]}" if steps else "silent"
+
+
 def report(path: Path, plot: Path | None) -> str:
     rows = read_results(path)
     runs = [r for r in rows if "history" in r]
-    lines = ["| run | reward per step | first 3 -> last 3 steps | held-out greedy before -> after | length first -> last | s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | reward per step | first 3 -> last 3 steps | held-out greedy before -> after | length first -> last | "
+             "collapse watch | s |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         rewards = [h["reward"] for h in r["history"]]
         first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
         held = f"{r['held_out_before']:.3f} -> {r['held_out_after']:.3f}" if r.get("held_out_after") is not None else "-"
         lines.append(f"| {r['key']} | {' '.join(f'{x:.2f}' for x in rewards)} | {first:.2f} -> {last:.2f} | {held} | "
-                     f"{r['history'][0]['length']:.1f} -> {r['history'][-1]['length']:.1f} | {r['seconds']:.0f} |")
+                     f"{r['history'][0]['length']:.1f} -> {r['history'][-1]['length']:.1f} | {watch_summary(r)} | "
+                     f"{r['seconds']:.0f} |")
     for r in rows:
         if "diagnosis" in r:
             lines.append(format_diagnosis(r["key"], r["diagnosis"]))
@@ -339,6 +350,8 @@ def main(argv=None) -> int:
             trainer, history = trl(args, options, args.seed)
         row["history"] = history
         row["seconds"] = round(time.time() - start, 1)
+        if args.trainer == "ours":  # what the product said during the run (sd_plugin.watch.CollapseWatch)
+            row["collapse_warnings"] = trainer.collapse_watch.findings
         if held_out:
             row["held_out_after"] = held_out_pass_rate(trainer.model, trainer.processing_class, args.max_completion_length)
         if args.diagnose_after and args.trainer == "ours":
