@@ -65,11 +65,13 @@ BLOCKS = {
     "bash: sd-plugin check-teacher CONFIG.yml [--rows N] [--templates paper,copy,...] [--max-new-tokens N] [--json]":
         NotHere("a synopsis, not a command: test_the_check_teacher_synopsis_names_real_options checks that every "
                 "option it names is in `sd-plugin check-teacher --help`"),
-    "bash: python -c \"import torch; print(torch.__version__, torch.cuda.is_available())\"   # a +cu... version, "
+    "bash: python -c \"import torch; print(torch.__version__, torch.cuda.is_available())\" # a +cu... version, "
     "True": NotHere("a GPU machine's install (CUDA torch, pip from the network); benchmarks/gpu_check.py's install "
                     "step is tests/test_gpu_check_install.py"),
     "bash: !git clone --depth N $SD_PLUGIN_SOURCE /content/sd-plugin": NotHere(
         "Colab cell magics (network, Colab's CUDA torch); the notebooks are tests/test_colab.py"),
+    "bash: sd-plugin check-teacher my_config.yml --rows N # about a minute for a NM model on N CPU cores": NotHere(
+        "the user's own config: the same command on the quickstart's config runs here (its output block above)"),
     "bash: bash .ci/run": NotHere("the whole suite with its install: it runs this file"),
     "python: from datasets import load_dataset": NotHere(
         "Python, not a shell command: tests/test_readme.py::test_python_snippet_is_the_quickstart_and_runs"),
@@ -106,7 +108,7 @@ def fenced_blocks(text: str = README) -> list[tuple[str, str, int]]:
 
 
 def block_key(language: str, body: str) -> str:
-    return f"{language}: " + re.sub(r"\d+(?:\.\d+)*", "N", body.splitlines()[0].rstrip())
+    return f"{language}: " + " ".join(re.sub(r"\d+(?:\.\d+)*", "N", body.splitlines()[0]).split())
 
 
 def blocks_of(kind: type) -> list[tuple[str, str, int]]:
