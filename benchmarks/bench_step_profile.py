@@ -20,6 +20,7 @@ shows each phase per step over the steps after it, and step 1 separately.
     python -m sd_plugin.cli demo-model --out outputs/SmolLM2-135M-Instruct     # once
     python benchmarks/bench_step_profile.py                    # SDFT and SDPO, 3 steps each
     python benchmarks/bench_step_profile.py --methods sdft --steps 2 --no-eval
+    python benchmarks/bench_step_profile.py --methods sdft,trl-sdft --no-eval   # ours and TRL's SDFTTrainer, same rows
 """
 
 from __future__ import annotations
@@ -143,12 +144,60 @@ def build_trainer(method: str, model_dir: str, steps: int, evaluation: bool):
                        peft_config=lora)
 
 
+def build_trl_sdft(model_dir: str, steps: int):
+    """TRL's SDFTTrainer on the quickstart's rows and settings: 4 prompts x 1 rollout of 32 tokens, the same
+    teacher template (TRL's `{prompt}` / `{privileged_context}`), forward KL on full logits, base-model teacher,
+    LoRA r8, fp32 and no gradient checkpointing like ours (TRL's defaults on a CPU are bf16 autocast and
+    checkpointing). TRL has no held-out evaluation."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.sdft import SDFTConfig as TRLConfig
+    from trl.experimental.sdft import SDFTTrainer as TRLTrainer
+
+    from sd_plugin.testing import read_jsonl
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    records = [{"prompt": row["prompt"], "privileged_context": row["demonstration"]}
+               for row in read_jsonl(DATA / "contact_train.jsonl")]
+    args = TRLConfig(output_dir=tempfile.mkdtemp(prefix="bench_step_profile_trl_"), max_steps=steps,
+                     per_device_train_batch_size=4, num_generations=1, learning_rate=1e-3,
+                     lr_scheduler_type="constant_with_warmup", warmup_steps=2, weight_decay=0.0, max_grad_norm=1.0,
+                     seed=42, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+                     bf16=False, gradient_checkpointing=False, temperature=1.0, top_p=1.0, max_prompt_length=256,
+                     max_completion_length=32, teacher_model_kind="base", distillation_alpha=0.0,
+                     distillation_mode="full_logits", num_loss_tokens_to_skip=0,
+                     teacher_prompt_template="{prompt}\n\nAnswer with one line of JSON exactly like this:\n{privileged_context}")
+    return TRLTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
+                      peft_config=lora)
+
+
+def profile_trl(model_dir: str, steps: int) -> PhaseClock:
+    import torch
+
+    clock = PhaseClock()
+    trainer = build_trl_sdft(model_dir, steps)
+    clock.wrap(trainer, "_generate", "rollout generation")
+    clock.wrap(trainer, "_forward_logits", lambda *a, **k: "student forward" if torch.is_grad_enabled() else "teacher forward")
+    clock.wrap(trainer, "_compute_self_distillation_loss", "loss forward")
+    clock.wrap(trainer.accelerator, "backward", "backward")
+    trainer.add_callback(clock.callback())
+    trainer.train()
+    return clock
+
+
 def profile(method: str, model_dir: str, steps: int, evaluation: bool) -> PhaseClock:
     import torch
 
     import sd_plugin.trainers.base as base
     from sd_plugin.evaluation import GenerationEvaluation
 
+    if method == "trl-sdft":
+        return profile_trl(model_dir, steps)
     clock = PhaseClock()
     saved = {name: getattr(base, name) for name in ("completion_hidden_states", "chunked_distillation_loss")}
     trainer = build_trainer(method, model_dir, steps, evaluation)
@@ -199,7 +248,7 @@ def print_table(method: str, clock: PhaseClock) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "outputs" / "SmolLM2-135M-Instruct"), help="sd-plugin demo-model output")
-    parser.add_argument("--methods", default="sdft,sdpo")
+    parser.add_argument("--methods", default="sdft,sdpo", help="sdft, sdpo, trl-sdft (TRL's SDFTTrainer, quickstart rows)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per method (the first is a warm-up)")
     parser.add_argument("--no-eval", dest="evaluation", action="store_false", help="SDFT without the held-out evaluation")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
@@ -209,8 +258,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        if method not in ("sdft", "sdpo"):
-            parser.error(f"unknown method {method!r}: use sdft and/or sdpo")
+        if method not in ("sdft", "sdpo", "trl-sdft"):
+            parser.error(f"unknown method {method!r}: use sdft, sdpo and/or trl-sdft")
         start = time.perf_counter()
         clock = profile(method, args.model, args.steps, args.evaluation)
         print_table(method, clock)
