@@ -240,6 +240,22 @@ def evaluation_table(history: dict[int, dict[str, dict[str, float]]], sets: list
     return "\n".join(lines)
 
 
+def no_gain_warnings(history: dict[int, dict[str, dict[str, float]]], set_name: str = "task") -> list[str]:
+    """What did not rise on the task set between the first and the last evaluation: the greedy reward, and the
+    sampled one (a model can learn to answer greedily and still not when sampled). Empty when both rose or when
+    there is no task set or only one evaluation."""
+    steps = sorted(history)
+    if len(steps) < 2 or set_name not in history[steps[0]] or set_name not in history[steps[-1]]:
+        return []
+    before, after = history[steps[0]][set_name], history[steps[-1]][set_name]
+    found = []
+    for key, what in (("reward", "greedy answers"), ("sampled_reward", "sampled answers")):
+        if key in before and key in after and not after[key] > before[key]:
+            found.append(f"held-out {set_name} {key} did not rise ({before[key]:.3f} at step {steps[0]} -> {after[key]:.3f} "
+                         f"at step {steps[-1]}): on {what} this run did not learn the task")
+    return found
+
+
 def evaluation_record(history: dict[int, dict[str, dict[str, float]]], sets: list[PromptSet],
                       settings: EvaluationSettings, labels: tuple[str, str] | None = None) -> dict:
     """What `eval_results.json` holds (and the model card's `model-index` reads): settings, sets with their
@@ -320,6 +336,9 @@ class GenerationEvaluation(TrainerCallback):
         self.evaluate(args, state, control)
         if state.is_world_process_zero:
             print(self.table(), flush=True)
+            for message in no_gain_warnings(self.history):
+                LOG.warning("%s. Check the teacher (sd-plugin check-teacher, teacher_template: auto), train longer or at a "
+                            "lower learning rate; for sampled answers, sample at a lower temperature.", message)
             if args.should_save:
                 write_evaluation_record(args.output_dir, self.record())
 

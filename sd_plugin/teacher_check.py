@@ -146,6 +146,11 @@ def similarity(answer: str, demonstration: str) -> float:
     return difflib.SequenceMatcher(None, normalised(answer), normalised(demonstration), autojunk=False).ratio()
 
 
+def cannot_teach(score: TemplateScore) -> bool:
+    """The teacher neither does the task on any checked row nor comes close (the verdict "SDFT cannot teach it")."""
+    return score.done_rate == 0 and score.similarity < 0.8
+
+
 def template_verdict(score: TemplateScore) -> str:
     """One line in words: can SDFT teach with this template?"""
     if not math.isfinite(score.in_context_gain) or score.in_context_gain <= 0:

@@ -1,6 +1,7 @@
 """Evaluation during training: greedy answers to held-out prompt sets, scored, logged, and tabled before/after."""
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -36,12 +37,18 @@ def make_args(tmp_path, **overrides):
     return SDFTConfig(**settings)
 
 
-def test_evaluation_runs_at_step_zero_every_n_steps_and_at_the_end_and_logs_metrics(tmp_path, tokenizer, quickstart_rows, capsys):
+def test_evaluation_runs_at_step_zero_every_n_steps_and_at_the_end_and_logs_metrics(tmp_path, tokenizer, quickstart_rows, capsys,
+                                                                                    caplog):
     rows = Dataset.from_list([{"prompt": r["prompt"], "demonstration": r["demonstration"]} for r in quickstart_rows[:4]])
     args = make_args(tmp_path, eval_generation_steps=1, eval_num_generations=3, eval_temperature=0.5)
     trainer = SDFTTrainer(model=build_model("qwen3", tokenizer), args=args,
                           train_dataset=rows, processing_class=tokenizer)
-    trainer.train()
+    with caplog.at_level(logging.WARNING, logger="sd_plugin"):
+        trainer.train()
+    # The random tiny model writes no card before or after: the run ends saying so, for greedy and sampled answers.
+    warned = [r.getMessage() for r in caplog.records if "did not learn the task" in r.getMessage()]
+    assert len(warned) == 2 and "held-out task reward did not rise (0.000 at step 0 -> 0.000 at step 2)" in warned[0]
+    assert "sampled_reward" in warned[1] and "sampled answers" in warned[1]
     evaluated = {entry["step"]: entry for entry in trainer.state.log_history if "eval_task_reward" in entry}
     assert sorted(evaluated) == [0, 1, 2]
     for key in ("eval_task_reward", "eval_task_pass_rate", "eval_task_format_rate", "eval_task_completion_length",
@@ -201,6 +208,21 @@ def test_evaluation_scores_the_text_training_verifies(tmp_path, tokenizer, monke
                                 end_of_turn_ids=[tokenizer.eos_token_id], success_reward_threshold=1.0)
     assert texts == [verdict.text] and verdict.reward == 1.0
     assert metrics["reward"] == 1.0 and metrics["pass_rate"] == 1.0
+
+
+def test_a_run_whose_task_score_did_not_rise_is_named_greedy_and_sampled_apart():
+    from sd_plugin.evaluation import no_gain_warnings
+
+    def history(greedy, sampled):
+        return {0: {"task": {"reward": 0.0, "sampled_reward": 0.0}, "prior": {"reward": 0.75}},
+                16: {"task": {"reward": greedy, "sampled_reward": sampled}, "prior": {"reward": 0.5}}}
+
+    assert no_gain_warnings(history(0.583, 0.1)) == []  # the prior's fall is the collapse watch's to report
+    only_sampled = no_gain_warnings(history(0.583, 0.0))  # the quickstart's case: greedy learned, samples did not
+    assert len(only_sampled) == 1 and "sampled_reward did not rise (0.000 at step 0 -> 0.000 at step 16)" in only_sampled[0]
+    assert len(no_gain_warnings(history(0.0, 0.0))) == 2
+    assert no_gain_warnings({0: history(0.0, 0.0)[0]}) == []  # one evaluation: nothing to compare
+    assert no_gain_warnings({0: {"prior": {"reward": 1.0}}, 4: {"prior": {"reward": 0.0}}}) == []  # no task set
 
 
 def test_sampled_pass_at_1_reports_what_greedy_hides(tmp_path, tokenizer, monkeypatch):

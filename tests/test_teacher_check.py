@@ -181,6 +181,29 @@ def test_no_in_context_gain_warns_naming_the_template(tmp_path, model, tokenizer
     assert [s.name for s in trainer.teacher_check.scores] == ["expert_reference"]  # not auto: the configured one only
 
 
+def test_a_configured_template_the_teacher_cannot_follow_warns_before_training(tmp_path, model, tokenizer, monkeypatch,
+                                                                               caplog):
+    """The default `paper` on a task whose teacher writes something else: positive gain, nothing of the task."""
+    calls = []
+
+    def logprobs(model, prompts, targets, chunk=64):
+        calls.append(len(prompts))
+        return [-1.5] * len(prompts) if len(calls) == 1 else [-1.0] * len(prompts)  # the context helps (+0.5)
+
+    monkeypatch.setattr(tc, "demonstration_logprobs", logprobs)
+    monkeypatch.setattr("sd_plugin.evaluation.greedy_answers", copy_for("like_this"))  # "no" under paper
+    with caplog.at_level(logging.WARNING, logger="sd_plugin"):
+        make_trainer(tmp_path, model, tokenizer, teacher_template="paper", eval_verifier=f"{__name__}:FinalNumber")
+    warned = [r.getMessage() for r in caplog.records if "SDFT cannot teach it" in r.getMessage() and "checked rows" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("teacher template paper:")
+    assert "the eval_verifier passes 0% of 4 checked rows" in warned[0] and "teacher_template: auto" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sd_plugin"):
+        make_trainer(tmp_path, build_model("qwen3", tokenizer), tokenizer, teacher_template="like_this",
+                     eval_verifier=f"{__name__}:FinalNumber")
+    assert not [r for r in caplog.records if "checked rows" in r.getMessage()]
+
+
 def test_teacher_check_rows_zero_turns_it_off(tmp_path, model, tokenizer, monkeypatch):
     monkeypatch.setattr(tc, "check_teacher", lambda *a, **k: pytest.fail("the check ran"))
     trainer = make_trainer(tmp_path, model, tokenizer, teacher_check_rows=0)

@@ -109,7 +109,7 @@ class SDFTTrainer(SelfDistillationTrainer):
         alone and a warning names it when the demonstration in context does not raise its log-prob. The numbers
         are logged with the first step's metrics as `teacher_check/*` and saved in training_config.json.
         """
-        from sd_plugin.teacher_check import candidate_templates, check_teacher, sample_rows
+        from sd_plugin.teacher_check import candidate_templates, cannot_teach, check_teacher, sample_rows
         from sd_plugin.verifiers import load_verifier
 
         o = self.options
@@ -149,6 +149,13 @@ class SDFTTrainer(SelfDistillationTrainer):
                         "less than the student does without it (in-context gain %.3f <= 0): the teacher does not prefer the "
                         "demonstration, SDFT has no signal to pass on. %s", checked.name, -checked.in_context_gain,
                         checked.in_context_gain, result.verdict)
+        elif cannot_teach(checked):
+            what = "the eval_verifier passes" if checked.verifier_pass_rate is not None else "it writes the demonstration on"
+            LOG.warning("teacher template %s: with the demonstration in context the teacher does not do the task (%s %.0f%% "
+                        "of %d checked rows, similarity %.2f): SDFT cannot teach it and this run will not learn the task. "
+                        "Run `sd-plugin check-teacher` on your config, set teacher_template: auto, or write a template "
+                        "that names the answer's format.", checked.name, what, 100 * checked.done_rate, len(rows),
+                        checked.similarity)
         # Logged with the first step's metrics (one value each: the first log reports them as they are).
         for key, value in result.metrics(checked.name).items():
             self._metrics["train"][key].append(value)
