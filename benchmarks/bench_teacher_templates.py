@@ -144,8 +144,9 @@ def report(path: Path, plot: Path | None) -> str:
             passed = "-" if t["verifier_pass_rate"] is None else f"{t['verifier_pass_rate']:.2f}"
             lines.append(f"| {t['name']} | {t['exact_match']:.2f} | {t['similarity']:.2f} | {passed} | {t['in_context_gain']:+.3f} |")
         lines.append("")
-    base = {r["task"]: r for r in rows if r["key"].startswith("base/")}
-    runs = [r for r in rows if r["key"].startswith("sdft/")]
+    # A row's "task" holds the task's held-out scores (score_sets); the task's name is the key's second part.
+    base = {r["key"].split("/")[1]: r for r in rows if r["key"].startswith("base/")}
+    runs = [dict(r, task_name=r["key"].split("/")[1]) for r in rows if r["key"].startswith("sdft/")]
     lines.append("| task | template | seeds | trained with | task pass | task format | prior (capitals) |")
     lines.append("|---|---|---|---|---|---|---|")
     means = []
@@ -155,7 +156,7 @@ def report(path: Path, plot: Path | None) -> str:
             lines.append(f"| {task} | (base model) | - | - | {b['task']['pass_rate']:.3f} | {b['task'].get('format_rate', 0):.3f} "
                          f"| {b['prior']['pass_rate']:.3f} |")
         for template in ("paper", TASKS[task]["handpicked"], "auto"):
-            group = [r for r in runs if r["task"] == task and r["template"] == template]
+            group = [r for r in runs if r["task_name"] == task and r["template"] == template]
             if not group:
                 continue
             mean = {k: sum(r[s][m] for r in group) / len(group)
