@@ -158,7 +158,7 @@ def template_verdict(score: TemplateScore) -> str:
                 "SDFT has no signal")
     if score.done_rate >= DOES_TASK:
         return "the teacher does the task in context: SDFT can teach it"
-    if score.done_rate > 0 or score.similarity >= 0.8:
+    if not cannot_teach(score):
         return "the teacher does the task on some rows only: SDFT learns slowly at best"
     return "the teacher does not do the task in context: SDFT cannot teach it"
 
