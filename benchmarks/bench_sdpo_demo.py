@@ -55,6 +55,9 @@ SETTINGS = {
     "confident-teacher": dict(PAPER, mask_uncertain_teacher_tokens=True),
     # A teacher that trails the student: EMA at rate 0.05 (the paper's trust region in weight space).
     "paper-ema": dict(PAPER, teacher_model_kind="ema", teacher_update_rate=0.05),
+    # The SDPO paper's rich-feedback runs (the verifier's feedback in the teacher's context, as here): reverse KL
+    # (alpha 1) on the student's top-20 with the tail bucket.
+    "rich-feedback": dict(PAPER, distillation_alpha=1.0, distillation_topk=20),
     # GRPO + distillation (the reference that learns).
     "hybrid": dict(PAPER, sdpo_mode="hybrid", distillation_weight=0.5),  # TRL's blend, both terms equally
 }
