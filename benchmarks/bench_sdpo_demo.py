@@ -90,6 +90,20 @@ def held_out_pass_rate(model, tokenizer, max_new_tokens: int) -> float:
     return held_out.score(model, tokenizer, max_new_tokens, [tokenizer.eos_token_id])[0]["reward"]
 
 
+def held_out_sampled_pass_rate(model, tokenizer, max_new_tokens: int, samples: int = 4) -> float:
+    """Pass rate of `samples` answers per held-out capital at temperature 1 (what training's rollouts are), seeded."""
+    import torch
+
+    from sd_plugin.evaluation import PromptSet
+    from sd_plugin.rollout import SamplingOptions
+
+    held_out = PromptSet("held_out", str(DATA / "capitals_heldout.jsonl"), VERIFIER, tokenizer, "prompt", 1024)
+    sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=1.0, num_generations=samples)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return held_out.score(model, tokenizer, max_new_tokens, [tokenizer.eos_token_id], sampling)[0]["reward"]
+
+
 def ours(args, options: dict, seed: int, diagnose: bool):
     import torch
     from datasets import Dataset
@@ -262,12 +276,14 @@ def watch_summary(row: dict) -> str:
 def report(path: Path, plot: Path | None) -> str:
     rows = read_results(path)
     runs = [r for r in rows if "history" in r]
-    lines = ["| run | reward per step | first 3 -> last 3 steps | held-out greedy before -> after | length first -> last | "
+    lines = ["| run | reward per step | first 3 -> last 3 steps | held-out greedy before -> after (sampled) | length first -> last | "
              "collapse watch | s |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         rewards = [h["reward"] for h in r["history"]]
         first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
         held = f"{r['held_out_before']:.3f} -> {r['held_out_after']:.3f}" if r.get("held_out_after") is not None else "-"
+        if r.get("held_out_sampled_after") is not None:
+            held += f" (sampled {r['held_out_sampled_before']:.3f} -> {r['held_out_sampled_after']:.3f})"
         lines.append(f"| {r['key']} | {' '.join(f'{x:.2f}' for x in rewards)} | {first:.2f} -> {last:.2f} | {held} | "
                      f"{r['history'][0]['length']:.1f} -> {r['history'][-1]['length']:.1f} | {watch_summary(r)} | "
                      f"{r['seconds']:.0f} |")
@@ -346,6 +362,7 @@ def main(argv=None) -> int:
         if held_out:
             model, tokenizer = load(args.model)
             row["held_out_before"] = held_out_pass_rate(model, tokenizer, args.max_completion_length)
+            row["held_out_sampled_before"] = held_out_sampled_pass_rate(model, tokenizer, args.max_completion_length)
             del model
         if args.trainer == "ours":
             trainer, history = ours(args, options, args.seed, diagnose=False)
@@ -357,6 +374,8 @@ def main(argv=None) -> int:
             row["collapse_warnings"] = trainer.collapse_watch.findings
         if held_out:
             row["held_out_after"] = held_out_pass_rate(trainer.model, trainer.processing_class, args.max_completion_length)
+            row["held_out_sampled_after"] = held_out_sampled_pass_rate(trainer.model, trainer.processing_class,
+                                                                       args.max_completion_length)
         if args.diagnose_after and args.trainer == "ours":
             row["diagnosis_after"] = diagnose(trainer, 8)
             print(format_diagnosis(f"{key}: after training", row["diagnosis_after"]))
@@ -375,6 +394,9 @@ def report_rows(rows: list[dict]) -> str:
             lines.append(f"| {h['step']} | {h['reward']:.3f} | {h['length']:.1f} | {h['clipped']:.2f} |")
         if r.get("held_out_after") is not None:
             lines.append(f"held-out greedy pass rate: {r['held_out_before']:.3f} -> {r['held_out_after']:.3f}")
+        if r.get("held_out_sampled_after") is not None:
+            lines.append(f"held-out sampled pass rate (4 per question, T 1): {r['held_out_sampled_before']:.3f} -> "
+                         f"{r['held_out_sampled_after']:.3f}")
     return "\n".join(lines)
 
 

@@ -68,10 +68,11 @@ def test_sdft_teaches_the_demo_model_the_held_out_task_and_keeps_the_prior(demo_
 
 
 @pytest.mark.slow
-def test_sdpo_hybrid_raises_the_training_reward_of_the_demo_model(demo_model_dir, tmp_path):
-    """SDPO with its GRPO term (`sdpo_mode: hybrid`) on the 32 capital questions, 4 x 4 rollouts at temperature 1:
-    `benchmarks/bench_sdpo_demo.py --steps 8 --teacher-model-kind base --sdpo-mode hybrid`. The distillation-only
-    mode does not raise the reward on this 135M model (benchmarks/README.md); the hybrid does."""
+def test_sdpo_hybrid_raises_the_training_reward_and_the_held_out_pass_rate_of_the_demo_model(demo_model_dir, tmp_path):
+    """SDPO with its GRPO term (`sdpo_mode: hybrid`, the README's recipe for small models) on the 32 capital
+    questions, 4 x 4 rollouts at temperature 1: `benchmarks/bench_sdpo_demo.py --setting hybrid` (training reward
+    0.31 -> 0.81, held-out capitals sampled at T 1 0.21 -> 0.47, greedy 0.75 -> 0.72). Distillation alone collapses on
+    this 135M model at every setting tried (benchmarks/README.md); the hybrid does not."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,7 +87,8 @@ def test_sdpo_hybrid_raises_the_training_reward_of_the_demo_model(demo_model_dir
         learning_rate=1e-3, lr_scheduler_type="constant_with_warmup", warmup_steps=2, seed=0, logging_steps=1,
         save_strategy="no", report_to="none", use_cpu=True, max_completion_length=24, max_prompt_length=128,
         temperature=1.0, verifier="sd_plugin.demo_task:AnswerContainsVerifier", teacher_model_kind="base",
-        sdpo_mode="hybrid", distillation_weight=0.5,
+        sdpo_mode="hybrid", distillation_weight=0.5, eval_prompts=str(DATA / "capitals_heldout.jsonl"),
+        eval_verifier="sd_plugin.demo_task:AnswerContainsVerifier", eval_max_new_tokens=24, eval_num_generations=4,
     )
     trainer = SDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(read_jsonl(DATA / "capitals_test.jsonl")),
                           processing_class=tokenizer, peft_config=LoraConfig(**LORA))
@@ -94,6 +96,11 @@ def test_sdpo_hybrid_raises_the_training_reward_of_the_demo_model(demo_model_dir
     rewards = [e["self_distillation/reward_mean"] for e in trainer.state.log_history if "self_distillation/reward_mean" in e]
     assert len(rewards) == 8
     assert sum(rewards[-3:]) / 3 >= sum(rewards[:3]) / 3 + 0.15, rewards
+    held_out = {e["step"]: e for e in trainer.state.log_history if "eval_task_sampled_reward" in e}
+    before, after = held_out[0], held_out[8]
+    # Sampled answers to 32 unseen capitals (4 each, T 1) improve; the greedy answer, already 75%, holds.
+    assert after["eval_task_sampled_reward"] >= before["eval_task_sampled_reward"] + 0.1, (before, after)
+    assert after["eval_task_reward"] >= before["eval_task_reward"] - 0.1, (before, after)
 
 
 # benchmarks/bench_sdzero_demo.py's settings (its table is quoted in docs/sdzero.md and benchmarks/README.md).
