@@ -60,6 +60,8 @@ SETTINGS = {
     "rich-feedback": dict(PAPER, distillation_alpha=1.0, distillation_topk=20),
     # GRPO + distillation (the reference that learns).
     "hybrid": dict(PAPER, sdpo_mode="hybrid", distillation_weight=0.5),  # TRL's blend, both terms equally
+    # GRPO alone (no distillation): what the hybrid's GRPO term does by itself.
+    "grpo": dict(PAPER, sdpo_mode="policy", teacher_model_kind="live"),
 }
 TRL_SUPPORTED = {"sibling-only", "trl-defaults", "paper-ema"}
 
