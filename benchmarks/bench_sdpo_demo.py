@@ -84,26 +84,21 @@ def load(model_dir: str):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def held_out_pass_rate(model, tokenizer, max_new_tokens: int) -> float:
-    """Greedy pass rate on the 32 held-out capitals (`capitals_heldout.jsonl`), the product's evaluation."""
-    from sd_plugin.evaluation import PromptSet
-
-    held_out = PromptSet("held_out", str(DATA / "capitals_heldout.jsonl"), VERIFIER, tokenizer, "prompt", 1024)
-    return held_out.score(model, tokenizer, max_new_tokens, [tokenizer.eos_token_id])[0]["reward"]
-
-
-def held_out_sampled_pass_rate(model, tokenizer, max_new_tokens: int, samples: int = 4) -> float:
-    """Pass rate of `samples` answers per held-out capital at temperature 1 (what training's rollouts are), seeded."""
+def held_out_pass_rates(model, tokenizer, max_new_tokens: int, samples: int = 4) -> tuple[float, float]:
+    """On the 32 held-out capitals (`capitals_heldout.jsonl`), the product's evaluation: the greedy pass rate, and
+    that of `samples` answers per question at temperature 1 (what training's rollouts are), seeded."""
     import torch
 
     from sd_plugin.evaluation import PromptSet
     from sd_plugin.rollout import SamplingOptions
 
     held_out = PromptSet("held_out", str(DATA / "capitals_heldout.jsonl"), VERIFIER, tokenizer, "prompt", 1024)
+    eos = [tokenizer.eos_token_id]
+    greedy = held_out.score(model, tokenizer, max_new_tokens, eos)[0]["reward"]
     sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=1.0, num_generations=samples)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return held_out.score(model, tokenizer, max_new_tokens, [tokenizer.eos_token_id], sampling)[0]["reward"]
+        return greedy, held_out.score(model, tokenizer, max_new_tokens, eos, sampling)[0]["reward"]
 
 
 def ours(args, options: dict, seed: int, diagnose: bool):
@@ -363,8 +358,8 @@ def main(argv=None) -> int:
         held_out = not args.no_held_out
         if held_out:
             model, tokenizer = load(args.model)
-            row["held_out_before"] = held_out_pass_rate(model, tokenizer, args.max_completion_length)
-            row["held_out_sampled_before"] = held_out_sampled_pass_rate(model, tokenizer, args.max_completion_length)
+            row["held_out_before"], row["held_out_sampled_before"] = held_out_pass_rates(model, tokenizer,
+                                                                                          args.max_completion_length)
             del model
         if args.trainer == "ours":
             trainer, history = ours(args, options, args.seed, diagnose=False)
@@ -375,9 +370,8 @@ def main(argv=None) -> int:
         if args.trainer == "ours":  # what the product said during the run (sd_plugin.watch.CollapseWatch)
             row["collapse_warnings"] = trainer.collapse_watch.findings
         if held_out:
-            row["held_out_after"] = held_out_pass_rate(trainer.model, trainer.processing_class, args.max_completion_length)
-            row["held_out_sampled_after"] = held_out_sampled_pass_rate(trainer.model, trainer.processing_class,
-                                                                       args.max_completion_length)
+            row["held_out_after"], row["held_out_sampled_after"] = held_out_pass_rates(
+                trainer.model, trainer.processing_class, args.max_completion_length)
         if args.diagnose_after and args.trainer == "ours":
             row["diagnosis_after"] = diagnose(trainer, 8)
             print(format_diagnosis(f"{key}: after training", row["diagnosis_after"]))

@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = REPO / "example_configs" / "assets" / "data"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+JSON_TEMPLATE = "{question}\n\nAnswer with one line of JSON exactly like this:\n{demonstration}"  # quickstart.yml
 PHASES = ("rollout generation", "teacher forward", "student forward", "loss forward", "backward", "optimizer", "other")
 
 
@@ -106,6 +107,7 @@ class PhaseClock:
 
 
 def build_trainer(method: str, model_dir: str, steps: int, evaluation: bool):
+    """Our SDFT or SDPO trainer, or TRL's SDFTTrainer (`trl-sdft`), on the demo model with the shared settings."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -121,6 +123,21 @@ def build_trainer(method: str, model_dir: str, steps: int, evaluation: bool):
                   per_device_train_batch_size=4, learning_rate=1e-3, lr_scheduler_type="constant_with_warmup",
                   warmup_steps=2, weight_decay=0.0, max_grad_norm=1.0, seed=42, logging_steps=1, save_strategy="no",
                   report_to="none", use_cpu=True, disable_tqdm=True, temperature=1.0, teacher_model_kind="base")
+    contact = dict(max_prompt_length=256, max_completion_length=32, distillation_alpha=0.0, num_loss_tokens_to_skip=0)
+    if method == "trl-sdft":
+        # TRL at the quickstart's settings: 4 prompts x 1 rollout, the same template under TRL's placeholder names,
+        # forward KL on full logits, fp32 and no gradient checkpointing like ours (TRL's CPU defaults are bf16
+        # autocast and checkpointing). TRL has no held-out evaluation.
+        from trl.experimental.sdft import SDFTConfig as TRLConfig
+        from trl.experimental.sdft import SDFTTrainer as TRLTrainer
+
+        records = [{"prompt": row["prompt"], "privileged_context": row["demonstration"]}
+                   for row in read_jsonl(DATA / "contact_train.jsonl")]
+        template = JSON_TEMPLATE.replace("{question}", "{prompt}").replace("{demonstration}", "{privileged_context}")
+        args = TRLConfig(**common, **contact, num_generations=1, bf16=False, gradient_checkpointing=False, top_p=1.0,
+                         distillation_mode="full_logits", teacher_prompt_template=template)
+        return TRLTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
+                          peft_config=lora)
     if method == "sdft":  # example_configs/quickstart.yml
         from sd_plugin import SDFTConfig, SDFTTrainer
 
@@ -129,9 +146,7 @@ def build_trainer(method: str, model_dir: str, steps: int, evaluation: bool):
                                   eval_verifier="sd_plugin.demo_task:ContactCardVerifier",
                                   prior_prompts=str(DATA / "capitals_test.jsonl"),
                                   prior_verifier="sd_plugin.demo_task:AnswerContainsVerifier", eval_max_new_tokens=32)
-        args = SDFTConfig(**common, teacher_template="{question}\n\nAnswer with one line of JSON exactly like this:\n{demonstration}",
-                          num_loss_tokens_to_skip=0, distillation_alpha=0.0, max_prompt_length=256,
-                          max_teacher_prompt_length=384, max_completion_length=32,
+        args = SDFTConfig(**common, **contact, teacher_template=JSON_TEMPLATE, max_teacher_prompt_length=384,
                           **(evaluation_options if evaluation else {}))
         return SDFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
                            peft_config=lora)
@@ -144,43 +159,11 @@ def build_trainer(method: str, model_dir: str, steps: int, evaluation: bool):
                        peft_config=lora)
 
 
-def build_trl_sdft(model_dir: str, steps: int):
-    """TRL's SDFTTrainer on the quickstart's rows and settings: 4 prompts x 1 rollout of 32 tokens, the same
-    teacher template (TRL's `{prompt}` / `{privileged_context}`), forward KL on full logits, base-model teacher,
-    LoRA r8, fp32 and no gradient checkpointing like ours (TRL's defaults on a CPU are bf16 autocast and
-    checkpointing). TRL has no held-out evaluation."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl.experimental.sdft import SDFTConfig as TRLConfig
-    from trl.experimental.sdft import SDFTTrainer as TRLTrainer
-
-    from sd_plugin.testing import read_jsonl
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-    records = [{"prompt": row["prompt"], "privileged_context": row["demonstration"]}
-               for row in read_jsonl(DATA / "contact_train.jsonl")]
-    args = TRLConfig(output_dir=tempfile.mkdtemp(prefix="bench_step_profile_trl_"), max_steps=steps,
-                     per_device_train_batch_size=4, num_generations=1, learning_rate=1e-3,
-                     lr_scheduler_type="constant_with_warmup", warmup_steps=2, weight_decay=0.0, max_grad_norm=1.0,
-                     seed=42, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
-                     bf16=False, gradient_checkpointing=False, temperature=1.0, top_p=1.0, max_prompt_length=256,
-                     max_completion_length=32, teacher_model_kind="base", distillation_alpha=0.0,
-                     distillation_mode="full_logits", num_loss_tokens_to_skip=0,
-                     teacher_prompt_template="{prompt}\n\nAnswer with one line of JSON exactly like this:\n{privileged_context}")
-    return TRLTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
-                      peft_config=lora)
-
-
 def profile_trl(model_dir: str, steps: int) -> PhaseClock:
     import torch
 
     clock = PhaseClock()
-    trainer = build_trl_sdft(model_dir, steps)
+    trainer = build_trainer("trl-sdft", model_dir, steps, evaluation=False)
     clock.wrap(trainer, "_generate", "rollout generation")
     clock.wrap(trainer, "_forward_logits", lambda *a, **k: "student forward" if torch.is_grad_enabled() else "teacher forward")
     clock.wrap(trainer, "_compute_self_distillation_loss", "loss forward")
