@@ -265,3 +265,27 @@ def test_auto_renders_again_the_rows_of_the_axolotl_strategy(tmp_path, model, to
     expected = render_ids(tokenizer, sdft_teacher_messages(record.messages, ROWS[0]["demonstration"], TEMPLATES["copy"]))
     assert trainer.train_dataset[0]["teacher_input_ids"] == expected != paper_ids
     assert trainer.train_dataset[0]["input_ids"] == prepared["input_ids"][0]
+
+
+@pytest.mark.slow
+def test_the_default_template_on_the_demo_task_warns_before_training(demo_model_dir, tmp_path, caplog):
+    """The real case the warning is for: the quickstart's contact cards with the default `paper` template, whose
+    teacher (the demo model with the card in context) writes prose, not the card (benchmarks/README.md: 0 of 8 rows;
+    SDFT with it learns nothing). The check runs when the trainer is built, before any step."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    data = REPO / "example_configs" / "assets" / "data" / "contact_train.jsonl"
+    args = SDFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4, report_to="none",
+                      save_strategy="no", use_cpu=True, seed=0, max_completion_length=32, max_prompt_length=256,
+                      max_teacher_prompt_length=512, eval_verifier="sd_plugin.demo_task:ContactCardVerifier")
+    assert args.teacher_template == "paper"
+    with caplog.at_level(logging.WARNING, logger="sd_plugin"):
+        SDFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=str(data), split="train"),
+                    processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    warned = [r.getMessage() for r in caplog.records if "SDFT cannot teach it" in r.getMessage()
+              and "checked rows" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("teacher template paper:"), warned
+    assert "the eval_verifier passes 0% of 8 checked rows" in warned[0]
